@@ -1,0 +1,332 @@
+//! The history model: the events an instance's history is made of, and the
+//! runtime status of an instance.
+//!
+//! Event types and their fields follow the Durable Task Framework, so that the
+//! Durable Functions HTTP API and the Durable Task gRPC protocol map onto them
+//! one to one. Payloads (inputs, outputs, event data) are kept as opaque JSON
+//! text: the engine never parses what user code serialized.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A point in time as history records it (UTC, millisecond precision is what stores keep).
+pub type Timestamp = DateTime<Utc>;
+
+/// One entry of an instance's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// For events born from an orchestrator action (`TaskScheduled`, `TimerCreated`,
+    /// `SubOrchestrationInstanceCreated`, `EventSent`) the action's sequence number;
+    /// `-1` for every other event.
+    pub event_id: i32,
+    pub timestamp: Timestamp,
+    pub kind: EventKind,
+}
+
+impl HistoryEvent {
+    /// An event that no orchestrator action produced (`event_id` = -1).
+    pub fn new(timestamp: Timestamp, kind: EventKind) -> HistoryEvent {
+        HistoryEvent { event_id: -1, timestamp, kind }
+    }
+
+    /// An event born from the orchestrator action with sequence number `event_id`.
+    pub fn with_id(event_id: i32, timestamp: Timestamp, kind: EventKind) -> HistoryEvent {
+        HistoryEvent { event_id, timestamp, kind }
+    }
+}
+
+/// The parent of a sub-orchestration, recorded in its `ExecutionStarted` event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentInstance {
+    pub instance_id: String,
+    pub execution_id: String,
+    pub name: String,
+    /// The parent's sequence number for the `SubOrchestrationInstanceCreated` action:
+    /// the result is reported back under this id.
+    pub task_scheduled_id: i32,
+}
+
+/// What went wrong in an activity, a sub-orchestration or an orchestration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureDetails {
+    pub error_type: String,
+    pub error_message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_trace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_failure: Option<Box<FailureDetails>>,
+    /// When true, retry policies give up at once.
+    #[serde(default)]
+    pub is_non_retriable: bool,
+}
+
+impl FailureDetails {
+    pub fn new(error_type: impl Into<String>, error_message: impl Into<String>) -> FailureDetails {
+        FailureDetails {
+            error_type: error_type.into(),
+            error_message: error_message.into(),
+            stack_trace: None,
+            inner_failure: None,
+            is_non_retriable: false,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureDetails {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.error_type, self.error_message)
+    }
+}
+
+/// The kinds of history events, with their fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EventKind {
+    /// First event of an execution (preceded only by its episode's `OrchestratorStarted`).
+    ExecutionStarted {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+        execution_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<ParentInstance>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scheduled_start: Option<Timestamp>,
+    },
+    ExecutionCompleted {
+        status: RuntimeStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<FailureDetails>,
+    },
+    ExecutionTerminated {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    TaskScheduled {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+    },
+    TaskCompleted {
+        task_scheduled_id: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+    },
+    TaskFailed {
+        task_scheduled_id: i32,
+        failure: FailureDetails,
+    },
+    SubOrchestrationInstanceCreated {
+        name: String,
+        instance_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+    },
+    SubOrchestrationInstanceCompleted {
+        task_scheduled_id: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+    },
+    SubOrchestrationInstanceFailed {
+        task_scheduled_id: i32,
+        failure: FailureDetails,
+    },
+    TimerCreated {
+        fire_at: Timestamp,
+    },
+    TimerFired {
+        timer_id: i32,
+        fire_at: Timestamp,
+    },
+    /// Start of an episode; its timestamp is the orchestrator's current time.
+    OrchestratorStarted,
+    EventSent {
+        instance_id: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+    },
+    EventRaised {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+    },
+    /// The execution ended by continuing as new; the next execution starts with `input`.
+    ContinueAsNew {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+    },
+    ExecutionSuspended {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    ExecutionResumed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A failed instance was rewound: its failed tasks are run again.
+    ExecutionRewound {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+impl EventKind {
+    /// The DTFx name of this event type (`"TaskScheduled"`, …).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventKind::ExecutionStarted { .. } => "ExecutionStarted",
+            EventKind::ExecutionCompleted { .. } => "ExecutionCompleted",
+            EventKind::ExecutionTerminated { .. } => "ExecutionTerminated",
+            EventKind::TaskScheduled { .. } => "TaskScheduled",
+            EventKind::TaskCompleted { .. } => "TaskCompleted",
+            EventKind::TaskFailed { .. } => "TaskFailed",
+            EventKind::SubOrchestrationInstanceCreated { .. } => "SubOrchestrationInstanceCreated",
+            EventKind::SubOrchestrationInstanceCompleted { .. } => {
+                "SubOrchestrationInstanceCompleted"
+            }
+            EventKind::SubOrchestrationInstanceFailed { .. } => "SubOrchestrationInstanceFailed",
+            EventKind::TimerCreated { .. } => "TimerCreated",
+            EventKind::TimerFired { .. } => "TimerFired",
+            EventKind::OrchestratorStarted => "OrchestratorStarted",
+            EventKind::EventSent { .. } => "EventSent",
+            EventKind::EventRaised { .. } => "EventRaised",
+            EventKind::ContinueAsNew { .. } => "ContinueAsNew",
+            EventKind::ExecutionSuspended { .. } => "ExecutionSuspended",
+            EventKind::ExecutionResumed { .. } => "ExecutionResumed",
+            EventKind::ExecutionRewound { .. } => "ExecutionRewound",
+        }
+    }
+
+    /// True for the events that record a decision of the orchestrator (an action it took).
+    pub fn is_decision(&self) -> bool {
+        matches!(
+            self,
+            EventKind::TaskScheduled { .. }
+                | EventKind::TimerCreated { .. }
+                | EventKind::SubOrchestrationInstanceCreated { .. }
+                | EventKind::EventSent { .. }
+        )
+    }
+}
+
+/// The runtime status of an instance (numbers as in DTFx and the gRPC protocol, where
+/// they are not the same the names are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RuntimeStatus {
+    Running,
+    Completed,
+    ContinuedAsNew,
+    Failed,
+    Canceled,
+    Terminated,
+    Pending,
+    Suspended,
+}
+
+impl RuntimeStatus {
+    pub const ALL: [RuntimeStatus; 8] = [
+        RuntimeStatus::Running,
+        RuntimeStatus::Completed,
+        RuntimeStatus::ContinuedAsNew,
+        RuntimeStatus::Failed,
+        RuntimeStatus::Canceled,
+        RuntimeStatus::Terminated,
+        RuntimeStatus::Pending,
+        RuntimeStatus::Suspended,
+    ];
+
+    /// Completed, Failed, Terminated and Canceled: the instance will not run again unless
+    /// it is restarted, rewound or replaced.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RuntimeStatus::Completed
+                | RuntimeStatus::Failed
+                | RuntimeStatus::Terminated
+                | RuntimeStatus::Canceled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeStatus::Running => "Running",
+            RuntimeStatus::Completed => "Completed",
+            RuntimeStatus::ContinuedAsNew => "ContinuedAsNew",
+            RuntimeStatus::Failed => "Failed",
+            RuntimeStatus::Canceled => "Canceled",
+            RuntimeStatus::Terminated => "Terminated",
+            RuntimeStatus::Pending => "Pending",
+            RuntimeStatus::Suspended => "Suspended",
+        }
+    }
+
+    /// The DTFx / gRPC number of this status.
+    pub fn code(self) -> i32 {
+        match self {
+            RuntimeStatus::Running => 0,
+            RuntimeStatus::Completed => 1,
+            RuntimeStatus::ContinuedAsNew => 2,
+            RuntimeStatus::Failed => 3,
+            RuntimeStatus::Canceled => 4,
+            RuntimeStatus::Terminated => 5,
+            RuntimeStatus::Pending => 6,
+            RuntimeStatus::Suspended => 7,
+        }
+    }
+
+    pub fn from_code(code: i32) -> Option<RuntimeStatus> {
+        RuntimeStatus::ALL.into_iter().find(|s| s.code() == code)
+    }
+}
+
+impl std::fmt::Display for RuntimeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RuntimeStatus {
+    type Err = String;
+    /// Parses a status name case-insensitively (`"running"`, `"Completed"`, …).
+    fn from_str(s: &str) -> Result<RuntimeStatus, String> {
+        RuntimeStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown runtime status '{s}'"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_round_trip_and_match_dtfx() {
+        for status in RuntimeStatus::ALL {
+            assert_eq!(RuntimeStatus::from_code(status.code()), Some(status));
+            assert_eq!(status.as_str().parse::<RuntimeStatus>(), Ok(status));
+        }
+        assert_eq!(RuntimeStatus::Running.code(), 0);
+        assert_eq!(RuntimeStatus::Pending.code(), 6);
+        assert!("nonsense".parse::<RuntimeStatus>().is_err());
+    }
+
+    #[test]
+    fn events_serialize_with_their_type_name() {
+        let event = HistoryEvent::with_id(
+            3,
+            DateTime::from_timestamp_millis(0).unwrap(),
+            EventKind::TaskScheduled { name: "Say".into(), input: Some("\"x\"".into()) },
+        );
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["kind"]["type"], "TaskScheduled");
+        let back: HistoryEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(event.kind.type_name(), "TaskScheduled");
+    }
+}

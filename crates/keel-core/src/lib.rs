@@ -1,0 +1,11 @@
+//! Keel's core: the history model and the replay state machine.
+//!
+//! Pure code: no I/O, no async runtime, no wall clock, no randomness (`clippy.toml`
+//! fences these off). An orchestrator is an async function; [`replay::Execution`]
+//! drives it from history events and reports the actions it takes, which the runtime
+//! then executes and records.
+
+pub mod action;
+pub mod history;
+pub mod limits;
+pub mod retry;

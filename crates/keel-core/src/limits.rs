@@ -1,0 +1,83 @@
+//! Every limit Keel enforces, in one place. Stores, the runtime and the front ends
+//! check against these; an input beyond a limit is refused with a clear error.
+
+/// Largest payload (input, output, event data, custom status) in bytes: 1 MiB, as the
+/// Durable Task Scheduler allows.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// Longest instance id in bytes.
+pub const MAX_INSTANCE_ID_BYTES: usize = 256;
+
+/// Longest orchestrator, activity or event name in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Most actions one execution may take (Durable Functions' `maxOrchestrationActions`
+/// guards runaway orchestrations; ours is larger so that a 100,000-activity fan-out fits).
+pub const MAX_ACTIONS_PER_EXECUTION: usize = 1_000_000;
+
+/// How often an orchestration work item or activity may be picked up without being
+/// finished (its worker crashed or panicked each time) before it is failed as poison.
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 10;
+
+/// Checks that an instance id is usable: not empty, not too long, no control characters
+/// and none of `/ \ # ?` (they break URLs of the HTTP API).
+pub fn check_instance_id(instance_id: &str) -> Result<(), String> {
+    if instance_id.is_empty() {
+        return Err("instance id must not be empty".into());
+    }
+    if instance_id.len() > MAX_INSTANCE_ID_BYTES {
+        return Err(format!(
+            "instance id is {} bytes long; the limit is {MAX_INSTANCE_ID_BYTES}",
+            instance_id.len()
+        ));
+    }
+    if let Some(bad) = instance_id.chars().find(|c| c.is_control() || "/\\#?".contains(*c)) {
+        return Err(format!("instance id contains the character {bad:?}, which is not allowed"));
+    }
+    Ok(())
+}
+
+/// Checks a function or event name: not empty, not too long.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err(format!("{what} name must not be empty"));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!("{what} name is {} bytes long; the limit is {MAX_NAME_BYTES}", name.len()));
+    }
+    Ok(())
+}
+
+/// Checks a payload against [`MAX_PAYLOAD_BYTES`].
+pub fn check_payload(what: &str, payload: Option<&str>) -> Result<(), String> {
+    match payload {
+        Some(text) if text.len() > MAX_PAYLOAD_BYTES => Err(format!(
+            "{what} is {} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes",
+            text.len()
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_are_checked() {
+        assert!(check_instance_id("order-17").is_ok());
+        assert!(check_instance_id("").is_err());
+        assert!(check_instance_id("a/b").is_err());
+        assert!(check_instance_id("a\nb").is_err());
+        assert!(check_instance_id(&"x".repeat(MAX_INSTANCE_ID_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn payloads_over_the_limit_are_refused() {
+        assert!(check_payload("input", Some("42")).is_ok());
+        assert!(check_payload("input", None).is_ok());
+        let big = "x".repeat(MAX_PAYLOAD_BYTES + 1);
+        let err = check_payload("input", Some(&big)).unwrap_err();
+        assert!(err.contains("limit"), "{err}");
+    }
+}

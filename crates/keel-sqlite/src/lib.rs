@@ -1,0 +1,1 @@
+//! SQLite task hub (being written).

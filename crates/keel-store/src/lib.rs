@@ -1,0 +1,327 @@
+//! The task-hub persistence contract.
+//!
+//! A task hub holds, for every instance, one row of state ([`InstanceRecord`]), the
+//! history of its current execution, an inbox of [`Message`]s (events that have not
+//! been processed yet, timers included: a timer is a `TimerFired` message that becomes
+//! visible at its fire time) and the activity work items it scheduled.
+//!
+//! Workers take work with a lease: [`Store::fetch_orchestration_items`] locks whole
+//! instances (one worker at a time per instance), [`Store::fetch_activity_items`]
+//! leases single activity items. Everything one episode decides is committed by
+//! [`Store::commit_episodes`] in one transaction: new history, consumed messages,
+//! instance state, new activity items, outgoing messages and new sub-orchestration
+//! instances. A commit whose lease was taken over by another worker fails with
+//! [`Error::LeaseLost`] and changes nothing.
+//!
+//! Every backend must pass the suite in [`conformance`] (feature `conformance`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::history::{FailureDetails, HistoryEvent, ParentInstance, RuntimeStatus, Timestamp};
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod notifications;
+
+pub use notifications::Notifications;
+
+/// What can go wrong in a store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no instance with id '{0}'")]
+    NotFound(String),
+    #[error("an instance with id '{instance_id}' already exists and is {status}")]
+    AlreadyExists { instance_id: String, status: RuntimeStatus },
+    #[error("instance '{instance_id}' is {status}; {action} is not possible")]
+    InvalidState { instance_id: String, status: RuntimeStatus, action: &'static str },
+    #[error("the lease was lost: another worker took over the work item")]
+    LeaseLost,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("store error: {message}")]
+    Backend { message: String, retryable: bool },
+}
+
+impl Error {
+    /// True when the same operation may succeed if tried again (a busy database, a
+    /// dropped connection).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Backend { retryable: true, .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A new instance: its row (status `Pending`) and the `ExecutionStarted` message that
+/// starts it, visible at `scheduled_start` (or at once).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewInstance {
+    pub instance_id: String,
+    pub execution_id: String,
+    pub name: String,
+    pub version: Option<String>,
+    pub input: Option<String>,
+    pub parent: Option<ParentInstance>,
+    pub scheduled_start: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+impl NewInstance {
+    /// The `ExecutionStarted` event that starts this instance.
+    pub fn execution_started_event(&self) -> HistoryEvent {
+        HistoryEvent::new(
+            self.created_at,
+            keel_core::history::EventKind::ExecutionStarted {
+                name: self.name.clone(),
+                version: self.version.clone(),
+                input: self.input.clone(),
+                execution_id: self.execution_id.clone(),
+                parent: self.parent.clone(),
+                scheduled_start: self.scheduled_start,
+            },
+        )
+    }
+}
+
+/// An event on its way to an instance's inbox.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub instance_id: String,
+    /// When set, the message belongs to that execution only (activity results, timers);
+    /// the runtime drops it if the instance has moved on to another execution.
+    pub execution_id: Option<String>,
+    pub event: HistoryEvent,
+    /// The message is not delivered before this time (timers, scheduled starts).
+    pub visible_at: Timestamp,
+}
+
+/// A message in an inbox, with the id the store gave it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub message: Message,
+}
+
+/// The state row of an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceRecord {
+    pub instance_id: String,
+    pub name: String,
+    pub version: Option<String>,
+    /// The current execution (a new one starts with every continue-as-new).
+    pub execution_id: String,
+    pub status: RuntimeStatus,
+    pub input: Option<String>,
+    pub output: Option<String>,
+    pub custom_status: Option<String>,
+    pub failure: Option<FailureDetails>,
+    pub parent: Option<ParentInstance>,
+    pub scheduled_start: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub last_updated_at: Timestamp,
+    pub completed_at: Option<Timestamp>,
+    /// Number of events in the current execution's history.
+    pub history_len: u64,
+}
+
+/// Proof that a worker holds an instance; needed to commit or abandon its episode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrchestrationLock {
+    pub instance_id: String,
+    /// Unique per fetch: a commit with a stale token fails with [`Error::LeaseLost`].
+    pub token: String,
+}
+
+/// An instance locked for one episode, with the messages to process.
+#[derive(Clone, Debug)]
+pub struct OrchestrationItem {
+    pub lock: OrchestrationLock,
+    pub instance: InstanceRecord,
+    /// Visible messages in the order they arrived.
+    pub messages: Vec<StoredMessage>,
+    /// How many times the instance was locked since its last commit, this time included.
+    pub delivery_attempts: u32,
+}
+
+/// New values of an instance's state row after an episode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceUpdate {
+    pub status: RuntimeStatus,
+    pub input: Option<String>,
+    pub output: Option<String>,
+    pub failure: Option<FailureDetails>,
+    pub custom_status: Option<String>,
+}
+
+/// An activity to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewActivity {
+    pub instance_id: String,
+    pub execution_id: String,
+    /// Sequence number of the `TaskScheduled` event; the result names it.
+    pub task_id: i32,
+    pub name: String,
+    pub input: Option<String>,
+}
+
+/// Everything one episode of one instance decided, committed atomically.
+#[derive(Clone, Debug)]
+pub struct EpisodeCommit {
+    pub lock: OrchestrationLock,
+    /// Ids of the inbox messages this episode processed (they are deleted).
+    pub consumed: Vec<i64>,
+    /// When set, the current history is dropped and `history` is the whole history of
+    /// this (new) execution id: continue-as-new, rewind.
+    pub replace_history: Option<String>,
+    /// Events appended to the history (or the whole history, see `replace_history`).
+    pub history: Vec<HistoryEvent>,
+    /// New state of the instance row; `None` leaves it as it is.
+    pub state: Option<InstanceUpdate>,
+    pub activities: Vec<NewActivity>,
+    /// Messages to any instance, this one included (timers). Messages to instances that
+    /// do not exist are dropped.
+    pub messages: Vec<Message>,
+    /// Sub-orchestrations to create. If an instance with that id exists and is not
+    /// terminal, it is left alone and the parent receives a
+    /// `SubOrchestrationInstanceFailed` message instead.
+    pub new_instances: Vec<NewInstance>,
+}
+
+/// Proof that a worker holds an activity item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActivityLock {
+    pub id: i64,
+    pub token: String,
+}
+
+/// A leased activity item.
+#[derive(Clone, Debug)]
+pub struct ActivityItem {
+    pub lock: ActivityLock,
+    pub instance_id: String,
+    pub execution_id: String,
+    pub task_id: i32,
+    pub name: String,
+    pub input: Option<String>,
+    /// How many times the item was leased, this time included.
+    pub delivery_attempts: u32,
+}
+
+/// The outcome of an activity: the item is deleted and `result` (a `TaskCompleted` or
+/// `TaskFailed` message) is put in the orchestration's inbox, atomically.
+#[derive(Clone, Debug)]
+pub struct ActivityCompletion {
+    pub lock: ActivityLock,
+    pub result: Message,
+}
+
+/// A filter over instances, with paging. Results are ordered by instance id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InstanceQuery {
+    /// Empty means any status.
+    pub statuses: Vec<RuntimeStatus>,
+    pub instance_id_prefix: Option<String>,
+    pub name_prefix: Option<String>,
+    pub created_from: Option<Timestamp>,
+    /// Exclusive.
+    pub created_to: Option<Timestamp>,
+    /// 0 means the store's default (100).
+    pub page_size: usize,
+    /// Opaque token from the previous page.
+    pub continuation: Option<String>,
+}
+
+/// One page of a query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstancePage {
+    pub instances: Vec<InstanceRecord>,
+    /// Present when there may be more results.
+    pub continuation: Option<String>,
+}
+
+/// Which instances a bulk purge deletes. Only terminal instances are ever purged.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PurgeFilter {
+    pub created_from: Option<Timestamp>,
+    /// Exclusive.
+    pub created_to: Option<Timestamp>,
+    /// Empty means every terminal status.
+    pub statuses: Vec<RuntimeStatus>,
+}
+
+/// The default page size of [`Store::query_instances`].
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The most messages one orchestration item carries; the rest wait for the next episode.
+pub const MAX_MESSAGES_PER_ITEM: usize = 10_000;
+
+/// A task hub's persistence. Times are passed in (`now`), never read from the clock, so
+/// that tests control them.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Wake-ups for dispatchers and waiters in this process.
+    fn notifications(&self) -> &Notifications;
+
+    // ---- client side ----
+
+    /// Creates an instance. An existing instance with the same id is replaced if it is
+    /// terminal (its history, inbox and activities are deleted); otherwise
+    /// [`Error::AlreadyExists`].
+    async fn create_instance(&self, instance: NewInstance) -> Result<()>;
+
+    /// Puts a message into an existing instance's inbox and returns the instance's
+    /// status. [`Error::NotFound`] for an unknown instance; [`Error::InvalidState`] (and
+    /// nothing written) when the instance is terminal unless `accept_terminal`.
+    async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus>;
+
+    async fn get_instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>>;
+
+    /// The history of the instance's current execution (empty for an unknown instance).
+    async fn read_history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>>;
+
+    async fn query_instances(&self, query: &InstanceQuery) -> Result<InstancePage>;
+
+    /// Deletes a terminal instance with all it holds. `Ok(false)` if there is no such
+    /// instance; [`Error::InvalidState`] if it is not terminal.
+    async fn purge_instance(&self, instance_id: &str) -> Result<bool>;
+
+    /// Deletes the terminal instances that match; returns how many.
+    async fn purge_instances(&self, filter: &PurgeFilter) -> Result<u64>;
+
+    // ---- worker side ----
+
+    /// Locks up to `max` instances that have visible messages and are not locked (or
+    /// whose lock expired), for `lease`.
+    async fn fetch_orchestration_items(
+        &self,
+        max: usize,
+        lease: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<OrchestrationItem>>;
+
+    /// Commits episodes, each atomically; one result per commit, in order. A commit
+    /// whose lock is stale fails with [`Error::LeaseLost`] without affecting the others.
+    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>>;
+
+    /// Gives an instance back without committing; its messages become visible again at
+    /// `retry_at`.
+    async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()>;
+
+    /// Leases up to `max` visible activity items that are not leased (or whose lease
+    /// expired), for `lease`.
+    async fn fetch_activity_items(&self, max: usize, lease: Duration, now: Timestamp) -> Result<Vec<ActivityItem>>;
+
+    /// Completes activities, each atomically; one result per completion, in order.
+    async fn complete_activities(&self, completions: Vec<ActivityCompletion>) -> Result<Vec<Result<()>>>;
+
+    /// Extends an activity lease; [`Error::LeaseLost`] if another worker took the item.
+    async fn renew_activity_lease(&self, lock: &ActivityLock, lease: Duration, now: Timestamp) -> Result<()>;
+
+    /// Gives an activity item back; it becomes visible again at `retry_at`.
+    async fn abandon_activity_item(&self, lock: &ActivityLock, retry_at: Timestamp) -> Result<()>;
+
+    /// The earliest time after `now` at which an inbox message or activity item becomes
+    /// visible or a lease expires: when idle dispatchers should look again.
+    async fn next_wakeup(&self, now: Timestamp) -> Result<Option<Timestamp>>;
+}

@@ -1,0 +1,58 @@
+//! In-process wake-ups: a store signals new work and changed instances here, so that
+//! idle dispatchers and waiting clients react at once instead of polling.
+//!
+//! These only reach the process that made the change. Work written by other processes
+//! (another worker on the same database) is found by the dispatchers' slow fallback
+//! poll, or by a backend's own cross-process notification.
+
+use tokio::sync::{watch, Notify};
+
+/// The wake-up signals of one store.
+#[derive(Debug)]
+pub struct Notifications {
+    orchestration_work: Notify,
+    activity_work: Notify,
+    instance_changed: watch::Sender<u64>,
+}
+
+impl Default for Notifications {
+    fn default() -> Notifications {
+        Notifications {
+            orchestration_work: Notify::new(),
+            activity_work: Notify::new(),
+            instance_changed: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Notifications {
+    /// Wakes the orchestration dispatchers: an inbox got a visible message.
+    pub fn orchestration_work_added(&self) {
+        self.orchestration_work.notify_waiters();
+        self.orchestration_work.notify_one();
+    }
+
+    /// Wakes the activity dispatchers: an activity item was added.
+    pub fn activity_work_added(&self) {
+        self.activity_work.notify_waiters();
+        self.activity_work.notify_one();
+    }
+
+    /// Wakes clients waiting on instance state: some instance's row changed.
+    pub fn instance_changed(&self) {
+        self.instance_changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    pub fn orchestration_work(&self) -> &Notify {
+        &self.orchestration_work
+    }
+
+    pub fn activity_work(&self) -> &Notify {
+        &self.activity_work
+    }
+
+    /// A receiver that sees every later [`Notifications::instance_changed`].
+    pub fn subscribe_instance_changes(&self) -> watch::Receiver<u64> {
+        self.instance_changed.subscribe()
+    }
+}

@@ -1,0 +1,1 @@
+//! Keel runtime (being written).
