@@ -46,18 +46,27 @@ impl Action {
     /// The history event that records this action.
     pub fn to_history_event(&self, now: Timestamp) -> HistoryEvent {
         let kind = match self {
-            Action::ScheduleTask { name, input, .. } => {
-                EventKind::TaskScheduled { name: name.clone(), input: input.clone() }
-            }
+            Action::ScheduleTask { name, input, .. } => EventKind::TaskScheduled {
+                name: name.clone(),
+                input: input.clone(),
+            },
             Action::CreateTimer { fire_at, .. } => EventKind::TimerCreated { fire_at: *fire_at },
-            Action::CreateSubOrchestration { name, instance_id, input, .. } => {
-                EventKind::SubOrchestrationInstanceCreated {
-                    name: name.clone(),
-                    instance_id: instance_id.clone(),
-                    input: input.clone(),
-                }
-            }
-            Action::SendEvent { instance_id, name, input, .. } => EventKind::EventSent {
+            Action::CreateSubOrchestration {
+                name,
+                instance_id,
+                input,
+                ..
+            } => EventKind::SubOrchestrationInstanceCreated {
+                name: name.clone(),
+                instance_id: instance_id.clone(),
+                input: input.clone(),
+            },
+            Action::SendEvent {
+                instance_id,
+                name,
+                input,
+                ..
+            } => EventKind::EventSent {
                 instance_id: instance_id.clone(),
                 name: name.clone(),
                 input: input.clone(),
@@ -127,9 +136,9 @@ impl Completion {
                 result: reason.clone(),
                 failure: None,
             },
-            Completion::ContinuedAsNew { input, .. } => {
-                EventKind::ContinueAsNew { input: input.clone() }
-            }
+            Completion::ContinuedAsNew { input, .. } => EventKind::ContinueAsNew {
+                input: input.clone(),
+            },
         };
         HistoryEvent::new(now, kind)
     }

@@ -26,12 +26,20 @@ pub struct HistoryEvent {
 impl HistoryEvent {
     /// An event that no orchestrator action produced (`event_id` = -1).
     pub fn new(timestamp: Timestamp, kind: EventKind) -> HistoryEvent {
-        HistoryEvent { event_id: -1, timestamp, kind }
+        HistoryEvent {
+            event_id: -1,
+            timestamp,
+            kind,
+        }
     }
 
     /// An event born from the orchestrator action with sequence number `event_id`.
     pub fn with_id(event_id: i32, timestamp: Timestamp, kind: EventKind) -> HistoryEvent {
-        HistoryEvent { event_id, timestamp, kind }
+        HistoryEvent {
+            event_id,
+            timestamp,
+            kind,
+        }
     }
 }
 
@@ -321,7 +329,10 @@ mod tests {
         let event = HistoryEvent::with_id(
             3,
             DateTime::from_timestamp_millis(0).unwrap(),
-            EventKind::TaskScheduled { name: "Say".into(), input: Some("\"x\"".into()) },
+            EventKind::TaskScheduled {
+                name: "Say".into(),
+                input: Some("\"x\"".into()),
+            },
         );
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["kind"]["type"], "TaskScheduled");

@@ -6,6 +6,14 @@
 //! then executes and records.
 
 pub mod action;
+pub mod context;
 pub mod history;
 pub mod limits;
+pub mod replay;
 pub mod retry;
+
+pub use action::{Action, Completion};
+pub use context::{OrchestrationContext, OrchestrationError, TaskError};
+pub use history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
+pub use replay::{orchestrator, EpisodeResult, Execution, Orchestrator};
+pub use retry::RetryPolicy;

@@ -31,8 +31,13 @@ pub fn check_instance_id(instance_id: &str) -> Result<(), String> {
             instance_id.len()
         ));
     }
-    if let Some(bad) = instance_id.chars().find(|c| c.is_control() || "/\\#?".contains(*c)) {
-        return Err(format!("instance id contains the character {bad:?}, which is not allowed"));
+    if let Some(bad) = instance_id
+        .chars()
+        .find(|c| c.is_control() || "/\\#?".contains(*c))
+    {
+        return Err(format!(
+            "instance id contains the character {bad:?}, which is not allowed"
+        ));
     }
     Ok(())
 }
@@ -43,7 +48,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!("{what} name must not be empty"));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(format!("{what} name is {} bytes long; the limit is {MAX_NAME_BYTES}", name.len()));
+        return Err(format!(
+            "{what} name is {} bytes long; the limit is {MAX_NAME_BYTES}",
+            name.len()
+        ));
     }
     Ok(())
 }
