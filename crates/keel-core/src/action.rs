@@ -9,27 +9,10 @@ use crate::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Tim
 /// A decision of the orchestrator that has side effects outside it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    ScheduleTask {
-        id: i32,
-        name: String,
-        input: Option<String>,
-    },
-    CreateTimer {
-        id: i32,
-        fire_at: Timestamp,
-    },
-    CreateSubOrchestration {
-        id: i32,
-        name: String,
-        instance_id: String,
-        input: Option<String>,
-    },
-    SendEvent {
-        id: i32,
-        instance_id: String,
-        name: String,
-        input: Option<String>,
-    },
+    ScheduleTask { id: i32, name: String, input: Option<String> },
+    CreateTimer { id: i32, fire_at: Timestamp },
+    CreateSubOrchestration { id: i32, name: String, instance_id: String, input: Option<String> },
+    SendEvent { id: i32, instance_id: String, name: String, input: Option<String> },
 }
 
 impl Action {
@@ -46,31 +29,20 @@ impl Action {
     /// The history event that records this action.
     pub fn to_history_event(&self, now: Timestamp) -> HistoryEvent {
         let kind = match self {
-            Action::ScheduleTask { name, input, .. } => EventKind::TaskScheduled {
-                name: name.clone(),
-                input: input.clone(),
-            },
+            Action::ScheduleTask { name, input, .. } => {
+                EventKind::TaskScheduled { name: name.clone(), input: input.clone() }
+            }
             Action::CreateTimer { fire_at, .. } => EventKind::TimerCreated { fire_at: *fire_at },
-            Action::CreateSubOrchestration {
-                name,
-                instance_id,
-                input,
-                ..
-            } => EventKind::SubOrchestrationInstanceCreated {
-                name: name.clone(),
-                instance_id: instance_id.clone(),
-                input: input.clone(),
-            },
-            Action::SendEvent {
-                instance_id,
-                name,
-                input,
-                ..
-            } => EventKind::EventSent {
-                instance_id: instance_id.clone(),
-                name: name.clone(),
-                input: input.clone(),
-            },
+            Action::CreateSubOrchestration { name, instance_id, input, .. } => {
+                EventKind::SubOrchestrationInstanceCreated {
+                    name: name.clone(),
+                    instance_id: instance_id.clone(),
+                    input: input.clone(),
+                }
+            }
+            Action::SendEvent { instance_id, name, input, .. } => {
+                EventKind::EventSent { instance_id: instance_id.clone(), name: name.clone(), input: input.clone() }
+            }
         };
         HistoryEvent::with_id(self.id(), now, kind)
     }
@@ -136,9 +108,7 @@ impl Completion {
                 result: reason.clone(),
                 failure: None,
             },
-            Completion::ContinuedAsNew { input, .. } => EventKind::ContinueAsNew {
-                input: input.clone(),
-            },
+            Completion::ContinuedAsNew { input, .. } => EventKind::ContinueAsNew { input: input.clone() },
         };
         HistoryEvent::new(now, kind)
     }

@@ -197,11 +197,7 @@ impl State {
     /// Delivers an external event to the oldest waiter for its name, or buffers it.
     pub(crate) fn deliver_event(&mut self, name: &str, input: Option<String>) {
         let key = name.to_lowercase();
-        if let Some(waiter) = self
-            .event_waiters
-            .get_mut(&key)
-            .and_then(VecDeque::pop_front)
-        {
+        if let Some(waiter) = self.event_waiters.get_mut(&key).and_then(VecDeque::pop_front) {
             if let Some(slot) = self.event_slots.get_mut(&waiter) {
                 slot.resolve(TaskOutcome::Completed(input));
                 return;
@@ -209,14 +205,11 @@ impl State {
         }
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.buffered_events
-            .entry(key)
-            .or_default()
-            .push_back(BufferedEvent {
-                name: name.to_string(),
-                input,
-                arrival,
-            });
+        self.buffered_events.entry(key).or_default().push_back(BufferedEvent {
+            name: name.to_string(),
+            input,
+            arrival,
+        });
     }
 
     /// The buffered events in arrival order, as `EventRaised` history events.
@@ -228,10 +221,7 @@ impl State {
             .map(|event| {
                 HistoryEvent::new(
                     self.current_time,
-                    EventKind::EventRaised {
-                        name: event.name.clone(),
-                        input: event.input.clone(),
-                    },
+                    EventKind::EventRaised { name: event.name.clone(), input: event.input.clone() },
                 )
             })
             .collect()
@@ -241,9 +231,7 @@ impl State {
 /// Locks shared state; a panic in user code never happens while it is held, so a
 /// poisoned lock still holds consistent state.
 pub(crate) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The handle an orchestrator uses to do everything durable. Cheap to clone.
@@ -284,10 +272,7 @@ impl OrchestrationContext {
     pub fn input<T: DeserializeOwned>(&self) -> Result<T, OrchestrationError> {
         let input = self.lock().input.clone();
         serde_json::from_str(input.as_deref().unwrap_or("null")).map_err(|error| {
-            OrchestrationError::new(
-                "InvalidInput",
-                format!("the orchestration input does not fit: {error}"),
-            )
+            OrchestrationError::new("InvalidInput", format!("the orchestration input does not fit: {error}"))
         })
     }
 
@@ -327,17 +312,11 @@ impl OrchestrationContext {
     /// A new UUID, the same on every replay (name-based, from the instance id, the
     /// episode time and a counter).
     pub fn new_guid(&self) -> uuid::Uuid {
-        const NAMESPACE: uuid::Uuid =
-            uuid::Uuid::from_u128(0x9e95_2958_5e33_4daf_827f_2fa1_2937_b875);
+        const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x9e95_2958_5e33_4daf_827f_2fa1_2937_b875);
         let mut state = self.lock();
         let counter = state.guid_counter;
         state.guid_counter += 1;
-        let name = format!(
-            "{}_{}_{}",
-            state.instance_id,
-            state.current_time.to_rfc3339(),
-            counter
-        );
+        let name = format!("{}_{}_{}", state.instance_id, state.current_time.to_rfc3339(), counter);
         uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes())
     }
 
@@ -353,11 +332,7 @@ impl OrchestrationContext {
     }
 
     /// Schedules an activity and returns a future for its result.
-    pub fn call_activity<T: DeserializeOwned>(
-        &self,
-        name: &str,
-        input: &impl Serialize,
-    ) -> TaskFuture<T> {
+    pub fn call_activity<T: DeserializeOwned>(&self, name: &str, input: &impl Serialize) -> TaskFuture<T> {
         match serialize_input(input) {
             Ok(input) => self.schedule_activity(name, input),
             Err(details) => TaskFuture::failed(self.clone(), format!("activity '{name}'"), details),
@@ -366,11 +341,7 @@ impl OrchestrationContext {
 
     fn schedule_activity<T>(&self, name: &str, input: Option<String>) -> TaskFuture<T> {
         let mut state = self.lock();
-        let id = state.take_action(|id| Action::ScheduleTask {
-            id,
-            name: name.to_string(),
-            input,
-        });
+        let id = state.take_action(|id| Action::ScheduleTask { id, name: name.to_string(), input });
         state.open_tasks.insert(id, TaskSlot::default());
         drop(state);
         TaskFuture::new(self.clone(), id, format!("activity '{name}' (#{id})"))
@@ -388,23 +359,12 @@ impl OrchestrationContext {
         let input = serialize_input(input);
         let policy = policy.clone();
         async move {
-            let input = input.map_err(|details| TaskError {
-                task: format!("activity '{name}'"),
-                details,
-            })?;
-            context
-                .retry(&policy, || {
-                    context.schedule_activity::<T>(&name, input.clone())
-                })
-                .await
+            let input = input.map_err(|details| TaskError { task: format!("activity '{name}'"), details })?;
+            context.retry(&policy, || context.schedule_activity::<T>(&name, input.clone())).await
         }
     }
 
-    async fn retry<T, F>(
-        &self,
-        policy: &RetryPolicy,
-        mut attempt_once: impl FnMut() -> F,
-    ) -> Result<T, TaskError>
+    async fn retry<T, F>(&self, policy: &RetryPolicy, mut attempt_once: impl FnMut() -> F) -> Result<T, TaskError>
     where
         F: Future<Output = Result<T, TaskError>>,
     {
@@ -428,11 +388,7 @@ impl OrchestrationContext {
 
     /// Starts a sub-orchestration with the id `"{instance_id}:{sequence}"` and returns a
     /// future for its output.
-    pub fn call_sub_orchestrator<T: DeserializeOwned>(
-        &self,
-        name: &str,
-        input: &impl Serialize,
-    ) -> TaskFuture<T> {
+    pub fn call_sub_orchestrator<T: DeserializeOwned>(&self, name: &str, input: &impl Serialize) -> TaskFuture<T> {
         self.call_sub_orchestrator_with_id(name, None, input)
     }
 
@@ -444,12 +400,8 @@ impl OrchestrationContext {
         input: &impl Serialize,
     ) -> TaskFuture<T> {
         match serialize_input(input) {
-            Ok(input) => {
-                self.schedule_sub_orchestration(name, instance_id.map(str::to_string), input)
-            }
-            Err(details) => {
-                TaskFuture::failed(self.clone(), format!("sub-orchestration '{name}'"), details)
-            }
+            Ok(input) => self.schedule_sub_orchestration(name, instance_id.map(str::to_string), input),
+            Err(details) => TaskFuture::failed(self.clone(), format!("sub-orchestration '{name}'"), details),
         }
     }
 
@@ -469,11 +421,7 @@ impl OrchestrationContext {
         });
         state.open_tasks.insert(id, TaskSlot::default());
         drop(state);
-        TaskFuture::new(
-            self.clone(),
-            id,
-            format!("sub-orchestration '{name}' (#{id})"),
-        )
+        TaskFuture::new(self.clone(), id, format!("sub-orchestration '{name}' (#{id})"))
     }
 
     /// Calls a sub-orchestration with retries. Every attempt uses the same child
@@ -494,17 +442,10 @@ impl OrchestrationContext {
             format!("{}:{}", state.instance_id, state.next_sequence)
         });
         async move {
-            let input = input.map_err(|details| TaskError {
-                task: format!("sub-orchestration '{name}'"),
-                details,
-            })?;
+            let input = input.map_err(|details| TaskError { task: format!("sub-orchestration '{name}'"), details })?;
             context
                 .retry(&policy, || {
-                    context.schedule_sub_orchestration::<T>(
-                        &name,
-                        Some(child_id.clone()),
-                        input.clone(),
-                    )
+                    context.schedule_sub_orchestration::<T>(&name, Some(child_id.clone()), input.clone())
                 })
                 .await
         }
@@ -516,9 +457,7 @@ impl OrchestrationContext {
         let id = state.take_action(|id| Action::CreateTimer { id, fire_at });
         state.open_tasks.insert(id, TaskSlot::default());
         drop(state);
-        TimerFuture {
-            inner: TaskFuture::new(self.clone(), id, format!("timer (#{id})")),
-        }
+        TimerFuture { inner: TaskFuture::new(self.clone(), id, format!("timer (#{id})")) }
     }
 
     /// A durable timer that fires `delay` after the current time.
@@ -535,27 +474,14 @@ impl OrchestrationContext {
         let waiter = state.next_waiter_id;
         state.next_waiter_id += 1;
         let mut slot = TaskSlot::default();
-        let buffered = state
-            .buffered_events
-            .get_mut(&key)
-            .and_then(VecDeque::pop_front);
+        let buffered = state.buffered_events.get_mut(&key).and_then(VecDeque::pop_front);
         match buffered {
             Some(event) => slot.outcome = Some(TaskOutcome::Completed(event.input)),
-            None => state
-                .event_waiters
-                .entry(key.clone())
-                .or_default()
-                .push_back(waiter),
+            None => state.event_waiters.entry(key.clone()).or_default().push_back(waiter),
         }
         state.event_slots.insert(waiter, slot);
         drop(state);
-        EventFuture {
-            context: self.clone(),
-            waiter,
-            key,
-            name: name.to_string(),
-            _output: PhantomData,
-        }
+        EventFuture { context: self.clone(), waiter, key, name: name.to_string(), _output: PhantomData }
     }
 
     /// Waits for an external event at most `timeout` (a durable timer); on timeout the
@@ -609,17 +535,11 @@ impl OrchestrationContext {
 
     fn request_continue_as_new(&self, input: &impl Serialize, preserve_unprocessed_events: bool) {
         let input = serialize_input(input).unwrap_or(None);
-        self.lock().continue_as_new = Some(ContinueAsNewRequest {
-            input,
-            preserve_unprocessed_events,
-        });
+        self.lock().continue_as_new = Some(ContinueAsNewRequest { input, preserve_unprocessed_events });
     }
 
     /// Waits for all futures; results in the order given.
-    pub fn when_all<F: Future>(
-        &self,
-        futures: impl IntoIterator<Item = F>,
-    ) -> futures_util::future::JoinAll<F> {
+    pub fn when_all<F: Future>(&self, futures: impl IntoIterator<Item = F>) -> futures_util::future::JoinAll<F> {
         futures_util::future::join_all(futures)
     }
 
@@ -637,23 +557,16 @@ fn chrono_duration(duration: Duration) -> chrono::Duration {
 }
 
 fn serialize_input(input: &impl Serialize) -> Result<Option<String>, FailureDetails> {
-    let json = serde_json::to_string(input)
-        .map_err(|error| FailureDetails::new("SerializationError", error.to_string()))?;
-    limits::check_payload("input", Some(&json))
-        .map_err(|message| FailureDetails::new("PayloadTooLarge", message))?;
+    let json =
+        serde_json::to_string(input).map_err(|error| FailureDetails::new("SerializationError", error.to_string()))?;
+    limits::check_payload("input", Some(&json)).map_err(|message| FailureDetails::new("PayloadTooLarge", message))?;
     Ok(Some(json))
 }
 
-fn deserialize_output<T: DeserializeOwned>(
-    task: &str,
-    output: Option<String>,
-) -> Result<T, TaskError> {
+fn deserialize_output<T: DeserializeOwned>(task: &str, output: Option<String>) -> Result<T, TaskError> {
     serde_json::from_str(output.as_deref().unwrap_or("null")).map_err(|error| TaskError {
         task: task.to_string(),
-        details: FailureDetails::new(
-            "DeserializationError",
-            format!("the result does not fit: {error}"),
-        ),
+        details: FailureDetails::new("DeserializationError", format!("the result does not fit: {error}")),
     })
 }
 
@@ -671,27 +584,11 @@ pub struct TaskFuture<T> {
 
 impl<T> TaskFuture<T> {
     fn new(context: OrchestrationContext, id: i32, task: String) -> TaskFuture<T> {
-        TaskFuture {
-            context,
-            id: Some(id),
-            task,
-            early_failure: None,
-            _output: PhantomData,
-        }
+        TaskFuture { context, id: Some(id), task, early_failure: None, _output: PhantomData }
     }
 
-    fn failed(
-        context: OrchestrationContext,
-        task: String,
-        details: FailureDetails,
-    ) -> TaskFuture<T> {
-        TaskFuture {
-            context,
-            id: None,
-            task,
-            early_failure: Some(details),
-            _output: PhantomData,
-        }
+    fn failed(context: OrchestrationContext, task: String, details: FailureDetails) -> TaskFuture<T> {
+        TaskFuture { context, id: None, task, early_failure: Some(details), _output: PhantomData }
     }
 
     /// The sequence number of this task (`None` if it could not be scheduled).
@@ -701,17 +598,11 @@ impl<T> TaskFuture<T> {
 
     fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<TaskOutcome> {
         let Some(id) = self.id else {
-            let details = self
-                .early_failure
-                .take()
-                .expect("a task future was polled after it completed");
+            let details = self.early_failure.take().expect("a task future was polled after it completed");
             return Poll::Ready(TaskOutcome::Failed(details));
         };
         let mut state = lock(&self.context.state);
-        let slot = state
-            .open_tasks
-            .get_mut(&id)
-            .expect("a task future was polled after it completed");
+        let slot = state.open_tasks.get_mut(&id).expect("a task future was polled after it completed");
         match slot.outcome.take() {
             Some(outcome) => {
                 state.open_tasks.remove(&id);
@@ -734,10 +625,7 @@ impl<T: DeserializeOwned> Future for TaskFuture<T> {
         let this = self.get_mut();
         this.poll_outcome(cx).map(|outcome| match outcome {
             TaskOutcome::Completed(output) => deserialize_output(&this.task, output),
-            TaskOutcome::Failed(details) => Err(TaskError {
-                task: this.task.clone(),
-                details,
-            }),
+            TaskOutcome::Failed(details) => Err(TaskError { task: this.task.clone(), details }),
         })
     }
 }
@@ -786,10 +674,7 @@ impl<T: DeserializeOwned> Future for EventFuture<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let mut state = lock(&this.context.state);
-        let slot = state
-            .event_slots
-            .get_mut(&this.waiter)
-            .expect("an event future was polled after it completed");
+        let slot = state.event_slots.get_mut(&this.waiter).expect("an event future was polled after it completed");
         match slot.outcome.take() {
             Some(TaskOutcome::Completed(input)) => {
                 state.event_slots.remove(&this.waiter);
@@ -798,10 +683,7 @@ impl<T: DeserializeOwned> Future for EventFuture<T> {
             }
             Some(TaskOutcome::Failed(details)) => {
                 state.event_slots.remove(&this.waiter);
-                Poll::Ready(Err(TaskError {
-                    task: format!("event '{}'", this.name),
-                    details,
-                }))
+                Poll::Ready(Err(TaskError { task: format!("event '{}'", this.name), details }))
             }
             None => {
                 slot.waker = Some(cx.waker().clone());

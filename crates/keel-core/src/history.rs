@@ -26,20 +26,12 @@ pub struct HistoryEvent {
 impl HistoryEvent {
     /// An event that no orchestrator action produced (`event_id` = -1).
     pub fn new(timestamp: Timestamp, kind: EventKind) -> HistoryEvent {
-        HistoryEvent {
-            event_id: -1,
-            timestamp,
-            kind,
-        }
+        HistoryEvent { event_id: -1, timestamp, kind }
     }
 
     /// An event born from the orchestrator action with sequence number `event_id`.
     pub fn with_id(event_id: i32, timestamp: Timestamp, kind: EventKind) -> HistoryEvent {
-        HistoryEvent {
-            event_id,
-            timestamp,
-            kind,
-        }
+        HistoryEvent { event_id, timestamp, kind }
     }
 }
 
@@ -194,9 +186,7 @@ impl EventKind {
             EventKind::TaskCompleted { .. } => "TaskCompleted",
             EventKind::TaskFailed { .. } => "TaskFailed",
             EventKind::SubOrchestrationInstanceCreated { .. } => "SubOrchestrationInstanceCreated",
-            EventKind::SubOrchestrationInstanceCompleted { .. } => {
-                "SubOrchestrationInstanceCompleted"
-            }
+            EventKind::SubOrchestrationInstanceCompleted { .. } => "SubOrchestrationInstanceCompleted",
             EventKind::SubOrchestrationInstanceFailed { .. } => "SubOrchestrationInstanceFailed",
             EventKind::TimerCreated { .. } => "TimerCreated",
             EventKind::TimerFired { .. } => "TimerFired",
@@ -253,10 +243,7 @@ impl RuntimeStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RuntimeStatus::Completed
-                | RuntimeStatus::Failed
-                | RuntimeStatus::Terminated
-                | RuntimeStatus::Canceled
+            RuntimeStatus::Completed | RuntimeStatus::Failed | RuntimeStatus::Terminated | RuntimeStatus::Canceled
         )
     }
 
@@ -329,10 +316,7 @@ mod tests {
         let event = HistoryEvent::with_id(
             3,
             DateTime::from_timestamp_millis(0).unwrap(),
-            EventKind::TaskScheduled {
-                name: "Say".into(),
-                input: Some("\"x\"".into()),
-            },
+            EventKind::TaskScheduled { name: "Say".into(), input: Some("\"x\"".into()) },
         );
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["kind"]["type"], "TaskScheduled");

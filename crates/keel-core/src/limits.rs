@@ -26,18 +26,10 @@ pub fn check_instance_id(instance_id: &str) -> Result<(), String> {
         return Err("instance id must not be empty".into());
     }
     if instance_id.len() > MAX_INSTANCE_ID_BYTES {
-        return Err(format!(
-            "instance id is {} bytes long; the limit is {MAX_INSTANCE_ID_BYTES}",
-            instance_id.len()
-        ));
+        return Err(format!("instance id is {} bytes long; the limit is {MAX_INSTANCE_ID_BYTES}", instance_id.len()));
     }
-    if let Some(bad) = instance_id
-        .chars()
-        .find(|c| c.is_control() || "/\\#?".contains(*c))
-    {
-        return Err(format!(
-            "instance id contains the character {bad:?}, which is not allowed"
-        ));
+    if let Some(bad) = instance_id.chars().find(|c| c.is_control() || "/\\#?".contains(*c)) {
+        return Err(format!("instance id contains the character {bad:?}, which is not allowed"));
     }
     Ok(())
 }
@@ -48,10 +40,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!("{what} name must not be empty"));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "{what} name is {} bytes long; the limit is {MAX_NAME_BYTES}",
-            name.len()
-        ));
+        return Err(format!("{what} name is {} bytes long; the limit is {MAX_NAME_BYTES}", name.len()));
     }
     Ok(())
 }
@@ -59,10 +48,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
 /// Checks a payload against [`MAX_PAYLOAD_BYTES`].
 pub fn check_payload(what: &str, payload: Option<&str>) -> Result<(), String> {
     match payload {
-        Some(text) if text.len() > MAX_PAYLOAD_BYTES => Err(format!(
-            "{what} is {} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes",
-            text.len()
-        )),
+        Some(text) if text.len() > MAX_PAYLOAD_BYTES => {
+            Err(format!("{what} is {} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes", text.len()))
+        }
         _ => Ok(()),
     }
 }

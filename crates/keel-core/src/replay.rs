@@ -27,8 +27,7 @@ use crate::context::{lock, OrchestrationContext, OrchestrationError, State, Task
 use crate::history::{EventKind, FailureDetails, HistoryEvent};
 
 /// The boxed future of a running orchestrator: its output is JSON text.
-pub type OrchestratorFuture =
-    Pin<Box<dyn Future<Output = Result<Option<String>, OrchestrationError>> + Send>>;
+pub type OrchestratorFuture = Pin<Box<dyn Future<Output = Result<Option<String>, OrchestrationError>> + Send>>;
 
 /// An orchestrator function with its types erased.
 pub type Orchestrator = Arc<dyn Fn(OrchestrationContext) -> OrchestratorFuture + Send + Sync>;
@@ -155,19 +154,15 @@ impl Execution {
         // one takes no further action.
         let actions = match &self.completion {
             None => pending.collect(),
-            Some(Completion::Completed { .. } | Completion::ContinuedAsNew { .. }) => pending
-                .filter(|action| !matches!(action, Action::CreateTimer { .. }))
-                .collect(),
+            Some(Completion::Completed { .. } | Completion::ContinuedAsNew { .. }) => {
+                pending.filter(|action| !matches!(action, Action::CreateTimer { .. })).collect()
+            }
             Some(Completion::Failed { .. } | Completion::Terminated { .. }) => Vec::new(),
         };
         self.completion_reported = self.completion.is_some();
         EpisodeResult {
             actions,
-            completion: if was_completed {
-                None
-            } else {
-                self.completion.clone()
-            },
+            completion: if was_completed { None } else { self.completion.clone() },
             custom_status: state.custom_status.clone(),
             suspended: self.suspended && self.completion.is_none(),
         }
@@ -202,13 +197,7 @@ impl Execution {
             EventKind::OrchestratorStarted => {
                 lock(&self.state).current_time = event.timestamp;
             }
-            EventKind::ExecutionStarted {
-                name,
-                input,
-                execution_id,
-                parent,
-                ..
-            } => {
+            EventKind::ExecutionStarted { name, input, execution_id, parent, .. } => {
                 if self.future.is_some() {
                     return; // a duplicate start message: the execution is already running
                 }
@@ -227,24 +216,12 @@ impl Execution {
             | EventKind::TimerCreated { .. }
             | EventKind::SubOrchestrationInstanceCreated { .. }
             | EventKind::EventSent { .. } => self.match_decision(event),
-            EventKind::TaskCompleted {
-                task_scheduled_id,
-                result,
-            }
-            | EventKind::SubOrchestrationInstanceCompleted {
-                task_scheduled_id,
-                result,
-            } => {
+            EventKind::TaskCompleted { task_scheduled_id, result }
+            | EventKind::SubOrchestrationInstanceCompleted { task_scheduled_id, result } => {
                 self.resolve(*task_scheduled_id, TaskOutcome::Completed(result.clone()));
             }
-            EventKind::TaskFailed {
-                task_scheduled_id,
-                failure,
-            }
-            | EventKind::SubOrchestrationInstanceFailed {
-                task_scheduled_id,
-                failure,
-            } => {
+            EventKind::TaskFailed { task_scheduled_id, failure }
+            | EventKind::SubOrchestrationInstanceFailed { task_scheduled_id, failure } => {
                 self.resolve(*task_scheduled_id, TaskOutcome::Failed(failure.clone()));
             }
             EventKind::TimerFired { timer_id, .. } => {
@@ -267,9 +244,7 @@ impl Execution {
                 }
             }
             EventKind::ExecutionTerminated { reason } => {
-                self.finish(Completion::Terminated {
-                    reason: reason.clone(),
-                });
+                self.finish(Completion::Terminated { reason: reason.clone() });
             }
             EventKind::ExecutionCompleted { .. }
             | EventKind::ContinueAsNew { .. }
@@ -295,14 +270,8 @@ impl Execution {
         };
         match taken {
             Some(action) if fits(&action) => {}
-            Some(action) => self.fail_non_deterministic(
-                event,
-                &format!("the orchestrator took {}", action.describe()),
-            ),
-            None => self.fail_non_deterministic(
-                event,
-                "the orchestrator took no action with that sequence number",
-            ),
+            Some(action) => self.fail_non_deterministic(event, &format!("the orchestrator took {}", action.describe())),
+            None => self.fail_non_deterministic(event, "the orchestrator took no action with that sequence number"),
         }
     }
 
@@ -320,9 +289,7 @@ impl Execution {
         // Non-determinism overrides an outcome not reported yet: it was computed by code
         // that does not match its history.
         self.completion = None;
-        self.finish(Completion::Failed {
-            failure: FailureDetails::new(NON_DETERMINISM_ERROR_TYPE, message),
-        });
+        self.finish(Completion::Failed { failure: FailureDetails::new(NON_DETERMINISM_ERROR_TYPE, message) });
     }
 
     fn resolve(&mut self, id: i32, outcome: TaskOutcome) {
@@ -344,9 +311,7 @@ impl Execution {
                 return;
             };
             let mut context = Context::from_waker(&self.waker);
-            let polled = AssertUnwindSafe(future.as_mut())
-                .catch_unwind()
-                .poll_unpin(&mut context);
+            let polled = AssertUnwindSafe(future.as_mut()).catch_unwind().poll_unpin(&mut context);
             let outcome = match polled {
                 Poll::Pending => {
                     let fatal = lock(&self.state).fatal.clone();
@@ -360,10 +325,7 @@ impl Execution {
                 Poll::Ready(Err(panic)) => {
                     let message = panic_message(panic.as_ref());
                     self.finish(Completion::Failed {
-                        failure: FailureDetails::new(
-                            PANIC_ERROR_TYPE,
-                            format!("the orchestrator panicked: {message}"),
-                        ),
+                        failure: FailureDetails::new(PANIC_ERROR_TYPE, format!("the orchestrator panicked: {message}")),
                     });
                     return;
                 }

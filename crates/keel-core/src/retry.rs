@@ -46,14 +46,8 @@ impl RetryPolicy {
     /// `max_attempts` attempts in all, `first_retry_interval` apart, no backoff; the
     /// maximum interval defaults to one hour (the isolated .NET SDK's default).
     pub fn new(max_attempts: u32, first_retry_interval: Duration) -> RetryPolicy {
-        assert!(
-            max_attempts >= 1,
-            "a retry policy needs at least one attempt"
-        );
-        assert!(
-            !first_retry_interval.is_zero(),
-            "the first retry interval must be > 0"
-        );
+        assert!(max_attempts >= 1, "a retry policy needs at least one attempt");
+        assert!(!first_retry_interval.is_zero(), "the first retry interval must be > 0");
         RetryPolicy {
             max_attempts,
             first_retry_interval,
@@ -71,10 +65,7 @@ impl RetryPolicy {
     }
 
     pub fn with_max_retry_interval(mut self, max: Duration) -> RetryPolicy {
-        assert!(
-            max >= self.first_retry_interval,
-            "the max interval must be >= the first interval"
-        );
+        assert!(max >= self.first_retry_interval, "the max interval must be >= the first interval");
         self.max_retry_interval = max;
         self
     }
@@ -84,10 +75,7 @@ impl RetryPolicy {
         self
     }
 
-    pub fn with_handle(
-        mut self,
-        handle: impl Fn(&FailureDetails) -> bool + Send + Sync + 'static,
-    ) -> RetryPolicy {
+    pub fn with_handle(mut self, handle: impl Fn(&FailureDetails) -> bool + Send + Sync + 'static) -> RetryPolicy {
         self.handle = Some(Arc::new(handle));
         self
     }
@@ -112,10 +100,8 @@ impl RetryPolicy {
             }
         }
         let exponent = i32::try_from(attempt - 1).unwrap_or(i32::MAX);
-        let delay_secs =
-            self.first_retry_interval.as_secs_f64() * self.backoff_coefficient.powi(exponent);
-        let delay = if delay_secs.is_finite() && delay_secs < self.max_retry_interval.as_secs_f64()
-        {
+        let delay_secs = self.first_retry_interval.as_secs_f64() * self.backoff_coefficient.powi(exponent);
+        let delay = if delay_secs.is_finite() && delay_secs < self.max_retry_interval.as_secs_f64() {
             Duration::from_secs_f64(delay_secs)
         } else {
             self.max_retry_interval
@@ -148,14 +134,8 @@ mod tests {
         let policy = RetryPolicy::new(10, Duration::from_secs(1))
             .with_backoff_coefficient(2.0)
             .with_max_retry_interval(Duration::from_secs(5));
-        let delays: Vec<_> = (1..=5)
-            .map(|attempt| {
-                policy
-                    .next_delay(attempt, &failure(), at(0), at(0))
-                    .unwrap()
-                    .as_secs()
-            })
-            .collect();
+        let delays: Vec<_> =
+            (1..=5).map(|attempt| policy.next_delay(attempt, &failure(), at(0), at(0)).unwrap().as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 5, 5]);
     }
 
@@ -168,19 +148,15 @@ mod tests {
 
     #[test]
     fn retry_timeout_counts_from_the_first_attempt() {
-        let policy = RetryPolicy::new(100, Duration::from_secs(10))
-            .with_retry_timeout(Duration::from_secs(30));
+        let policy = RetryPolicy::new(100, Duration::from_secs(10)).with_retry_timeout(Duration::from_secs(30));
         assert!(policy.next_delay(1, &failure(), at(0), at(5)).is_some());
         assert!(policy.next_delay(2, &failure(), at(0), at(25)).is_none());
     }
 
     #[test]
     fn predicate_and_non_retriable_stop_retries() {
-        let policy =
-            RetryPolicy::new(5, Duration::from_secs(1)).with_handle(|f| f.error_type != "Fatal");
-        assert!(policy
-            .next_delay(1, &FailureDetails::new("Fatal", "x"), at(0), at(0))
-            .is_none());
+        let policy = RetryPolicy::new(5, Duration::from_secs(1)).with_handle(|f| f.error_type != "Fatal");
+        assert!(policy.next_delay(1, &FailureDetails::new("Fatal", "x"), at(0), at(0)).is_none());
         let mut non_retriable = failure();
         non_retriable.is_non_retriable = true;
         assert!(policy.next_delay(1, &non_retriable, at(0), at(0)).is_none());

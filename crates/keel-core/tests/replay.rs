@@ -5,9 +5,7 @@ use std::time::Duration;
 use chrono::DateTime;
 use keel_core::action::{Action, Completion};
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
-use keel_core::replay::{
-    orchestrator, Execution, Orchestrator, NON_DETERMINISM_ERROR_TYPE, PANIC_ERROR_TYPE,
-};
+use keel_core::replay::{orchestrator, Execution, Orchestrator, NON_DETERMINISM_ERROR_TYPE, PANIC_ERROR_TYPE};
 use keel_core::{OrchestrationContext, OrchestrationError, RetryPolicy};
 
 fn at(secs: i64) -> Timestamp {
@@ -33,33 +31,17 @@ fn started(name: &str, input: &str) -> HistoryEvent {
 }
 
 fn scheduled(id: i32, name: &str) -> HistoryEvent {
-    HistoryEvent::with_id(
-        id,
-        at(0),
-        EventKind::TaskScheduled {
-            name: name.into(),
-            input: None,
-        },
-    )
+    HistoryEvent::with_id(id, at(0), EventKind::TaskScheduled { name: name.into(), input: None })
 }
 
 fn task_completed(id: i32, result: &str) -> HistoryEvent {
-    HistoryEvent::new(
-        at(0),
-        EventKind::TaskCompleted {
-            task_scheduled_id: id,
-            result: Some(result.into()),
-        },
-    )
+    HistoryEvent::new(at(0), EventKind::TaskCompleted { task_scheduled_id: id, result: Some(result.into()) })
 }
 
 fn task_failed(id: i32, error_type: &str) -> HistoryEvent {
     HistoryEvent::new(
         at(0),
-        EventKind::TaskFailed {
-            task_scheduled_id: id,
-            failure: FailureDetails::new(error_type, "it broke"),
-        },
+        EventKind::TaskFailed { task_scheduled_id: id, failure: FailureDetails::new(error_type, "it broke") },
     )
 }
 
@@ -68,23 +50,11 @@ fn timer_created(id: i32, fire_at: Timestamp) -> HistoryEvent {
 }
 
 fn timer_fired(id: i32, fire_at: Timestamp) -> HistoryEvent {
-    HistoryEvent::new(
-        fire_at,
-        EventKind::TimerFired {
-            timer_id: id,
-            fire_at,
-        },
-    )
+    HistoryEvent::new(fire_at, EventKind::TimerFired { timer_id: id, fire_at })
 }
 
 fn raised(name: &str, input: &str) -> HistoryEvent {
-    HistoryEvent::new(
-        at(0),
-        EventKind::EventRaised {
-            name: name.into(),
-            input: Some(input.into()),
-        },
-    )
+    HistoryEvent::new(at(0), EventKind::EventRaised { name: name.into(), input: Some(input.into()) })
 }
 
 fn activity_names(actions: &[Action]) -> Vec<(i32, String)> {
@@ -113,14 +83,7 @@ fn a_new_instance_schedules_its_first_activity() {
     let mut execution = Execution::new("i1", chain());
     let result = execution.run_episode(&[], &[episode_start(0), started("Chain", "\"x\"")]);
     assert_eq!(result.completion, None);
-    assert_eq!(
-        result.actions,
-        vec![Action::ScheduleTask {
-            id: 0,
-            name: "A".into(),
-            input: Some("\"x\"".into())
-        }]
-    );
+    assert_eq!(result.actions, vec![Action::ScheduleTask { id: 0, name: "A".into(), input: Some("\"x\"".into()) }]);
 }
 
 #[test]
@@ -135,60 +98,25 @@ fn replaying_a_chain_continues_where_history_ends() {
     ];
     let mut execution = Execution::new("i1", chain());
     let result = execution.run_episode(&past, &[episode_start(2), task_completed(1, "\"b\"")]);
-    assert_eq!(
-        result.actions,
-        vec![Action::ScheduleTask {
-            id: 2,
-            name: "C".into(),
-            input: Some("\"b\"".into())
-        }]
-    );
+    assert_eq!(result.actions, vec![Action::ScheduleTask { id: 2, name: "C".into(), input: Some("\"b\"".into()) }]);
 
     // The returned action counts as recorded: the next episode feeds only what came after.
     let result = execution.run_episode(&[], &[episode_start(3), task_completed(2, "\"done\"")]);
-    assert_eq!(
-        result.completion,
-        Some(Completion::Completed {
-            output: Some("\"done\"".into())
-        })
-    );
+    assert_eq!(result.completion, Some(Completion::Completed { output: Some("\"done\"".into()) }));
     assert!(result.actions.is_empty());
 }
 
 #[test]
 fn a_history_that_differs_from_the_code_fails_with_the_mismatch_named() {
-    let past = [
-        episode_start(0),
-        started("Chain", "\"x\""),
-        scheduled(0, "Different"),
-    ];
+    let past = [episode_start(0), started("Chain", "\"x\""), scheduled(0, "Different")];
     let mut execution = Execution::new("i1", chain());
     let result = execution.run_episode(&past, &[episode_start(1), task_completed(0, "\"a\"")]);
-    let Some(Completion::Failed { failure }) = result.completion else {
-        panic!("expected failure: {result:?}")
-    };
+    let Some(Completion::Failed { failure }) = result.completion else { panic!("expected failure: {result:?}") };
     assert_eq!(failure.error_type, NON_DETERMINISM_ERROR_TYPE);
-    assert!(
-        failure.error_message.contains("sequence number 0"),
-        "{}",
-        failure.error_message
-    );
-    assert!(
-        failure
-            .error_message
-            .contains("TaskScheduled \"Different\""),
-        "{}",
-        failure.error_message
-    );
-    assert!(
-        failure.error_message.contains("TaskScheduled \"A\""),
-        "{}",
-        failure.error_message
-    );
-    assert!(
-        result.actions.is_empty(),
-        "a non-deterministic execution takes no action"
-    );
+    assert!(failure.error_message.contains("sequence number 0"), "{}", failure.error_message);
+    assert!(failure.error_message.contains("TaskScheduled \"Different\""), "{}", failure.error_message);
+    assert!(failure.error_message.contains("TaskScheduled \"A\""), "{}", failure.error_message);
+    assert!(result.actions.is_empty(), "a non-deterministic execution takes no action");
 }
 
 #[test]
@@ -196,27 +124,14 @@ fn a_history_event_the_code_never_produced_is_non_determinism() {
     let no_work = orchestrator(|_ctx: OrchestrationContext| async move { Ok(1) });
     let past = [episode_start(0), started("X", "null"), scheduled(0, "A")];
     let result = Execution::new("i1", no_work).run_episode(&past, &[]);
-    let Some(Completion::Failed { failure }) = result.completion else {
-        panic!("{result:?}")
-    };
-    assert!(
-        failure
-            .error_message
-            .contains("no action with that sequence number"),
-        "{}",
-        failure.error_message
-    );
+    let Some(Completion::Failed { failure }) = result.completion else { panic!("{result:?}") };
+    assert!(failure.error_message.contains("no action with that sequence number"), "{}", failure.error_message);
 }
 
 #[test]
 fn activity_names_match_case_insensitively_on_replay() {
-    let past = [
-        episode_start(0),
-        started("Chain", "\"x\""),
-        scheduled(0, "a"),
-    ];
-    let result = Execution::new("i1", chain())
-        .run_episode(&past, &[episode_start(1), task_completed(0, "\"a\"")]);
+    let past = [episode_start(0), started("Chain", "\"x\""), scheduled(0, "a")];
+    let result = Execution::new("i1", chain()).run_episode(&past, &[episode_start(1), task_completed(0, "\"a\"")]);
     assert_eq!(result.completion, None);
     assert_eq!(activity_names(&result.actions), vec![(1, "B".to_string())]);
 }
@@ -226,37 +141,18 @@ fn fan_out_schedules_everything_in_one_episode_and_fans_in_results_in_order() {
     let fan_out = orchestrator(|ctx: OrchestrationContext| async move {
         let tasks = (0..3).map(|i| ctx.call_activity::<i32>("Work", &i));
         let results = ctx.when_all(tasks).await;
-        let total: i32 = results
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .sum();
+        let total: i32 = results.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().sum();
         Ok(total)
     });
     let mut execution = Execution::new("i1", fan_out.clone());
     let first = execution.run_episode(&[], &[episode_start(0), started("Fan", "null")]);
-    assert_eq!(
-        activity_names(&first.actions),
-        vec![(0, "Work".into()), (1, "Work".into()), (2, "Work".into())]
-    );
+    assert_eq!(activity_names(&first.actions), vec![(0, "Work".into()), (1, "Work".into()), (2, "Work".into())]);
 
     // Results arrive out of order over two episodes.
     let second = execution.run_episode(&[], &[episode_start(1), task_completed(2, "20")]);
     assert_eq!(second, keel_core::EpisodeResult::default());
-    let third = execution.run_episode(
-        &[],
-        &[
-            episode_start(2),
-            task_completed(0, "1"),
-            task_completed(1, "5"),
-        ],
-    );
-    assert_eq!(
-        third.completion,
-        Some(Completion::Completed {
-            output: Some("26".into())
-        })
-    );
+    let third = execution.run_episode(&[], &[episode_start(2), task_completed(0, "1"), task_completed(1, "5")]);
+    assert_eq!(third.completion, Some(Completion::Completed { output: Some("26".into()) }));
 
     // The same history replayed into a fresh execution gives the same outcome.
     let history: Vec<HistoryEvent> = vec![
@@ -272,20 +168,13 @@ fn fan_out_schedules_everything_in_one_episode_and_fans_in_results_in_order() {
         task_completed(1, "5"),
     ];
     let replayed = Execution::new("i1", fan_out).run_episode(&history, &[]);
-    assert_eq!(
-        replayed.completion,
-        Some(Completion::Completed {
-            output: Some("26".into())
-        })
-    );
+    assert_eq!(replayed.completion, Some(Completion::Completed { output: Some("26".into()) }));
 }
 
 #[test]
 fn a_thousand_way_fan_out_replays() {
     let fan_out = orchestrator(|ctx: OrchestrationContext| async move {
-        let results = ctx
-            .when_all((0..1000).map(|i| ctx.call_activity::<i64>("Work", &i)))
-            .await;
+        let results = ctx.when_all((0..1000).map(|i| ctx.call_activity::<i64>("Work", &i))).await;
         Ok(results.into_iter().map(|r| r.unwrap()).sum::<i64>())
     });
     let mut history = vec![episode_start(0), started("Fan", "null")];
@@ -293,12 +182,7 @@ fn a_thousand_way_fan_out_replays() {
     history.push(episode_start(1));
     history.extend((0..1000).rev().map(|i| task_completed(i, &i.to_string())));
     let result = Execution::new("i1", fan_out).run_episode(&history, &[]);
-    assert_eq!(
-        result.completion,
-        Some(Completion::Completed {
-            output: Some("499500".into())
-        })
-    );
+    assert_eq!(result.completion, Some(Completion::Completed { output: Some("499500".into()) }));
 }
 
 #[test]
@@ -310,21 +194,10 @@ fn timers_fire_and_time_comes_from_history() {
     });
     let mut execution = Execution::new("i1", sleeper);
     let first = execution.run_episode(&[], &[episode_start(5), started("Sleep", "null")]);
-    assert_eq!(
-        first.actions,
-        vec![Action::CreateTimer {
-            id: 0,
-            fire_at: at(65)
-        }]
-    );
+    assert_eq!(first.actions, vec![Action::CreateTimer { id: 0, fire_at: at(65) }]);
     let second = execution.run_episode(&[], &[episode_start(66), timer_fired(0, at(65))]);
     let expected = serde_json::to_string(&(at(5).timestamp(), at(66).timestamp())).unwrap();
-    assert_eq!(
-        second.completion,
-        Some(Completion::Completed {
-            output: Some(expected)
-        })
-    );
+    assert_eq!(second.completion, Some(Completion::Completed { output: Some(expected) }));
 }
 
 #[test]
@@ -345,20 +218,12 @@ fn events_raised_before_the_wait_are_buffered_in_order() {
         timer_fired(0, at(1)),
     ];
     let result = Execution::new("i1", collector).run_episode(&history, &[]);
-    assert_eq!(
-        result.completion,
-        Some(Completion::Completed {
-            output: Some("[\"one\",\"two\"]".into())
-        })
-    );
+    assert_eq!(result.completion, Some(Completion::Completed { output: Some("[\"one\",\"two\"]".into()) }));
 }
 
 fn approval_with_timeout() -> Orchestrator {
     orchestrator(|ctx: OrchestrationContext| async move {
-        match ctx
-            .wait_for_external_event_with_timeout::<bool>("Approval", Duration::from_secs(30))
-            .await
-        {
+        match ctx.wait_for_external_event_with_timeout::<bool>("Approval", Duration::from_secs(30)).await {
             Ok(approved) => Ok(if approved { "approved" } else { "rejected" }.to_string()),
             Err(error) if error.is_timeout() => Ok("timed out".to_string()),
             Err(error) => Err(error.into()),
@@ -370,53 +235,24 @@ fn approval_with_timeout() -> Orchestrator {
 fn an_event_that_beats_its_timeout_wins() {
     let mut execution = Execution::new("i1", approval_with_timeout());
     let first = execution.run_episode(&[], &[episode_start(0), started("Approve", "null")]);
-    assert_eq!(
-        first.actions,
-        vec![Action::CreateTimer {
-            id: 0,
-            fire_at: at(30)
-        }]
-    );
+    assert_eq!(first.actions, vec![Action::CreateTimer { id: 0, fire_at: at(30) }]);
     let second = execution.run_episode(&[], &[episode_start(10), raised("Approval", "true")]);
-    assert_eq!(
-        second.completion,
-        Some(Completion::Completed {
-            output: Some("\"approved\"".into())
-        })
-    );
+    assert_eq!(second.completion, Some(Completion::Completed { output: Some("\"approved\"".into()) }));
 }
 
 #[test]
 fn a_timeout_that_beats_the_event_wins_and_later_events_are_buffered() {
-    let history = [
-        episode_start(0),
-        started("Approve", "null"),
-        timer_created(0, at(30)),
-    ];
-    let result = Execution::new("i1", approval_with_timeout()).run_episode(
-        &history,
-        &[
-            episode_start(31),
-            timer_fired(0, at(30)),
-            raised("Approval", "true"),
-        ],
-    );
-    assert_eq!(
-        result.completion,
-        Some(Completion::Completed {
-            output: Some("\"timed out\"".into())
-        })
-    );
+    let history = [episode_start(0), started("Approve", "null"), timer_created(0, at(30))];
+    let result = Execution::new("i1", approval_with_timeout())
+        .run_episode(&history, &[episode_start(31), timer_fired(0, at(30)), raised("Approval", "true")]);
+    assert_eq!(result.completion, Some(Completion::Completed { output: Some("\"timed out\"".into()) }));
 }
 
 #[test]
 fn retries_wait_on_durable_timers_and_give_up_after_the_last_attempt() {
     let retrying = orchestrator(|ctx: OrchestrationContext| async move {
         let policy = RetryPolicy::new(3, Duration::from_secs(10)).with_backoff_coefficient(2.0);
-        match ctx
-            .call_activity_with_retry::<String>("Flaky", &(), &policy)
-            .await
-        {
+        match ctx.call_activity_with_retry::<String>("Flaky", &(), &policy).await {
             Ok(value) => Ok(value),
             Err(error) => Ok(format!("gave up: {}", error.error_type())),
         }
@@ -425,49 +261,23 @@ fn retries_wait_on_durable_timers_and_give_up_after_the_last_attempt() {
     let r = execution.run_episode(&[], &[episode_start(0), started("Retry", "null")]);
     assert_eq!(activity_names(&r.actions), vec![(0, "Flaky".into())]);
     let r = execution.run_episode(&[], &[episode_start(1), task_failed(0, "Boom")]);
-    assert_eq!(
-        r.actions,
-        vec![Action::CreateTimer {
-            id: 1,
-            fire_at: at(11)
-        }]
-    );
+    assert_eq!(r.actions, vec![Action::CreateTimer { id: 1, fire_at: at(11) }]);
     let r = execution.run_episode(&[], &[episode_start(11), timer_fired(1, at(11))]);
     assert_eq!(activity_names(&r.actions), vec![(2, "Flaky".into())]);
     let r = execution.run_episode(&[], &[episode_start(12), task_failed(2, "Boom")]);
-    assert_eq!(
-        r.actions,
-        vec![Action::CreateTimer {
-            id: 3,
-            fire_at: at(32)
-        }],
-        "backoff doubles the delay"
-    );
+    assert_eq!(r.actions, vec![Action::CreateTimer { id: 3, fire_at: at(32) }], "backoff doubles the delay");
     let r = execution.run_episode(&[], &[episode_start(32), timer_fired(3, at(32))]);
     assert_eq!(activity_names(&r.actions), vec![(4, "Flaky".into())]);
     let r = execution.run_episode(&[], &[episode_start(33), task_failed(4, "Boom")]);
-    assert_eq!(
-        r.completion,
-        Some(Completion::Completed {
-            output: Some("\"gave up: Boom\"".into())
-        })
-    );
+    assert_eq!(r.completion, Some(Completion::Completed { output: Some("\"gave up: Boom\"".into()) }));
 }
 
 #[test]
 fn an_uncaught_activity_failure_fails_the_instance_with_its_details() {
-    let history = [
-        episode_start(0),
-        started("Chain", "\"x\""),
-        scheduled(0, "A"),
-    ];
-    let result = Execution::new("i1", chain()).run_episode(
-        &history,
-        &[episode_start(1), task_failed(0, "PaymentDeclined")],
-    );
-    let Some(Completion::Failed { failure }) = result.completion else {
-        panic!("{result:?}")
-    };
+    let history = [episode_start(0), started("Chain", "\"x\""), scheduled(0, "A")];
+    let result =
+        Execution::new("i1", chain()).run_episode(&history, &[episode_start(1), task_failed(0, "PaymentDeclined")]);
+    let Some(Completion::Failed { failure }) = result.completion else { panic!("{result:?}") };
     assert_eq!(failure.error_type, "PaymentDeclined");
     assert_eq!(failure.error_message, "it broke");
 }
@@ -482,17 +292,10 @@ fn a_panic_fails_the_instance_not_the_caller() {
         Ok(())
     });
     let history = [episode_start(0), started("P", "null"), scheduled(0, "A")];
-    let result = Execution::new("i1", panicking)
-        .run_episode(&history, &[episode_start(1), task_completed(0, "\"a\"")]);
-    let Some(Completion::Failed { failure }) = result.completion else {
-        panic!("{result:?}")
-    };
+    let result = Execution::new("i1", panicking).run_episode(&history, &[episode_start(1), task_completed(0, "\"a\"")]);
+    let Some(Completion::Failed { failure }) = result.completion else { panic!("{result:?}") };
     assert_eq!(failure.error_type, PANIC_ERROR_TYPE);
-    assert!(
-        failure.error_message.contains("boom at"),
-        "{}",
-        failure.error_message
-    );
+    assert!(failure.error_message.contains("boom at"), "{}", failure.error_message);
 }
 
 #[test]
@@ -503,27 +306,13 @@ fn continue_as_new_carries_unconsumed_events_when_asked() {
         ctx.continue_as_new_preserving_events(&(n + 1));
         Ok(())
     });
-    let history = [
-        episode_start(0),
-        started("Eternal", "4"),
-        timer_created(0, at(1)),
-    ];
-    let result = Execution::new("i1", eternal).run_episode(
-        &history,
-        &[episode_start(2), raised("Ping", "1"), timer_fired(0, at(1))],
-    );
-    let Some(Completion::ContinuedAsNew {
-        input,
-        carryover_events,
-    }) = result.completion
-    else {
-        panic!("{result:?}")
-    };
+    let history = [episode_start(0), started("Eternal", "4"), timer_created(0, at(1))];
+    let result = Execution::new("i1", eternal)
+        .run_episode(&history, &[episode_start(2), raised("Ping", "1"), timer_fired(0, at(1))]);
+    let Some(Completion::ContinuedAsNew { input, carryover_events }) = result.completion else { panic!("{result:?}") };
     assert_eq!(input.as_deref(), Some("5"));
     assert_eq!(carryover_events.len(), 1);
-    assert!(
-        matches!(&carryover_events[0].kind, EventKind::EventRaised { name, .. } if name == "Ping")
-    );
+    assert!(matches!(&carryover_events[0].kind, EventKind::EventRaised { name, .. } if name == "Ping"));
 }
 
 #[test]
@@ -540,13 +329,8 @@ fn results_that_arrive_while_suspended_wait_for_resume() {
     );
     assert!(suspended.suspended);
     assert!(suspended.actions.is_empty(), "nothing runs while suspended");
-    let resumed = execution.run_episode(
-        &[],
-        &[
-            episode_start(2),
-            HistoryEvent::new(at(2), EventKind::ExecutionResumed { reason: None }),
-        ],
-    );
+    let resumed = execution
+        .run_episode(&[], &[episode_start(2), HistoryEvent::new(at(2), EventKind::ExecutionResumed { reason: None })]);
     assert!(!resumed.suspended);
     assert_eq!(activity_names(&resumed.actions), vec![(1, "B".into())]);
 }
@@ -562,26 +346,10 @@ fn termination_ends_the_execution_even_while_suspended() {
     ];
     let result = Execution::new("i1", chain()).run_episode(
         &history,
-        &[
-            episode_start(2),
-            HistoryEvent::new(
-                at(2),
-                EventKind::ExecutionTerminated {
-                    reason: Some("stop".into()),
-                },
-            ),
-        ],
+        &[episode_start(2), HistoryEvent::new(at(2), EventKind::ExecutionTerminated { reason: Some("stop".into()) })],
     );
-    assert_eq!(
-        result.completion,
-        Some(Completion::Terminated {
-            reason: Some("stop".into())
-        })
-    );
-    assert_eq!(
-        result.completion.unwrap().status(),
-        RuntimeStatus::Terminated
-    );
+    assert_eq!(result.completion, Some(Completion::Terminated { reason: Some("stop".into()) }));
+    assert_eq!(result.completion.unwrap().status(), RuntimeStatus::Terminated);
 }
 
 #[test]
@@ -592,24 +360,14 @@ fn guids_and_custom_status_are_deterministic() {
         let _: () = ctx.call_activity("A", &()).await?;
         Ok(vec![first.to_string(), ctx.new_guid().to_string()])
     });
-    let history = [
-        episode_start(0),
-        started("G", "null"),
-        scheduled(0, "A"),
-        episode_start(1),
-        task_completed(0, "null"),
-    ];
+    let history =
+        [episode_start(0), started("G", "null"), scheduled(0, "A"), episode_start(1), task_completed(0, "null")];
     let one = Execution::new("i1", guid_maker.clone()).run_episode(&history, &[]);
     let two = Execution::new("i1", guid_maker.clone()).run_episode(&history, &[]);
     let other_instance = Execution::new("i2", guid_maker).run_episode(&history, &[]);
     assert_eq!(one, two);
     assert_eq!(one.custom_status.as_deref(), Some("\"working\""));
-    let Some(Completion::Completed {
-        output: Some(output),
-    }) = &one.completion
-    else {
-        panic!()
-    };
+    let Some(Completion::Completed { output: Some(output) }) = &one.completion else { panic!() };
     let guids: Vec<String> = serde_json::from_str(output).unwrap();
     assert_ne!(guids[0], guids[1]);
     assert_ne!(one.completion, other_instance.completion);
@@ -618,27 +376,18 @@ fn guids_and_custom_status_are_deterministic() {
 #[test]
 fn an_orchestrator_error_fails_the_instance() {
     let failing = orchestrator(|_ctx: OrchestrationContext| async move {
-        Err::<(), _>(OrchestrationError::new(
-            "OutOfStock",
-            "sku A1 is out of stock",
-        ))
+        Err::<(), _>(OrchestrationError::new("OutOfStock", "sku A1 is out of stock"))
     });
-    let result =
-        Execution::new("i1", failing).run_episode(&[], &[episode_start(0), started("F", "null")]);
+    let result = Execution::new("i1", failing).run_episode(&[], &[episode_start(0), started("F", "null")]);
     assert_eq!(
         result.completion,
-        Some(Completion::Failed {
-            failure: FailureDetails::new("OutOfStock", "sku A1 is out of stock")
-        })
+        Some(Completion::Failed { failure: FailureDetails::new("OutOfStock", "sku A1 is out of stock") })
     );
 }
 
 #[test]
 fn a_bad_input_fails_the_instance_with_a_clear_message() {
-    let result = Execution::new("i1", chain())
-        .run_episode(&[], &[episode_start(0), started("Chain", "{\"not\":1}")]);
-    let Some(Completion::Failed { failure }) = result.completion else {
-        panic!("{result:?}")
-    };
+    let result = Execution::new("i1", chain()).run_episode(&[], &[episode_start(0), started("Chain", "{\"not\":1}")]);
+    let Some(Completion::Failed { failure }) = result.completion else { panic!("{result:?}") };
     assert_eq!(failure.error_type, "InvalidInput");
 }
