@@ -372,3 +372,30 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         "(no message)".to_string()
     }
 }
+
+/// The history a rewound execution replays: the failed tasks and the end of the
+/// execution are taken out, so the orchestrator schedules the failed activities and
+/// sub-orchestrations again and carries on from there.
+pub fn rewind_history(history: &[HistoryEvent]) -> Vec<HistoryEvent> {
+    let failed: std::collections::HashSet<i32> = history
+        .iter()
+        .filter_map(|event| match &event.kind {
+            EventKind::TaskFailed { task_scheduled_id, .. }
+            | EventKind::SubOrchestrationInstanceFailed { task_scheduled_id, .. } => Some(*task_scheduled_id),
+            _ => None,
+        })
+        .collect();
+    history
+        .iter()
+        .filter(|event| match &event.kind {
+            EventKind::TaskFailed { .. }
+            | EventKind::SubOrchestrationInstanceFailed { .. }
+            | EventKind::ExecutionCompleted { .. } => false,
+            EventKind::TaskScheduled { .. } | EventKind::SubOrchestrationInstanceCreated { .. } => {
+                !failed.contains(&event.event_id)
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}

@@ -391,3 +391,61 @@ fn a_bad_input_fails_the_instance_with_a_clear_message() {
     let Some(Completion::Failed { failure }) = result.completion else { panic!("{result:?}") };
     assert_eq!(failure.error_type, "InvalidInput");
 }
+
+#[test]
+fn rewinding_schedules_the_failed_activity_again() {
+    let history = [
+        episode_start(0),
+        started("Chain", "\"x\""),
+        scheduled(0, "A"),
+        episode_start(1),
+        task_completed(0, "\"a\""),
+        scheduled(1, "B"),
+        episode_start(2),
+        task_failed(1, "Boom"),
+        HistoryEvent::new(
+            at(2),
+            EventKind::ExecutionCompleted {
+                status: RuntimeStatus::Failed,
+                result: None,
+                failure: Some(FailureDetails::new("Boom", "it broke")),
+            },
+        ),
+    ];
+    let rewound = keel_core::replay::rewind_history(&history);
+    assert_eq!(rewound.len(), 6, "TaskScheduled B, TaskFailed B and ExecutionCompleted are gone: {rewound:?}");
+    let result = Execution::new("i1", chain()).run_episode(&rewound, &[episode_start(3)]);
+    assert_eq!(result.completion, None);
+    assert_eq!(activity_names(&result.actions), vec![(1, "B".into())]);
+}
+
+proptest::proptest! {
+    /// Feeding a history to one cached execution in two parts gives the same outcome as
+    /// replaying it whole into a fresh one.
+    #[test]
+    fn replaying_a_prefix_then_the_rest_equals_replaying_the_whole(split in 0usize..12, fail_at in 0i32..4) {
+        let mut history = vec![episode_start(0), started("Chain", "\"x\""), scheduled(0, "A")];
+        for id in 0..3 {
+            history.push(episode_start(i64::from(id) + 1));
+            if id == fail_at {
+                history.push(task_failed(id, "Boom"));
+                break;
+            }
+            history.push(task_completed(id, "\"r\""));
+            if id < 2 {
+                history.push(scheduled(id + 1, ["A", "B", "C"][id as usize + 1]));
+            }
+        }
+        // Episodes end after their actions are recorded: split where the next one starts.
+        let boundaries: Vec<usize> = (1..=history.len())
+            .filter(|&i| i == history.len() || history[i].kind == EventKind::OrchestratorStarted)
+            .collect();
+        let split = boundaries[split % boundaries.len()];
+        let whole = Execution::new("i1", chain()).run_episode(&history, &[]);
+        let mut parts = Execution::new("i1", chain());
+        let first = parts.run_episode(&history[..split], &[]);
+        let second = parts.run_episode(&history[split..], &[]);
+        let completion = first.completion.or(second.completion);
+        proptest::prop_assert_eq!(completion, whole.completion);
+    }
+}
