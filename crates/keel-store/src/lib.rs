@@ -125,6 +125,18 @@ pub struct InstanceRecord {
     pub history_len: u64,
 }
 
+impl InstanceRecord {
+    /// The output, deserialized (`null` when there is none).
+    pub fn output_as<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.output.as_deref().unwrap_or("null"))
+    }
+
+    /// The input, deserialized (`null` when there is none).
+    pub fn input_as<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.input.as_deref().unwrap_or("null"))
+    }
+}
+
 /// Proof that a worker holds an instance; needed to commit or abandon its episode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrchestrationLock {

@@ -1,0 +1,27 @@
+//! Opening a task hub by URL: `sqlite://PATH` (the default, embedded) — more
+//! backends join here as they are built.
+
+use std::sync::Arc;
+
+use keel_sqlite::{SqliteOptions, SqliteStore};
+use keel_store::Store;
+
+pub use keel_store::{Error, Notifications};
+
+/// The store URL used when none is given: a SQLite file in the working directory.
+pub const DEFAULT_STORE_URL: &str = "sqlite://keel.db";
+
+/// Opens the task hub a URL names: `sqlite://PATH` or `sqlite:PATH`.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
+    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if path.is_empty() {
+            return Err(Error::Invalid(format!("store URL '{url}' names no file")));
+        }
+        let path = path.to_string();
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, SqliteOptions::default()))
+            .await
+            .map_err(|error| Error::Backend { message: error.to_string(), retryable: false })??;
+        return Ok(Arc::new(store));
+    }
+    Err(Error::Invalid(format!("unsupported store URL '{url}': use sqlite://PATH")))
+}

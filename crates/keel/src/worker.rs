@@ -1,0 +1,580 @@
+//! The worker: the orchestration and activity dispatchers that take work from a task
+//! hub, run it and commit the results.
+//!
+//! The orchestration dispatcher locks a batch of instances, runs one episode for each
+//! (on an execution kept in memory from the previous episode when its history has not
+//! changed since, else on a fresh replay) and commits the whole batch. The activity
+//! dispatcher leases activity items, runs each in its own task under a concurrency
+//! limit, renews leases of long-running ones, and commits results in batches. Both
+//! sleep when idle, woken by the store's notifications, by the next timer due, or by a
+//! slow fallback poll that finds work written by other processes.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use keel_core::history::{EventKind, FailureDetails, HistoryEvent};
+use keel_core::replay::Execution;
+use keel_core::{limits, Orchestrator};
+use keel_store::{ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, Store};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::activity::{Activity, ActivityContext, ActivityError};
+use crate::client::Client;
+use crate::clock::{Clock, SystemClock};
+use crate::episode::{self, Plan, Resume};
+use crate::registry::Registry;
+
+/// Error type of an activity that is not registered on the worker that took it.
+pub const ACTIVITY_NOT_REGISTERED_ERROR_TYPE: &str = "ActivityNotRegistered";
+
+/// Tuning knobs of a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Most instances processed in one orchestration batch (one commit).
+    pub max_concurrent_orchestrations: usize,
+    /// Most activities running at once.
+    pub max_concurrent_activities: usize,
+    /// How long an instance stays locked to this worker per episode.
+    pub orchestration_lease: Duration,
+    /// How long an activity item stays leased; renewed while the activity runs.
+    pub activity_lease: Duration,
+    /// How often an idle dispatcher looks for work that no notification announced
+    /// (work written by another process).
+    pub idle_poll: Duration,
+    /// Most executions kept in memory between episodes.
+    pub execution_cache_size: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> WorkerOptions {
+        WorkerOptions {
+            max_concurrent_orchestrations: 100,
+            max_concurrent_activities: 100,
+            orchestration_lease: Duration::from_secs(30),
+            activity_lease: Duration::from_secs(60),
+            idle_poll: Duration::from_millis(500),
+            execution_cache_size: 10_000,
+        }
+    }
+}
+
+/// Builds a [`Worker`]: register functions, set options.
+pub struct WorkerBuilder {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    options: WorkerOptions,
+    clock: Arc<dyn Clock>,
+}
+
+impl WorkerBuilder {
+    /// Registers an orchestrator: `async fn(OrchestrationContext) -> Result<R, OrchestrationError>`.
+    pub fn orchestrator<F, Fut, R>(mut self, name: &str, function: F) -> WorkerBuilder
+    where
+        F: Fn(keel_core::OrchestrationContext) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<R, keel_core::OrchestrationError>> + Send + 'static,
+        R: Serialize,
+    {
+        self.registry.add_orchestrator(name, keel_core::orchestrator(function));
+        self
+    }
+
+    /// Registers an orchestrator whose types are already erased.
+    pub fn orchestrator_erased(mut self, name: &str, orchestrator: Orchestrator) -> WorkerBuilder {
+        self.registry.add_orchestrator(name, orchestrator);
+        self
+    }
+
+    /// Registers an activity: `async fn(ActivityContext, I) -> Result<O, E>`.
+    pub fn activity<F, Fut, I, O, E>(mut self, name: &str, function: F) -> WorkerBuilder
+    where
+        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, E>> + Send + 'static,
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize,
+        E: Into<ActivityError>,
+    {
+        self.registry.add_activity(name, crate::activity::activity(function));
+        self
+    }
+
+    /// Registers an activity whose types are already erased.
+    pub fn activity_erased(mut self, name: &str, activity: Activity) -> WorkerBuilder {
+        self.registry.add_activity(name, activity);
+        self
+    }
+
+    pub fn options(mut self, options: WorkerOptions) -> WorkerBuilder {
+        self.options = options;
+        self
+    }
+
+    /// Uses another clock (tests).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> WorkerBuilder {
+        self.clock = clock;
+        self
+    }
+
+    pub fn build(self) -> Worker {
+        assert!(self.options.max_concurrent_orchestrations > 0);
+        assert!(self.options.max_concurrent_activities > 0);
+        Worker {
+            shared: Arc::new(Shared {
+                store: self.store,
+                registry: Arc::new(self.registry),
+                options: self.options,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    options: WorkerOptions,
+    clock: Arc<dyn Clock>,
+}
+
+/// A configured worker; [`Worker::start`] runs it.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub fn builder(store: Arc<dyn Store>) -> WorkerBuilder {
+        WorkerBuilder {
+            store,
+            registry: Registry::default(),
+            options: WorkerOptions::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A client on the same task hub that knows this worker's functions (so starting
+    /// an unknown orchestrator is refused up front).
+    pub fn client(&self) -> Client {
+        Client::with_registry(self.shared.store.clone(), self.shared.registry.clone(), self.shared.clock.clone())
+    }
+
+    /// Starts the dispatchers on the current tokio runtime.
+    pub fn start(self) -> WorkerHandle {
+        let (shutdown_sender, shutdown) = watch::channel(false);
+        let in_flight = Arc::new(InFlight::default());
+        let orchestrations = tokio::spawn(run_orchestrations(self.shared.clone(), shutdown.clone()));
+        let activities = tokio::spawn(run_activities(self.shared.clone(), shutdown, in_flight.clone()));
+        WorkerHandle {
+            client: self.client(),
+            shared: self.shared,
+            shutdown: shutdown_sender,
+            orchestrations,
+            activities,
+            in_flight,
+        }
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    client: Client,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    orchestrations: tokio::task::JoinHandle<()>,
+    activities: tokio::task::JoinHandle<()>,
+    in_flight: Arc<InFlight>,
+}
+
+impl WorkerHandle {
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Stops taking work, lets running activities finish for up to `deadline`, then
+    /// gives the unfinished ones back to the task hub so another worker takes them at once.
+    pub async fn shutdown(self, deadline: Duration) {
+        let _ = self.shutdown.send(true);
+        let _ = self.orchestrations.await;
+        let drained = tokio::time::timeout(deadline, self.in_flight.drained()).await.is_ok();
+        self.activities.abort();
+        let _ = self.activities.await;
+        if !drained {
+            let now = self.shared.clock.now();
+            for lock in self.in_flight.take_all() {
+                if let Err(error) = self.shared.store.abandon_activity_item(&lock, now).await {
+                    tracing::warn!(%error, "could not give back an activity item at shutdown");
+                }
+            }
+        }
+    }
+}
+
+/// Activity items this worker holds, so that shutdown can give them back.
+#[derive(Default)]
+struct InFlight {
+    locks: Mutex<HashMap<i64, ActivityLock>>,
+    changed: Notify,
+}
+
+impl InFlight {
+    fn add(&self, lock: ActivityLock) {
+        self.locks.lock().expect("in-flight lock").insert(lock.id, lock);
+    }
+
+    fn remove(&self, id: i64) {
+        self.locks.lock().expect("in-flight lock").remove(&id);
+        self.changed.notify_waiters();
+    }
+
+    fn take_all(&self) -> Vec<ActivityLock> {
+        self.locks.lock().expect("in-flight lock").drain().map(|(_, lock)| lock).collect()
+    }
+
+    async fn drained(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.locks.lock().expect("in-flight lock").is_empty() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Sleeps until new work may be there: a notification, the next due time, the
+/// fallback poll, or shutdown.
+async fn wait_for_work(shared: &Shared, notify: &Notify, shutdown: &mut watch::Receiver<bool>) {
+    let now = shared.clock.now();
+    let mut sleep_for = shared.options.idle_poll;
+    if let Ok(Some(next)) = shared.store.next_wakeup(now).await {
+        sleep_for = sleep_for.min((next - now).to_std().unwrap_or(Duration::ZERO));
+    }
+    tokio::select! {
+        _ = notify.notified() => {}
+        _ = tokio::time::sleep(sleep_for) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// Pause after a store error before trying again.
+const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Executions kept between episodes, valid while the instance's history is exactly
+/// what they have seen.
+struct ExecutionCache {
+    entries: HashMap<String, CachedExecution>,
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+struct CachedExecution {
+    execution: Box<Execution>,
+    execution_id: String,
+    history_len: u64,
+}
+
+impl ExecutionCache {
+    fn new(capacity: usize) -> ExecutionCache {
+        ExecutionCache { entries: HashMap::new(), order: VecDeque::new(), capacity }
+    }
+
+    /// The cached execution of an instance, if its history has not changed since.
+    fn take(&mut self, instance: &InstanceRecord) -> Option<Box<Execution>> {
+        let cached = self.entries.remove(&instance.instance_id)?;
+        (cached.execution_id == instance.execution_id && cached.history_len == instance.history_len)
+            .then_some(cached.execution)
+    }
+
+    fn put(&mut self, instance_id: String, cached: CachedExecution) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.insert(instance_id.clone(), cached).is_none() {
+            self.order.push_back(instance_id);
+        }
+        while self.entries.len() > self.capacity {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.entries.remove(&oldest);
+        }
+        if self.order.len() > self.capacity * 2 {
+            let entries = &self.entries;
+            self.order.retain(|id| entries.contains_key(id));
+        }
+    }
+}
+
+async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let store = shared.store.as_ref();
+    let mut cache = ExecutionCache::new(shared.options.execution_cache_size);
+    while !*shutdown.borrow() {
+        let fetched_at = shared.clock.now();
+        let items = match store
+            .fetch_orchestration_items(
+                shared.options.max_concurrent_orchestrations,
+                shared.options.orchestration_lease,
+                fetched_at,
+            )
+            .await
+        {
+            Ok(items) => items,
+            Err(error) => {
+                tracing::warn!(%error, "fetching orchestration work failed");
+                tokio::time::sleep(STORE_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        if items.is_empty() {
+            wait_for_work(&shared, store.notifications().orchestration_work(), &mut shutdown).await;
+            continue;
+        }
+        let now = shared.clock.now().max(fetched_at);
+        let mut commits = Vec::with_capacity(items.len());
+        let mut keep = Vec::with_capacity(items.len());
+        for item in items {
+            let resume = match cache.take(&item.instance) {
+                Some(execution) => Resume { execution: Some(execution), past: Vec::new() },
+                None => match read_past(store, &item).await {
+                    Ok(past) => Resume { execution: None, past },
+                    Err(error) => {
+                        tracing::warn!(instance_id = %item.instance.instance_id, %error, "reading history failed");
+                        abandon(store, &item, now).await;
+                        continue;
+                    }
+                },
+            };
+            let planned =
+                std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, &item, resume, now)));
+            match planned {
+                Ok(Plan::Commit { commit, execution, history_len }) => {
+                    let execution_id =
+                        commit.replace_history.clone().unwrap_or_else(|| item.instance.execution_id.clone());
+                    keep.push((
+                        item.instance.instance_id.clone(),
+                        execution.map(|execution| CachedExecution { execution, execution_id, history_len }),
+                    ));
+                    commits.push(*commit);
+                }
+                Ok(Plan::Abandon { retry_at }) => {
+                    if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
+                        tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
+                    }
+                }
+                Err(_) => {
+                    tracing::error!(instance_id = %item.instance.instance_id, "an episode panicked outside orchestrator code");
+                    abandon(store, &item, now).await;
+                }
+            }
+        }
+        if commits.is_empty() {
+            continue;
+        }
+        match store.commit_episodes(commits, now).await {
+            Ok(results) => {
+                for (result, (instance_id, cached)) in results.into_iter().zip(keep) {
+                    match (result, cached) {
+                        (Ok(()), Some(cached)) => cache.put(instance_id, cached),
+                        (Ok(()), None) => {}
+                        (Err(error), _) => {
+                            tracing::warn!(%instance_id, %error, "an episode was not committed; it will run again");
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "committing episodes failed; they will run again");
+                tokio::time::sleep(STORE_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn read_past(store: &dyn Store, item: &OrchestrationItem) -> keel_store::Result<Vec<HistoryEvent>> {
+    if item.instance.history_len == 0 {
+        Ok(Vec::new())
+    } else {
+        store.read_history(&item.instance.instance_id).await
+    }
+}
+
+async fn abandon(store: &dyn Store, item: &OrchestrationItem, now: keel_core::Timestamp) {
+    let retry_at = now + chrono::Duration::from_std(STORE_ERROR_BACKOFF).expect("a small duration");
+    if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
+        tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
+    }
+}
+
+/// Most activity results committed in one transaction.
+const ACTIVITY_COMMIT_BATCH: usize = 1000;
+
+async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, in_flight: Arc<InFlight>) {
+    let store = shared.store.clone();
+    let slots = Arc::new(Semaphore::new(shared.options.max_concurrent_activities));
+    let (done, mut results) = mpsc::unbounded_channel::<ActivityCompletion>();
+    let mut running = JoinSet::new();
+    let committer = {
+        let store = store.clone();
+        let in_flight = in_flight.clone();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while results.recv_many(&mut batch, ACTIVITY_COMMIT_BATCH).await > 0 {
+                let ids: Vec<i64> = batch.iter().map(|completion| completion.lock.id).collect();
+                commit_activity_results(store.as_ref(), std::mem::take(&mut batch)).await;
+                for id in ids {
+                    in_flight.remove(id);
+                }
+            }
+        })
+    };
+    while !*shutdown.borrow() {
+        while running.try_join_next().is_some() {}
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                _ = running.join_next() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let items = match store.fetch_activity_items(free, shared.options.activity_lease, shared.clock.now()).await {
+            Ok(items) => items,
+            Err(error) => {
+                tracing::warn!(%error, "fetching activity work failed");
+                tokio::time::sleep(STORE_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        if items.is_empty() {
+            wait_for_work(&shared, store.notifications().activity_work(), &mut shutdown).await;
+            continue;
+        }
+        for item in items {
+            let permit = slots.clone().try_acquire_owned().expect("fetched no more items than free slots");
+            in_flight.add(item.lock.clone());
+            let shared = shared.clone();
+            let done = done.clone();
+            running.spawn(async move {
+                let completion = run_activity(&shared, item).await;
+                let _ = done.send(completion);
+                drop(permit);
+            });
+        }
+    }
+    // Running activities go on until the handle's deadline; the committer records them.
+    while running.join_next().await.is_some() {}
+    drop(done);
+    let _ = committer.await;
+}
+
+async fn commit_activity_results(store: &dyn Store, batch: Vec<ActivityCompletion>) {
+    let mut pending = batch;
+    for attempt in 1..=5u32 {
+        match store.complete_activities(pending.clone()).await {
+            Ok(results) => {
+                for (result, completion) in results.into_iter().zip(&pending) {
+                    if let Err(error) = result {
+                        tracing::warn!(instance_id = %completion.result.instance_id, %error, "an activity result was not recorded");
+                    }
+                }
+                return;
+            }
+            Err(error) if attempt < 5 => {
+                tracing::warn!(%error, attempt, "recording activity results failed; trying again");
+                tokio::time::sleep(STORE_ERROR_BACKOFF * attempt).await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "recording activity results failed; the activities will run again after their leases expire");
+                pending.clear();
+            }
+        }
+    }
+}
+
+/// Runs one activity item to its completion message. Never panics.
+async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion {
+    let context = ActivityContext {
+        instance_id: item.instance_id.clone(),
+        execution_id: item.execution_id.clone(),
+        task_id: item.task_id,
+        name: item.name.clone(),
+        delivery_attempt: item.delivery_attempts,
+    };
+    let outcome = if item.delivery_attempts > limits::MAX_DELIVERY_ATTEMPTS {
+        Err(FailureDetails::new(
+            episode::POISON_ERROR_TYPE,
+            format!(
+                "activity '{}' was picked up {} times without finishing (its worker crashed or hung each time)",
+                item.name,
+                item.delivery_attempts - 1
+            ),
+        ))
+    } else {
+        match shared.registry.activity(&item.name) {
+            None => Err(FailureDetails::new(
+                ACTIVITY_NOT_REGISTERED_ERROR_TYPE,
+                format!("no activity named '{}' is registered on this worker", item.name),
+            )),
+            Some(activity) => run_with_lease_renewal(shared, &item.lock, activity, context, item.input.clone()).await,
+        }
+    };
+    let kind = match outcome {
+        Ok(result) => match limits::check_payload("the activity result", result.as_deref()) {
+            Ok(()) => EventKind::TaskCompleted { task_scheduled_id: item.task_id, result },
+            Err(message) => EventKind::TaskFailed {
+                task_scheduled_id: item.task_id,
+                failure: FailureDetails::new("PayloadTooLarge", message),
+            },
+        },
+        Err(failure) => EventKind::TaskFailed { task_scheduled_id: item.task_id, failure },
+    };
+    let now = shared.clock.now();
+    ActivityCompletion {
+        lock: item.lock,
+        result: Message {
+            instance_id: item.instance_id,
+            execution_id: Some(item.execution_id),
+            event: HistoryEvent::new(now, kind),
+            visible_at: now,
+        },
+    }
+}
+
+async fn run_with_lease_renewal(
+    shared: &Shared,
+    lock: &ActivityLock,
+    activity: &Activity,
+    context: ActivityContext,
+    input: Option<String>,
+) -> Result<Option<String>, FailureDetails> {
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| activity(context, input)));
+    let mut running = match started {
+        Ok(future) => AssertUnwindSafe(future).catch_unwind(),
+        Err(panic) => return Err(panic_failure(panic.as_ref())),
+    };
+    let renew_every = shared.options.activity_lease / 3;
+    loop {
+        tokio::select! {
+            outcome = &mut running => {
+                return outcome.unwrap_or_else(|panic| Err(panic_failure(panic.as_ref())));
+            }
+            _ = tokio::time::sleep(renew_every) => {
+                let now = shared.clock.now();
+                if let Err(error) = shared.store.renew_activity_lease(lock, shared.options.activity_lease, now).await {
+                    tracing::warn!(%error, "renewing an activity lease failed");
+                }
+            }
+        }
+    }
+}
+
+fn panic_failure(panic: &(dyn std::any::Any + Send)) -> FailureDetails {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|message| message.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string());
+    FailureDetails::new(keel_core::replay::PANIC_ERROR_TYPE, format!("the activity panicked: {message}"))
+}

@@ -1,0 +1,143 @@
+//! The crash test: a worker process is killed with SIGKILL in the middle of many
+//! instances; a new worker on the same SQLite file finishes every one of them, with
+//! the right outputs and no orchestrator decision recorded twice.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use keel::{
+    ActivityContext, ActivityError, Client, EventKind, InstanceQuery, OrchestrationContext, OrchestrationError,
+    RuntimeStatus, StartOptions, WorkerOptions,
+};
+
+/// Set in the child process: the path of the task hub to work on.
+const CHILD_HUB_ENV: &str = "KEEL_CRASH_TEST_HUB";
+
+const CHAINS: u32 = 60;
+const CHAIN_LENGTH: u32 = 6;
+const FAN_OUTS: u32 = 10;
+const FAN_OUT_WIDTH: u32 = 12;
+
+async fn chain(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
+    let mut value: u32 = ctx.input()?;
+    for _ in 0..CHAIN_LENGTH {
+        value = ctx.call_activity("AddOne", &value).await?;
+    }
+    Ok(value)
+}
+
+async fn fan_out(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
+    let base: u32 = ctx.input()?;
+    let results = ctx.when_all((0..FAN_OUT_WIDTH).map(|i| ctx.call_activity::<u32>("AddOne", &(base + i)))).await;
+    let mut sum = 0;
+    for result in results {
+        sum += result?;
+    }
+    Ok(sum)
+}
+
+async fn add_one(_ctx: ActivityContext, value: u32) -> Result<u32, ActivityError> {
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    Ok(value + 1)
+}
+
+fn crash_worker(store: std::sync::Arc<dyn keel_store::Store>) -> keel::Worker {
+    let options = WorkerOptions { max_concurrent_activities: 8, ..common::test_options() };
+    keel::Worker::builder(store)
+        .options(options)
+        .orchestrator("Chain", chain)
+        .orchestrator("FanOut", fan_out)
+        .activity("AddOne", add_one)
+        .build()
+}
+
+/// The child process: runs a worker on the hub until it is killed.
+#[test]
+#[ignore = "run by a_worker_killed_mid_flight_loses_nothing as its child process"]
+fn crash_child_worker() {
+    let Ok(path) = std::env::var(CHILD_HUB_ENV) else { return };
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async move {
+        let store = keel::store::open(&format!("sqlite://{path}")).await.expect("the hub opens");
+        let _worker = crash_worker(store).start();
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_child(path: &str) -> Child {
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", "crash_child_worker", "--ignored", "--nocapture"])
+        .env(CHILD_HUB_ENV, path)
+        .spawn()
+        .expect("the child starts")
+}
+
+async fn completed_count(client: &Client) -> usize {
+    let query = InstanceQuery { statuses: vec![RuntimeStatus::Completed], page_size: 1000, ..InstanceQuery::default() };
+    client.query(&query).await.expect("query").instances.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_flight_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db").display().to_string();
+    let store = keel::store::open(&format!("sqlite://{path}")).await.unwrap();
+    let client = Client::new(store.clone());
+    let mut expected = Vec::new();
+    for n in 0..CHAINS {
+        let id = format!("chain-{n}");
+        let options = StartOptions { instance_id: Some(id.clone()), ..StartOptions::default() };
+        client.start_with("Chain", &(n * 100), options).await.unwrap();
+        expected.push((id, n * 100 + CHAIN_LENGTH, CHAIN_LENGTH));
+    }
+    for n in 0..FAN_OUTS {
+        let id = format!("fan-{n}");
+        let options = StartOptions { instance_id: Some(id.clone()), ..StartOptions::default() };
+        client.start_with("FanOut", &(n * 1000), options).await.unwrap();
+        let sum = (0..FAN_OUT_WIDTH).map(|i| n * 1000 + i + 1).sum();
+        expected.push((id, sum, FAN_OUT_WIDTH));
+    }
+
+    let mut child = spawn_child(&path);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while completed_count(&client).await < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "the child worker made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "the child worker exited early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
+    child.wait().unwrap();
+    let done_at_kill = completed_count(&client).await;
+    assert!(done_at_kill < expected.len(), "the kill came after everything was done; the test proves nothing");
+
+    let worker = crash_worker(store.clone()).start();
+    for (id, output, activities) in &expected {
+        let done = client.wait_for_completion(id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(done.status, RuntimeStatus::Completed, "{id}: {done:?}");
+        assert_eq!(done.output_as::<u32>().unwrap(), *output, "{id}");
+        let history = client.get_history(id).await.unwrap();
+        let mut decisions = HashSet::new();
+        for event in history.iter().filter(|event| event.kind.is_decision()) {
+            assert!(
+                decisions.insert(event.event_id),
+                "{id}: decision #{} recorded twice: {history:#?}",
+                event.event_id
+            );
+        }
+        assert_eq!(decisions.len(), *activities as usize, "{id}: one TaskScheduled per activity");
+        let results: Vec<i32> = history
+            .iter()
+            .filter_map(|event| match event.kind {
+                EventKind::TaskCompleted { task_scheduled_id, .. } => Some(task_scheduled_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results.len(), *activities as usize, "{id}: one result per activity");
+        assert_eq!(results.iter().collect::<HashSet<_>>().len(), results.len(), "{id}: a result recorded twice");
+    }
+    eprintln!("{done_at_kill} of {} instances were complete when the worker was killed", expected.len());
+    worker.shutdown(Duration::from_secs(5)).await;
+}
