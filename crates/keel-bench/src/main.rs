@@ -1,1 +1,235 @@
-fn main() {}
+//! keel-bench: measures Keel on a fresh file-backed task hub with no-op activities.
+//!
+//! Scenarios: `chain` (1 instance, 100 sequential activities), `fanout` (1 instance,
+//! 1000 activities joined), `throughput` (1000 instances x 5 sequential activities,
+//! started together), `latency` (200 one-activity instances one after another). Each
+//! prints one JSON object on stdout.
+//!
+//! `cargo run --release --bin keel-bench -- --scenario all --store sqlite`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use keel::{ActivityContext, ActivityError, Client, OrchestrationContext, OrchestrationError, StartOptions, Worker};
+use keel_store::Store;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(600);
+
+struct Args {
+    scenarios: Vec<String>,
+    store: String,
+    durability: keel_sqlite::Durability,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut scenario = "all".to_string();
+    let mut store = "sqlite".to_string();
+    let mut durability = keel_sqlite::Durability::Process;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--scenario" => scenario = value()?,
+            "--store" => store = value()?,
+            "--durability" => {
+                durability = match value()?.as_str() {
+                    "process" => keel_sqlite::Durability::Process,
+                    "full" => keel_sqlite::Durability::Full,
+                    other => bail!("unknown durability '{other}': use process or full"),
+                }
+            }
+            "--help" | "-h" => {
+                println!(
+                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all] [--store sqlite] \
+                     [--durability process|full]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument '{other}' (see --help)"),
+        }
+    }
+    let all = ["chain", "fanout", "throughput", "latency"];
+    let scenarios = if scenario == "all" {
+        all.iter().map(|s| s.to_string()).collect()
+    } else if all.contains(&scenario.as_str()) {
+        vec![scenario]
+    } else {
+        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency or all");
+    };
+    if store != "sqlite" {
+        bail!("unknown store '{store}': this build benchmarks sqlite");
+    }
+    Ok(Args { scenarios, store, durability })
+}
+
+async fn noop(_ctx: ActivityContext, input: serde_json::Value) -> Result<serde_json::Value, ActivityError> {
+    Ok(input)
+}
+
+async fn chain(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
+    let length: u32 = ctx.input()?;
+    let mut value = 0u32;
+    for _ in 0..length {
+        value = ctx.call_activity::<u32>("Noop", &(value + 1)).await?;
+    }
+    Ok(value)
+}
+
+async fn fan_out(ctx: OrchestrationContext) -> Result<usize, OrchestrationError> {
+    let width: u32 = ctx.input()?;
+    let results = ctx.when_all((0..width).map(|i| ctx.call_activity::<u32>("Noop", &i))).await;
+    Ok(results.into_iter().filter(Result::is_ok).count())
+}
+
+/// A fresh task hub in a temporary directory, with a running worker.
+struct Bench {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    worker: keel::WorkerHandle,
+    client: Client,
+}
+
+impl Bench {
+    async fn new(durability: keel_sqlite::Durability) -> anyhow::Result<Bench> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("bench.db");
+        let store: Arc<dyn Store> =
+            Arc::new(keel_sqlite::SqliteStore::open(&path, keel_sqlite::SqliteOptions { durability })?);
+        let worker = Worker::builder(store.clone())
+            .orchestrator("Chain", chain)
+            .orchestrator("FanOut", fan_out)
+            .activity("Noop", noop)
+            .build()
+            .start();
+        let client = worker.client();
+        Ok(Bench { _dir: dir, store, worker, client })
+    }
+
+    async fn finish(self) {
+        self.worker.shutdown(Duration::from_secs(5)).await;
+        drop(self.store);
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    assert!(!sorted.is_empty());
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let bench = Bench::new(args.durability).await?;
+    let started = Instant::now();
+    let id = bench.client.start_new("Chain", &100u32).await?;
+    let done = bench.client.wait_for_completion(&id, WAIT).await?;
+    let wall = started.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(done.output.as_deref() == Some("100"), "chain ended wrong: {done:?}");
+    bench.finish().await;
+    Ok(json!({"scenario": "chain", "store": args.store, "activities": 100, "wall_ms": round2(wall),
+        "ms_per_activity": round2(wall / 100.0), "activities_per_s": round2(100.0 / (wall / 1000.0)),
+        "peak_rss_mib": round2(peak_rss_mib())}))
+}
+
+async fn run_fanout(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let bench = Bench::new(args.durability).await?;
+    let started = Instant::now();
+    let id = bench.client.start_new("FanOut", &1000u32).await?;
+    let done = bench.client.wait_for_completion(&id, WAIT).await?;
+    let wall = started.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(done.output.as_deref() == Some("1000"), "fan-out ended wrong: {done:?}");
+    bench.finish().await;
+    Ok(json!({"scenario": "fanout", "store": args.store, "activities": 1000, "wall_ms": round2(wall),
+        "activities_per_s": round2(1000.0 / (wall / 1000.0)), "peak_rss_mib": round2(peak_rss_mib())}))
+}
+
+async fn run_throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
+    const INSTANCES: usize = 1000;
+    const LENGTH: u32 = 5;
+    let bench = Bench::new(args.durability).await?;
+    let started = Instant::now();
+    let mut starts = Vec::with_capacity(INSTANCES);
+    for n in 0..INSTANCES {
+        let client = bench.client.clone();
+        starts.push(tokio::spawn(async move {
+            let options = StartOptions { instance_id: Some(format!("t-{n}")), ..StartOptions::default() };
+            client.start_with("Chain", &LENGTH, options).await
+        }));
+    }
+    let mut ids = Vec::with_capacity(INSTANCES);
+    for start in starts {
+        ids.push(start.await??);
+    }
+    let mut latencies = Vec::with_capacity(INSTANCES);
+    for id in &ids {
+        let done = bench.client.wait_for_completion(id, WAIT).await?;
+        anyhow::ensure!(done.output.as_deref() == Some("5"), "{id} ended wrong: {done:?}");
+        let completed = done.completed_at.context("a completion time")?;
+        latencies.push((completed - done.created_at).num_milliseconds() as f64);
+    }
+    let wall = started.elapsed().as_secs_f64() * 1000.0;
+    latencies.sort_by(f64::total_cmp);
+    bench.finish().await;
+    let activities = INSTANCES as f64 * f64::from(LENGTH);
+    Ok(json!({"scenario": "throughput", "store": args.store, "instances": INSTANCES, "activities": activities,
+        "wall_ms": round2(wall), "activities_per_s": round2(activities / (wall / 1000.0)),
+        "orchestrations_per_s": round2(INSTANCES as f64 / (wall / 1000.0)),
+        "p50_ms": percentile(&latencies, 50.0), "p99_ms": percentile(&latencies, 99.0),
+        "peak_rss_mib": round2(peak_rss_mib())}))
+}
+
+async fn run_latency(args: &Args) -> anyhow::Result<serde_json::Value> {
+    const INSTANCES: usize = 200;
+    let bench = Bench::new(args.durability).await?;
+    let mut latencies = Vec::with_capacity(INSTANCES);
+    let started = Instant::now();
+    for _ in 0..INSTANCES {
+        let begin = Instant::now();
+        let id = bench.client.start_new("Chain", &1u32).await?;
+        let done = bench.client.wait_for_completion(&id, WAIT).await?;
+        latencies.push(begin.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(done.output.as_deref() == Some("1"), "{id} ended wrong: {done:?}");
+    }
+    let wall = started.elapsed().as_secs_f64() * 1000.0;
+    latencies.sort_by(f64::total_cmp);
+    bench.finish().await;
+    Ok(json!({"scenario": "latency", "store": args.store, "instances": INSTANCES, "wall_ms": round2(wall),
+        "p50_ms": round2(percentile(&latencies, 50.0)), "p95_ms": round2(percentile(&latencies, 95.0)),
+        "p99_ms": round2(percentile(&latencies, 99.0)), "peak_rss_mib": round2(peak_rss_mib())}))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    for scenario in &args.scenarios {
+        let mut result = match scenario.as_str() {
+            "chain" => run_chain(&args).await?,
+            "fanout" => run_fanout(&args).await?,
+            "throughput" => run_throughput(&args).await?,
+            "latency" => run_latency(&args).await?,
+            other => unreachable!("scenario {other} was validated"),
+        };
+        let durability = match args.durability {
+            keel_sqlite::Durability::Process => "process",
+            keel_sqlite::Durability::Full => "full",
+        };
+        result["durability"] = json!(durability);
+        println!("{result}");
+    }
+    Ok(())
+}

@@ -373,11 +373,14 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// The history a rewound execution replays: the failed tasks and the end of the
-/// execution are taken out, so the orchestrator schedules the failed activities and
-/// sub-orchestrations again and carries on from there.
+/// The history a rewound execution replays: the failures that ended the execution
+/// (those of its last episode) are taken out together with the scheduling of the tasks
+/// that failed, and so is the end of the execution. Replayed, the orchestrator
+/// schedules those activities and sub-orchestrations again and carries on from there;
+/// failures it had caught and handled in earlier episodes stay as they were.
 pub fn rewind_history(history: &[HistoryEvent]) -> Vec<HistoryEvent> {
-    let failed: std::collections::HashSet<i32> = history
+    let last_episode = history.iter().rposition(|event| event.kind == EventKind::OrchestratorStarted).unwrap_or(0);
+    let failed: std::collections::HashSet<i32> = history[last_episode..]
         .iter()
         .filter_map(|event| match &event.kind {
             EventKind::TaskFailed { task_scheduled_id, .. }
@@ -387,15 +390,18 @@ pub fn rewind_history(history: &[HistoryEvent]) -> Vec<HistoryEvent> {
         .collect();
     history
         .iter()
-        .filter(|event| match &event.kind {
-            EventKind::TaskFailed { .. }
-            | EventKind::SubOrchestrationInstanceFailed { .. }
-            | EventKind::ExecutionCompleted { .. } => false,
+        .enumerate()
+        .filter(|(index, event)| match &event.kind {
+            EventKind::ExecutionCompleted { .. } => false,
+            EventKind::TaskFailed { task_scheduled_id, .. }
+            | EventKind::SubOrchestrationInstanceFailed { task_scheduled_id, .. } => {
+                *index < last_episode || !failed.contains(task_scheduled_id)
+            }
             EventKind::TaskScheduled { .. } | EventKind::SubOrchestrationInstanceCreated { .. } => {
                 !failed.contains(&event.event_id)
             }
             _ => true,
         })
-        .cloned()
+        .map(|(_, event)| event.clone())
         .collect()
 }

@@ -284,7 +284,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Puts a message into an existing instance's inbox and returns the instance's
     /// status. [`Error::NotFound`] for an unknown instance; [`Error::InvalidState`] (and
-    /// nothing written) when the instance is terminal unless `accept_terminal`.
+    /// nothing written) when the instance is terminal unless `accept_terminal`. An
+    /// `ExecutionRewound` message for a `Failed` instance also sets its status to
+    /// `Pending` (its failure details stay until the rewind runs).
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus>;
 
     async fn get_instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>>;

@@ -71,14 +71,17 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
         }
     }
 
+    if let Some(reason) = rewind {
+        // The store set a rewound failed instance to Pending; its history still ends
+        // with the failure.
+        let rewindable = instance.status == RuntimeStatus::Pending && instance.failure.is_some();
+        if rewindable && instance.history_len > 0 {
+            return plan_rewind(registry, instance, commit, resume.past, reason, now);
+        }
+    }
     if instance.status.is_terminal() {
-        return match rewind {
-            Some(reason) if instance.status == RuntimeStatus::Failed => {
-                plan_rewind(registry, instance, commit, resume.past, reason, now)
-            }
-            // Messages for a finished instance are dropped.
-            _ => Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len },
-        };
+        // Messages for a finished instance are dropped.
+        return Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len };
     }
 
     if item.delivery_attempts > limits::MAX_DELIVERY_ATTEMPTS {

@@ -571,7 +571,7 @@ async fn changed_orchestrator_code_is_detected_as_non_determinism() {
 async fn query_pages_purge_and_restart() {
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("Echo", |ctx: OrchestrationContext| async move { Ok(ctx.input::<u32>()?) })
+        .orchestrator("Echo", |ctx: OrchestrationContext| async move { ctx.input::<u32>() })
         .build()
         .start();
     let client = worker.client();
