@@ -680,3 +680,55 @@ async fn custom_status_and_guids_are_recorded() {
     assert_eq!(guid.len(), 36);
     worker.shutdown(WAIT).await;
 }
+
+#[tokio::test]
+async fn work_that_keeps_crashing_its_workers_is_failed_as_poison() {
+    let (store, _dir) = temp_store().await;
+    let build = |activity_hangs: bool| {
+        worker(&store)
+            .orchestrator("Calls", |ctx: OrchestrationContext| async move {
+                Ok(ctx.call_activity::<u32>("Work", &()).await?)
+            })
+            .orchestrator("Plain", |_ctx: OrchestrationContext| async move { Ok(1) })
+            .activity("Work", move |_ctx: ActivityContext, ()| async move {
+                if activity_hangs {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, ActivityError>(7u32)
+            })
+    };
+    let client = build(false).build().client();
+    // Workers that take an item and die before finishing it are simulated by taking the
+    // item with a zero lease, over and over, without committing.
+    let plain = client.start_new("Plain", &()).await.unwrap();
+    for _ in 0..keel_core::limits::MAX_DELIVERY_ATTEMPTS {
+        let items = store.fetch_orchestration_items(10, Duration::ZERO, chrono::Utc::now()).await.unwrap();
+        assert_eq!(items.len(), 1);
+    }
+    let worker = build(false).build().start();
+    let done = client.wait_for_completion(&plain, WAIT).await.unwrap();
+    assert_eq!(done.status, RuntimeStatus::Failed);
+    assert_eq!(done.failure.unwrap().error_type, keel::POISON_ERROR_TYPE);
+    worker.shutdown(WAIT).await;
+
+    // An activity item: a worker whose activity hangs gives it back at shutdown.
+    let calls = client.start_new("Calls", &()).await.unwrap();
+    let hanging = build(true).build().start();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !client.get_history(&calls).await.unwrap().iter().any(|e| matches!(e.kind, EventKind::TaskScheduled { .. })) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    hanging.shutdown(Duration::ZERO).await;
+    let mut taken = 0;
+    for _ in 0..keel_core::limits::MAX_DELIVERY_ATTEMPTS {
+        taken += store.fetch_activity_items(10, Duration::ZERO, chrono::Utc::now()).await.unwrap().len();
+    }
+    assert_eq!(taken, keel_core::limits::MAX_DELIVERY_ATTEMPTS as usize, "the item was given back at shutdown");
+    let worker = build(false).build().start();
+    let done = client.wait_for_completion(&calls, WAIT).await.unwrap();
+    assert_eq!(done.status, RuntimeStatus::Failed);
+    assert_eq!(done.failure.unwrap().error_type, keel::POISON_ERROR_TYPE);
+    worker.shutdown(WAIT).await;
+}
