@@ -1,10 +1,13 @@
 //! The connections to one database file and how async code uses them.
 //!
-//! rusqlite is synchronous, so every operation runs on tokio's blocking pool. Writes go
-//! through one writer connection, one `BEGIN IMMEDIATE` transaction per operation (a
-//! second writer would only wait for SQLite's write lock). Reads use a few reader
-//! connections of their own: in WAL mode they see the last committed state without
-//! waiting for the writer.
+//! rusqlite is synchronous. Writes go to one writer thread that owns the writer
+//! connection and commits in groups: it takes every write waiting in its queue, runs each
+//! in a savepoint of one `BEGIN IMMEDIATE` transaction (an operation that fails rolls back
+//! its savepoint alone), commits once, and only then answers each caller. Many
+//! concurrent writes (instance starts, episodes, activity results) thus share one commit
+//! instead of queueing for the write lock one transaction at a time. Reads run on
+//! tokio's blocking pool on reader connections of their own: in WAL mode they see the
+//! last committed state without waiting for the writer.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +15,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use keel_store::Error;
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, Savepoint, TransactionBehavior};
 
 use crate::failure::{backend_error, Failure};
 use crate::{schema, Durability};
@@ -27,9 +30,20 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// Reader connections: enough for reads to run beside each other and beside the writer.
 const READER_CONNECTIONS: usize = 2;
 
-/// The open database: one writer and a few readers.
+/// Most writes committed together in one transaction.
+const MAX_WRITES_PER_COMMIT: usize = 512;
+
+/// A write waiting for the writer thread: runs in the savepoint it is given (or learns
+/// that no transaction could be started) and returns what answers its caller once the
+/// group's commit is known.
+type WriteJob = Box<dyn FnOnce(Result<&mut Savepoint<'_>, &Error>) -> Answer + Send>;
+
+/// Answers a write's caller with its result, or with the error that failed the commit.
+type Answer = Box<dyn FnOnce(Option<&Error>) + Send>;
+
+/// The open database: a writer thread and a few reader connections.
 pub(crate) struct Database {
-    writer: Mutex<Connection>,
+    writes: std::sync::mpsc::Sender<WriteJob>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
 }
@@ -43,25 +57,40 @@ impl Database {
             .map(|_| open_reader(path).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        Ok(Database { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) })
+        let (writes, queue) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("keel-sqlite-writer".into())
+            .spawn(move || run_writer(writer, queue))
+            .map_err(|error| Error::Backend {
+                message: format!("cannot start the writer thread: {error}"),
+                retryable: false,
+            })?;
+        Ok(Database { writes, readers, next_reader: AtomicUsize::new(0) })
     }
 
-    /// Runs `operation` in one immediate write transaction, committed when it returns
-    /// `Ok` and rolled back otherwise.
-    pub(crate) async fn write<T, F>(self: &std::sync::Arc<Self>, operation: F) -> Result<T, Error>
+    /// Runs `operation` in a write transaction (a savepoint of a group commit), committed
+    /// when it returns `Ok` and rolled back otherwise. Returns once the commit is durable.
+    pub(crate) async fn write<T, F>(&self, operation: F) -> Result<T, Error>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Transaction<'_>) -> Result<T, Failure> + Send + 'static,
+        F: FnOnce(&mut Savepoint<'_>) -> Result<T, Failure> + Send + 'static,
     {
-        let database = self.clone();
-        run_blocking(move || {
-            let mut connection = lock(&database.writer);
-            let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let value = operation(&mut transaction)?;
-            transaction.commit()?;
-            Ok(value)
-        })
-        .await
+        let (answer, answered) = tokio::sync::oneshot::channel::<Result<T, Error>>();
+        let job: WriteJob = Box::new(move |savepoint| {
+            let result = match savepoint {
+                Ok(outer) => run_in_savepoint(outer, operation),
+                Err(error) => Err(error.clone()),
+            };
+            Box::new(move |commit_error| {
+                let result = match commit_error {
+                    Some(error) if result.is_ok() => Err(error.clone()),
+                    _ => result,
+                };
+                let _ = answer.send(result);
+            })
+        });
+        self.writes.send(job).map_err(|_| writer_gone())?;
+        answered.await.map_err(|_| writer_gone())?
     }
 
     /// Runs `operation` on a reader connection.
@@ -83,6 +112,75 @@ impl Database {
         }
         let turn = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
         lock(&self.readers[turn])
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::Backend { message: "the database writer thread has stopped".into(), retryable: false }
+}
+
+/// Runs one write in its own savepoint: kept if it succeeds, rolled back if it fails.
+fn run_in_savepoint<T>(
+    outer: &mut Savepoint<'_>,
+    operation: impl FnOnce(&mut Savepoint<'_>) -> Result<T, Failure>,
+) -> Result<T, Error> {
+    let mut savepoint = outer.savepoint().map_err(backend_error)?;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| operation(&mut savepoint))) {
+        Ok(Ok(value)) => {
+            savepoint.commit().map_err(backend_error)?;
+            Ok(value)
+        }
+        Ok(Err(failure)) => Err(Error::from(failure)), // dropping the savepoint rolls it back
+        Err(panic) => {
+            drop(savepoint);
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|message| message.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Backend { message: format!("a database operation panicked: {message}"), retryable: false })
+        }
+    }
+}
+
+/// The writer thread: commits the writes waiting in `queue` in groups until every
+/// sender is gone.
+fn run_writer(mut connection: Connection, queue: std::sync::mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_WRITES_PER_COMMIT {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let answers: Vec<Answer>;
+        let commit_error = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(mut transaction) => {
+                let outcome = transaction.savepoint().map_err(backend_error).map(|mut group| {
+                    let answers: Vec<Answer> = jobs.drain(..).map(|job| job(Ok(&mut group))).collect();
+                    (group.commit().map_err(backend_error), answers)
+                });
+                match outcome {
+                    Ok((group_committed, group_answers)) => {
+                        answers = group_answers;
+                        group_committed.and_then(|()| transaction.commit().map_err(backend_error)).err()
+                    }
+                    Err(error) => {
+                        answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
+                        Some(error)
+                    }
+                }
+            }
+            Err(error) => {
+                let error = backend_error(error);
+                answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
+                Some(error)
+            }
+        };
+        for answer in answers {
+            answer(commit_error.as_ref());
+        }
     }
 }
 
@@ -138,6 +236,9 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
 
 fn configure(connection: &Connection) -> rusqlite::Result<()> {
     connection.busy_timeout(BUSY_TIMEOUT)?;
+    // Savepoints (one per episode in a batch) journal into temporary storage: keep it
+    // in memory rather than in temporary files.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(())
 }

@@ -12,7 +12,7 @@ use keel_store::{
     ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, Message, OrchestrationItem,
     OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
 };
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Savepoint};
 
 use crate::client::{insert_instance, insert_message, Creation};
 use crate::codec::{from_json, instance_from_row, lease_end_millis, millis, timestamp, to_json, INSTANCE_COLUMNS};
@@ -131,7 +131,7 @@ fn visible_messages(
 }
 
 pub(crate) fn commit_episodes(
-    transaction: &mut Transaction<'_>,
+    transaction: &mut Savepoint<'_>,
     commits: &[EpisodeCommit],
     now: Timestamp,
 ) -> Result<(Vec<keel_store::Result<()>>, Wakeups), Failure> {
@@ -351,7 +351,7 @@ pub(crate) fn fetch_activity_items(
 }
 
 pub(crate) fn complete_activities(
-    transaction: &mut Transaction<'_>,
+    transaction: &mut Savepoint<'_>,
     completions: &[ActivityCompletion],
 ) -> Result<(Vec<keel_store::Result<()>>, Wakeups), Failure> {
     let mut results = Vec::with_capacity(completions.len());

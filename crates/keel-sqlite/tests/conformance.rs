@@ -191,3 +191,33 @@ async fn concurrent_use_through_a_shared_handle() {
     let items = store.fetch_orchestration_items(100, std::time::Duration::from_secs(30), at(0)).await.expect("fetch");
     assert_eq!(items.len(), 50, "every instance has its start message");
 }
+
+/// Concurrent writes share group commits; a write that fails in a group is rolled back
+/// alone and the others in the group are committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_in_a_group_commit_fails_alone() {
+    let hub = TempHub::new();
+    let store: Arc<dyn Store> = Arc::new(hub.store);
+    let tasks: Vec<_> = (0..200)
+        .map(|n| {
+            let store = store.clone();
+            // Every even write creates a new instance; every odd one repeats "dup".
+            let id = if n % 2 == 0 { format!("i-{n:03}") } else { "dup".to_string() };
+            tokio::spawn(async move { store.create_instance(new_instance(&id)).await })
+        })
+        .collect();
+    let mut created = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.expect("the task ran") {
+            Ok(()) => created += 1,
+            Err(keel_store::Error::AlreadyExists { .. }) => refused += 1,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(created, 101, "100 distinct ids and the first 'dup'");
+    assert_eq!(refused, 99, "every later 'dup' was refused");
+    let page =
+        store.query_instances(&keel_store::InstanceQuery { page_size: 500, ..Default::default() }).await.unwrap();
+    assert_eq!(page.instances.len(), 101);
+}

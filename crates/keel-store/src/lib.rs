@@ -27,7 +27,7 @@ mod notifications;
 pub use notifications::Notifications;
 
 /// What can go wrong in a store operation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     #[error("no instance with id '{0}'")]
     NotFound(String),

@@ -54,8 +54,8 @@ pub struct WorkerOptions {
 impl Default for WorkerOptions {
     fn default() -> WorkerOptions {
         WorkerOptions {
-            max_concurrent_orchestrations: 100,
-            max_concurrent_activities: 100,
+            max_concurrent_orchestrations: 500,
+            max_concurrent_activities: 500,
             orchestration_lease: Duration::from_secs(30),
             activity_lease: Duration::from_secs(60),
             idle_poll: Duration::from_millis(500),
