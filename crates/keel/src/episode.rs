@@ -35,21 +35,34 @@ pub(crate) struct Resume {
     pub(crate) past: Vec<HistoryEvent>,
 }
 
-/// Plans the episode of one item.
-pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume, now: Timestamp) -> Plan {
-    let instance = &item.instance;
-    let consumed: Vec<i64> = item.messages.iter().map(|message| message.id).collect();
-    let mut commit = EpisodeCommit {
+/// What an item's messages call for, before any orchestrator code runs.
+enum Intake {
+    /// Decided without running the orchestrator (dropped messages, poison, termination
+    /// before the start, nothing due yet).
+    Settled(Plan),
+    /// Run an episode with these new events (starting with `OrchestratorStarted`).
+    Run { new_events: Vec<HistoryEvent> },
+    /// Rewind the failed instance: replay its history without the failures.
+    Rewind { reason: Option<String> },
+}
+
+/// A commit for `item` that consumes all its messages and changes nothing else yet.
+fn empty_commit(item: &OrchestrationItem) -> EpisodeCommit {
+    EpisodeCommit {
         lock: item.lock.clone(),
-        consumed,
+        consumed: item.messages.iter().map(|message| message.id).collect(),
         replace_history: None,
         history: Vec::new(),
         state: None,
         activities: Vec::new(),
         messages: Vec::new(),
         new_instances: Vec::new(),
-    };
+    }
+}
 
+/// Sorts an item's messages into the episode's new events, or settles the item.
+fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
+    let instance = &item.instance;
     let mut start = None;
     let mut rewind = None;
     let mut events = Vec::new();
@@ -70,20 +83,21 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
             }
         }
     }
+    let settle = |commit: EpisodeCommit, history_len: u64| {
+        Intake::Settled(Plan::Commit { commit: Box::new(commit), execution: None, history_len })
+    };
 
     if let Some(reason) = rewind {
         // The store set a rewound failed instance to Pending; its history still ends
         // with the failure.
-        let rewindable = instance.status == RuntimeStatus::Pending && instance.failure.is_some();
-        if rewindable && instance.history_len > 0 {
-            return plan_rewind(registry, instance, commit, resume.past, reason, now);
+        if instance.status == RuntimeStatus::Pending && instance.failure.is_some() && instance.history_len > 0 {
+            return Intake::Rewind { reason };
         }
     }
     if instance.status.is_terminal() {
         // Messages for a finished instance are dropped.
-        return Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len };
+        return settle(empty_commit(item), instance.history_len);
     }
-
     if item.delivery_attempts > limits::MAX_DELIVERY_ATTEMPTS {
         let failure = FailureDetails::new(
             POISON_ERROR_TYPE,
@@ -93,53 +107,194 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
                 item.delivery_attempts - 1
             ),
         );
-        let mut history = vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)];
-        history.extend(start);
+        let mut commit = empty_commit(item);
+        commit.history.push(HistoryEvent::new(now, EventKind::OrchestratorStarted));
+        commit.history.extend(start);
         let completion = Completion::Failed { failure };
-        history.push(completion.to_history_event(now));
-        commit.history = history;
+        commit.history.push(completion.to_history_event(now));
         finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
-        return Plan::Commit { commit: Box::new(commit), execution: None, history_len: 0 };
+        let history_len = instance.history_len + commit.history.len() as u64;
+        return settle(commit, history_len);
     }
-
     if instance.history_len == 0 && start.is_none() {
         // Not started yet (a scheduled start): only termination can happen now.
-        if let Some(reason) = events.iter().find_map(|event| match &event.kind {
+        let termination = events.iter().find_map(|event| match &event.kind {
             EventKind::ExecutionTerminated { reason } => Some(reason.clone()),
             _ => None,
-        }) {
+        });
+        if let Some(reason) = termination {
+            let mut commit = empty_commit(item);
             let completion = Completion::Terminated { reason };
             commit.history = vec![completion.to_history_event(now)];
             finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
-            return Plan::Commit { commit: Box::new(commit), execution: None, history_len: 1 };
+            return settle(commit, 1);
         }
         let retry_at = instance.scheduled_start.filter(|at| *at > now).unwrap_or(now + chrono::Duration::seconds(1));
-        return Plan::Abandon { retry_at };
+        return Intake::Settled(Plan::Abandon { retry_at });
     }
+    let mut new_events = vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)];
+    new_events.extend(start);
+    new_events.extend(events);
+    Intake::Run { new_events }
+}
 
+/// Plans the episode of one item, running its orchestrator in this process.
+pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume, now: Timestamp) -> Plan {
+    let instance = &item.instance;
+    let new_events = match intake(item, now) {
+        Intake::Settled(plan) => return plan,
+        Intake::Rewind { reason } => return plan_rewind(registry, item, resume.past, reason, now),
+        Intake::Run { new_events } => new_events,
+    };
+    let mut commit = empty_commit(item);
     let Some(orchestrator) = registry.orchestrator(&instance.name) else {
         let failure = FailureDetails::new(
             NOT_REGISTERED_ERROR_TYPE,
             format!("no orchestrator named '{}' is registered on this worker", instance.name),
         );
         let completion = Completion::Failed { failure };
-        let mut history = vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)];
-        history.extend(start);
-        history.push(completion.to_history_event(now));
-        commit.history = history;
+        commit.history = new_events;
+        commit.history.push(completion.to_history_event(now));
         finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
-        return Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len };
+        let history_len = instance.history_len + commit.history.len() as u64;
+        return Plan::Commit { commit: Box::new(commit), execution: None, history_len };
     };
-
-    let mut new_events = vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)];
-    new_events.extend(start);
-    new_events.extend(events);
-
     let mut execution =
         resume.execution.unwrap_or_else(|| Box::new(Execution::new(&instance.instance_id, orchestrator.clone())));
     let result = execution.run_episode(&resume.past, &new_events);
     commit.history = new_events;
     apply_result(registry, commit, instance, execution, result, instance.history_len, now)
+}
+
+/// An episode handed to an orchestrator that runs outside this process (a worker
+/// connected over the Durable Task gRPC protocol). The remote worker replays
+/// `past_events`, applies `new_events` and answers with its actions, which
+/// [`RemoteEpisode::complete`] turns into the commit.
+#[derive(Clone, Debug)]
+pub struct RemoteEpisode {
+    pub instance: InstanceRecord,
+    pub lock: keel_store::OrchestrationLock,
+    /// The history to replay.
+    pub past_events: Vec<HistoryEvent>,
+    /// This episode's events, starting with `OrchestratorStarted`.
+    pub new_events: Vec<HistoryEvent>,
+    /// The commit so far: consumed messages, and for a rewind the rewritten history.
+    commit: EpisodeCommit,
+}
+
+/// What a remote orchestrator decided in one episode.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteOutcome {
+    /// New actions, with the remote worker's sequence numbers.
+    pub actions: Vec<Action>,
+    pub completion: Option<Completion>,
+    pub custom_status: Option<String>,
+}
+
+/// What to do with an item whose orchestrator runs elsewhere.
+#[derive(Debug)]
+pub enum RemoteIntake {
+    /// Hand this to a remote worker.
+    Run(Box<RemoteEpisode>),
+    /// Settled without running the orchestrator: commit this.
+    Commit(Box<EpisodeCommit>),
+    /// Nothing is due yet: give the item back until then.
+    Abandon { retry_at: Timestamp },
+}
+
+/// Prepares the episode of an item whose orchestrator runs in a remote worker.
+/// `history` is the instance's current history.
+pub fn prepare_remote(item: &OrchestrationItem, history: Vec<HistoryEvent>, now: Timestamp) -> RemoteIntake {
+    let (past_events, new_events, mut commit) = match intake(item, now) {
+        Intake::Settled(Plan::Commit { commit, .. }) => return RemoteIntake::Commit(commit),
+        Intake::Settled(Plan::Abandon { retry_at }) => return RemoteIntake::Abandon { retry_at },
+        Intake::Run { new_events } => (history, new_events, empty_commit(item)),
+        Intake::Rewind { reason } => {
+            let past = rewind_history(&history);
+            let new_events = vec![
+                HistoryEvent::new(now, EventKind::OrchestratorStarted),
+                HistoryEvent::new(now, EventKind::ExecutionRewound { reason }),
+            ];
+            let mut commit = empty_commit(item);
+            commit.replace_history = Some(item.instance.execution_id.clone());
+            commit.history = past.clone();
+            (past, new_events, commit)
+        }
+    };
+    commit.history.extend(new_events.iter().cloned());
+    RemoteIntake::Run(Box::new(RemoteEpisode {
+        instance: item.instance.clone(),
+        lock: item.lock.clone(),
+        past_events,
+        new_events,
+        commit,
+    }))
+}
+
+impl RemoteEpisode {
+    /// The commit that records a remote orchestrator's decisions.
+    pub fn complete(self, outcome: RemoteOutcome, now: Timestamp) -> EpisodeCommit {
+        let RemoteEpisode { instance, past_events, new_events, mut commit, .. } = self;
+        let execution_id = instance.execution_id.clone();
+        record_actions(&mut commit, &instance, &execution_id, &outcome.actions, now);
+        match outcome.completion {
+            None => {
+                let suspended =
+                    past_events.iter().chain(&new_events).fold(false, |suspended, event| match event.kind {
+                        EventKind::ExecutionSuspended { .. } => true,
+                        EventKind::ExecutionResumed { .. } => false,
+                        _ => suspended,
+                    });
+                let status = if suspended { RuntimeStatus::Suspended } else { RuntimeStatus::Running };
+                commit.state = Some(InstanceUpdate {
+                    status,
+                    input: instance.input.clone(),
+                    output: None,
+                    failure: None,
+                    custom_status: outcome.custom_status,
+                });
+            }
+            Some(Completion::ContinuedAsNew { input, carryover_events }) => {
+                // The next execution starts in its own episode: a fresh, empty history
+                // and a start message for it.
+                let next_execution_id = uuid::Uuid::new_v4().to_string();
+                commit.replace_history = Some(next_execution_id.clone());
+                commit.history = Vec::new();
+                let start = HistoryEvent::new(
+                    now,
+                    EventKind::ExecutionStarted {
+                        name: instance.name.clone(),
+                        version: instance.version.clone(),
+                        input: input.clone(),
+                        execution_id: next_execution_id.clone(),
+                        parent: instance.parent.clone(),
+                        scheduled_start: None,
+                    },
+                );
+                for event in std::iter::once(start).chain(carryover_events) {
+                    commit.messages.push(Message {
+                        instance_id: instance.instance_id.clone(),
+                        execution_id: Some(next_execution_id.clone()),
+                        event,
+                        visible_at: now,
+                    });
+                }
+                commit.state = Some(InstanceUpdate {
+                    status: RuntimeStatus::Running,
+                    input,
+                    output: None,
+                    failure: None,
+                    custom_status: outcome.custom_status,
+                });
+            }
+            Some(mut completion) => {
+                check_output_size(&mut completion);
+                commit.history.push(completion.to_history_event(now));
+                finish(&mut commit, &instance, instance.input.clone(), outcome.custom_status, &completion, now);
+            }
+        }
+        commit
+    }
 }
 
 /// Most executions one episode may start by continuing as new: an orchestrator that
@@ -340,12 +495,13 @@ fn json_string(text: &str) -> String {
 /// Rewinds a failed instance: replays its history without the failures and runs on.
 fn plan_rewind(
     registry: &Registry,
-    instance: &InstanceRecord,
-    mut commit: EpisodeCommit,
+    item: &OrchestrationItem,
     history: Vec<HistoryEvent>,
     reason: Option<String>,
     now: Timestamp,
 ) -> Plan {
+    let instance = &item.instance;
+    let mut commit = empty_commit(item);
     let Some(orchestrator) = registry.orchestrator(&instance.name) else {
         // Nothing to rewind with on this worker: leave the instance as it is.
         return Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len };

@@ -37,7 +37,7 @@
 pub mod activity;
 pub mod client;
 pub mod clock;
-mod episode;
+pub mod episode;
 pub mod registry;
 pub mod store;
 pub mod worker;
@@ -49,4 +49,4 @@ pub use keel_core::context::{EventFuture, TaskFuture, TimerFuture, WhenAny};
 pub use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
 pub use keel_core::{OrchestrationContext, OrchestrationError, RetryPolicy, TaskError};
 pub use keel_store::{InstancePage, InstanceQuery, PurgeFilter};
-pub use worker::{Worker, WorkerBuilder, WorkerHandle, WorkerOptions};
+pub use worker::{RemoteWorkers, Worker, WorkerBuilder, WorkerHandle, WorkerOptions};

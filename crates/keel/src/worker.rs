@@ -27,8 +27,21 @@ use tokio::task::JoinSet;
 use crate::activity::{Activity, ActivityContext, ActivityError};
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
-use crate::episode::{self, Plan, Resume};
+use crate::episode::{self, Plan, RemoteEpisode, RemoteIntake, Resume};
 use crate::registry::Registry;
+
+/// Workers outside this process (connected over the Durable Task gRPC protocol) that
+/// run the orchestrators and activities this worker does not host.
+pub trait RemoteWorkers: Send + Sync + 'static {
+    /// Hands over an episode; gives it back when no remote worker can take it now.
+    fn offer_orchestration(&self, episode: Box<RemoteEpisode>) -> Result<(), Box<RemoteEpisode>>;
+    /// Hands over an activity item; gives it back when no remote worker can take it now.
+    fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>>;
+}
+
+/// How long work for remote workers waits before it is offered again when none is
+/// connected.
+const REMOTE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Error type of an activity that is not registered on the worker that took it.
 pub const ACTIVITY_NOT_REGISTERED_ERROR_TYPE: &str = "ActivityNotRegistered";
@@ -70,6 +83,7 @@ pub struct WorkerBuilder {
     registry: Registry,
     options: WorkerOptions,
     clock: Arc<dyn Clock>,
+    remote: Option<Arc<dyn RemoteWorkers>>,
 }
 
 impl WorkerBuilder {
@@ -120,6 +134,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Hands the orchestrators and activities not registered here to remote workers
+    /// instead of failing them.
+    pub fn remote_workers(mut self, remote: Arc<dyn RemoteWorkers>) -> WorkerBuilder {
+        self.remote = Some(remote);
+        self
+    }
+
     pub fn build(self) -> Worker {
         assert!(self.options.max_concurrent_orchestrations > 0);
         assert!(self.options.max_concurrent_activities > 0);
@@ -129,6 +150,7 @@ impl WorkerBuilder {
                 registry: Arc::new(self.registry),
                 options: self.options,
                 clock: self.clock,
+                remote: self.remote,
             }),
         }
     }
@@ -139,6 +161,7 @@ struct Shared {
     registry: Arc<Registry>,
     options: WorkerOptions,
     clock: Arc<dyn Clock>,
+    remote: Option<Arc<dyn RemoteWorkers>>,
 }
 
 /// A configured worker; [`Worker::start`] runs it.
@@ -153,6 +176,7 @@ impl Worker {
             registry: Registry::default(),
             options: WorkerOptions::default(),
             clock: Arc::new(SystemClock),
+            remote: None,
         }
     }
 
@@ -335,6 +359,15 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         let mut commits = Vec::with_capacity(items.len());
         let mut keep = Vec::with_capacity(items.len());
         for item in items {
+            if let Some(remote) =
+                shared.remote.as_ref().filter(|_| shared.registry.orchestrator(&item.instance.name).is_none())
+            {
+                if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
+                    keep.push((item.instance.instance_id.clone(), None));
+                    commits.push(commit);
+                }
+                continue;
+            }
             let resume = match cache.take(&item.instance) {
                 Some(execution) => Resume { execution: Some(execution), past: Vec::new() },
                 None => match read_past(store, &item).await {
@@ -390,6 +423,36 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             }
         }
     }
+}
+
+/// Hands an item whose orchestrator is not hosted here to the remote workers; returns
+/// a commit when the item was settled without them.
+async fn offer_remote(
+    store: &dyn Store,
+    remote: &dyn RemoteWorkers,
+    item: &OrchestrationItem,
+    now: keel_core::Timestamp,
+) -> Option<keel_store::EpisodeCommit> {
+    let history = match read_past(store, item).await {
+        Ok(history) => history,
+        Err(error) => {
+            tracing::warn!(instance_id = %item.instance.instance_id, %error, "reading history failed");
+            abandon(store, item, now).await;
+            return None;
+        }
+    };
+    let retry_at = match episode::prepare_remote(item, history, now) {
+        RemoteIntake::Commit(commit) => return Some(*commit),
+        RemoteIntake::Abandon { retry_at } => retry_at,
+        RemoteIntake::Run(episode) => match remote.offer_orchestration(episode) {
+            Ok(()) => return None,
+            Err(_) => now + chrono::Duration::from_std(REMOTE_RETRY_DELAY).expect("a small duration"),
+        },
+    };
+    if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
+        tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
+    }
+    None
 }
 
 async fn read_past(store: &dyn Store, item: &OrchestrationItem) -> keel_store::Result<Vec<HistoryEvent>> {
@@ -452,6 +515,16 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             continue;
         }
         for item in items {
+            if let Some(remote) = shared.remote.as_ref().filter(|_| shared.registry.activity(&item.name).is_none()) {
+                if let Err(item) = remote.offer_activity(Box::new(item)) {
+                    let retry_at =
+                        shared.clock.now() + chrono::Duration::from_std(REMOTE_RETRY_DELAY).expect("a small duration");
+                    if let Err(error) = store.abandon_activity_item(&item.lock, retry_at).await {
+                        tracing::warn!(%error, "giving back an activity item failed");
+                    }
+                }
+                continue;
+            }
             let permit = slots.clone().try_acquire_owned().expect("fetched no more items than free slots");
             in_flight.add(item.lock.clone());
             let shared = shared.clone();

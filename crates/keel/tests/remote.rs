@@ -1,0 +1,109 @@
+//! The hand-off to remote workers: orchestrators and activities that the local worker
+//! does not host are offered to a `RemoteWorkers`, which replays the episode elsewhere
+//! and commits its decisions with `RemoteEpisode::complete`. Here the "remote worker"
+//! is keel-core's replay engine driven by the test, standing where a gRPC worker would.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{temp_store, worker, WAIT};
+use keel::episode::{RemoteEpisode, RemoteOutcome};
+use keel::{EventKind, HistoryEvent, OrchestrationContext, OrchestrationError, RemoteWorkers, RuntimeStatus};
+use keel_core::replay::{orchestrator, Execution, Orchestrator};
+use keel_store::{ActivityCompletion, ActivityItem, Message, Store};
+
+/// Counts down from its input with an activity, a timer and continue-as-new, then
+/// waits for an event.
+async fn countdown(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
+    let n: u32 = ctx.input()?;
+    if n > 0 {
+        let next: u32 = ctx.call_activity("Decrement", &n).await?;
+        ctx.sleep(Duration::from_millis(20)).await;
+        ctx.continue_as_new(&next);
+        return Ok(String::new());
+    }
+    let word: String = ctx.wait_for_external_event("Word").await?;
+    Ok(format!("liftoff: {word}"))
+}
+
+struct FakeRemote {
+    store: Arc<dyn Store>,
+    orchestrator: Orchestrator,
+    episodes: AtomicU32,
+    activities: AtomicU32,
+}
+
+impl RemoteWorkers for FakeRemote {
+    fn offer_orchestration(&self, episode: Box<RemoteEpisode>) -> Result<(), Box<RemoteEpisode>> {
+        self.episodes.fetch_add(1, Ordering::SeqCst);
+        let store = self.store.clone();
+        let orchestrator = self.orchestrator.clone();
+        tokio::spawn(async move {
+            let mut execution = Execution::new(&episode.instance.instance_id, orchestrator);
+            let result = execution.run_episode(&episode.past_events, &episode.new_events);
+            let outcome = RemoteOutcome {
+                actions: result.actions,
+                completion: result.completion,
+                custom_status: result.custom_status,
+            };
+            let commit = episode.complete(outcome, chrono::Utc::now());
+            let results = store.commit_episodes(vec![commit], chrono::Utc::now()).await.expect("commit");
+            results.into_iter().for_each(|result| result.expect("the episode commits"));
+        });
+        Ok(())
+    }
+
+    fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>> {
+        self.activities.fetch_add(1, Ordering::SeqCst);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let n: u32 = serde_json::from_str(item.input.as_deref().unwrap()).unwrap();
+            let now = chrono::Utc::now();
+            let result = Message {
+                instance_id: item.instance_id.clone(),
+                execution_id: Some(item.execution_id.clone()),
+                event: HistoryEvent::new(
+                    now,
+                    EventKind::TaskCompleted { task_scheduled_id: item.task_id, result: Some((n - 1).to_string()) },
+                ),
+                visible_at: now,
+            };
+            let completion = ActivityCompletion { lock: item.lock.clone(), result };
+            store.complete_activities(vec![completion]).await.expect("complete").pop().unwrap().unwrap();
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn unhosted_orchestrators_and_activities_run_on_remote_workers() {
+    let (store, _dir) = temp_store().await;
+    let remote = Arc::new(FakeRemote {
+        store: store.clone(),
+        orchestrator: orchestrator(countdown),
+        episodes: AtomicU32::new(0),
+        activities: AtomicU32::new(0),
+    });
+    let worker = worker(&store).remote_workers(remote.clone()).build().start();
+    let client = keel::Client::new(store.clone());
+    let id = client.start_new("Countdown", &3u32).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = client.get_status(&id).await.unwrap().unwrap();
+        if status.input.as_deref() == Some("0") && status.status == RuntimeStatus::Running {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the countdown never reached 0: {status:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.raise_event(&id, "Word", &"go").await.unwrap();
+    let done = client.wait_for_completion(&id, WAIT).await.unwrap();
+    assert_eq!(done.status, RuntimeStatus::Completed, "{done:?}");
+    assert_eq!(done.output.as_deref(), Some("\"liftoff: go\""));
+    assert_eq!(remote.activities.load(Ordering::SeqCst), 3, "three decrements ran remotely");
+    assert!(remote.episodes.load(Ordering::SeqCst) >= 8, "every episode ran remotely");
+    worker.shutdown(WAIT).await;
+}
