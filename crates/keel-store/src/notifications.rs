@@ -5,6 +5,11 @@
 //! (another worker on the same database) is found by the dispatchers' slow fallback
 //! poll, or by a backend's own cross-process notification.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Mutex;
+
+use keel_core::history::Timestamp;
 use tokio::sync::{watch, Notify};
 
 /// The wake-up signals of one store.
@@ -13,6 +18,9 @@ pub struct Notifications {
     orchestration_work: Notify,
     activity_work: Notify,
     instance_changed: watch::Sender<u64>,
+    /// Times at which inbox messages written in this process become visible (timers,
+    /// scheduled starts), earliest first.
+    orchestration_due: Mutex<BinaryHeap<Reverse<Timestamp>>>,
 }
 
 impl Default for Notifications {
@@ -21,11 +29,30 @@ impl Default for Notifications {
             orchestration_work: Notify::new(),
             activity_work: Notify::new(),
             instance_changed: watch::Sender::new(0),
+            orchestration_due: Mutex::new(BinaryHeap::new()),
         }
     }
 }
 
 impl Notifications {
+    /// Records that an inbox message becomes visible at `at` (a timer, a scheduled
+    /// start), so that idle dispatchers wake up then.
+    pub fn orchestration_work_due(&self, at: Timestamp) {
+        self.orchestration_due.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(Reverse(at));
+    }
+
+    /// The earliest recorded due time after `now`; earlier ones are forgotten.
+    pub fn next_orchestration_due(&self, now: Timestamp) -> Option<Timestamp> {
+        let mut due = self.orchestration_due.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while let Some(Reverse(at)) = due.peek() {
+            if *at > now {
+                return Some(*at);
+            }
+            due.pop();
+        }
+        None
+    }
+
     /// Wakes the orchestration dispatchers: an inbox got a visible message.
     pub fn orchestration_work_added(&self) {
         self.orchestration_work.notify_waiters();

@@ -146,6 +146,9 @@ impl Client {
                 created_at,
             })
             .await?;
+        if let Some(at) = options.scheduled_start {
+            self.store.notifications().orchestration_work_due(at);
+        }
         tracing::debug!(%instance_id, orchestration = name, "started");
         Ok(instance_id)
     }

@@ -269,18 +269,39 @@ impl InFlight {
     }
 }
 
-/// Sleeps until new work may be there: a notification, the next due time, the
-/// fallback poll, or shutdown.
-async fn wait_for_work(shared: &Shared, notify: &Notify, shutdown: &mut watch::Receiver<bool>) {
+/// Which dispatcher waits for work.
+#[derive(Clone, Copy)]
+enum WorkKind {
+    Orchestrations,
+    Activities,
+}
+
+/// Sleeps until new work may be there: a notification, the next due time known in
+/// this process, the fallback poll, or shutdown. When the fallback poll fires, the
+/// store is asked when its next message is due (timers written by other processes).
+async fn wait_for_work(shared: &Shared, kind: WorkKind, shutdown: &mut watch::Receiver<bool>) {
+    let notifications = shared.store.notifications();
     let now = shared.clock.now();
     let mut sleep_for = shared.options.idle_poll;
-    if let Ok(Some(next)) = shared.store.next_wakeup(now).await {
-        sleep_for = sleep_for.min((next - now).to_std().unwrap_or(Duration::ZERO));
-    }
-    tokio::select! {
-        _ = notify.notified() => {}
-        _ = tokio::time::sleep(sleep_for) => {}
-        _ = shutdown.changed() => {}
+    let notify = match kind {
+        WorkKind::Orchestrations => {
+            if let Some(due) = notifications.next_orchestration_due(now) {
+                sleep_for = sleep_for.min((due - now).to_std().unwrap_or(Duration::ZERO));
+            }
+            notifications.orchestration_work()
+        }
+        WorkKind::Activities => notifications.activity_work(),
+    };
+    let timed_out = tokio::select! {
+        _ = notify.notified() => false,
+        _ = tokio::time::sleep(sleep_for) => sleep_for == shared.options.idle_poll,
+        _ = shutdown.changed() => false,
+    };
+    if timed_out {
+        let now = shared.clock.now();
+        if let Ok(Some(next)) = shared.store.next_wakeup(now).await {
+            notifications.orchestration_work_due(next);
+        }
     }
 }
 
@@ -352,7 +373,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             }
         };
         if items.is_empty() {
-            wait_for_work(&shared, store.notifications().orchestration_work(), &mut shutdown).await;
+            wait_for_work(&shared, WorkKind::Orchestrations, &mut shutdown).await;
             continue;
         }
         let now = shared.clock.now().max(fetched_at);
@@ -405,8 +426,17 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         if commits.is_empty() {
             continue;
         }
+        let due: Vec<keel_core::Timestamp> = commits
+            .iter()
+            .flat_map(|commit| &commit.messages)
+            .filter(|message| message.visible_at > now)
+            .map(|message| message.visible_at)
+            .collect();
         match store.commit_episodes(commits, now).await {
             Ok(results) => {
+                for at in due {
+                    store.notifications().orchestration_work_due(at);
+                }
                 for (result, (instance_id, cached)) in results.into_iter().zip(keep) {
                     match (result, cached) {
                         (Ok(()), Some(cached)) => cache.put(instance_id, cached),
@@ -511,7 +541,7 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             }
         };
         if items.is_empty() {
-            wait_for_work(&shared, store.notifications().activity_work(), &mut shutdown).await;
+            wait_for_work(&shared, WorkKind::Activities, &mut shutdown).await;
             continue;
         }
         for item in items {
