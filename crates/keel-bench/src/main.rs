@@ -5,6 +5,9 @@
 //! started together), `latency` (200 one-activity instances one after another). Each
 //! prints one JSON object on stdout.
 //!
+//! The scaling scenarios (`--scenario scale`, see [`scale`]): `large-fanout`,
+//! `long-history` and `idle`.
+//!
 //! `cargo run --release --bin keel-bench -- --scenario all --store sqlite`
 
 use std::sync::Arc;
@@ -14,6 +17,8 @@ use anyhow::{bail, Context};
 use keel::{ActivityContext, ActivityError, Client, OrchestrationContext, OrchestrationError, StartOptions, Worker};
 use keel_store::Store;
 use serde_json::json;
+
+mod scale;
 
 const WAIT: Duration = Duration::from_secs(600);
 
@@ -42,8 +47,8 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all] [--store sqlite] \
-                     [--durability process|full]"
+                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale] \
+                     [--store sqlite] [--durability process|full]"
                 );
                 std::process::exit(0);
             }
@@ -51,12 +56,15 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     let all = ["chain", "fanout", "throughput", "latency"];
+    let scaling = ["large-fanout", "long-history", "idle"];
     let scenarios = if scenario == "all" {
         all.iter().map(|s| s.to_string()).collect()
-    } else if all.contains(&scenario.as_str()) {
+    } else if scenario == "scale" {
+        scaling.iter().map(|s| s.to_string()).collect()
+    } else if all.contains(&scenario.as_str()) || scaling.contains(&scenario.as_str()) {
         vec![scenario]
     } else {
-        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency or all");
+        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle or scale");
     };
     if store != "sqlite" {
         bail!("unknown store '{store}': this build benchmarks sqlite");
@@ -92,17 +100,29 @@ struct Bench {
 }
 
 impl Bench {
+    /// A fresh task hub with a worker hosting the standard scenarios' functions.
     async fn new(durability: keel_sqlite::Durability) -> anyhow::Result<Bench> {
+        Bench::with_worker(durability, |store| {
+            Worker::builder(store)
+                .orchestrator("Chain", chain)
+                .orchestrator("FanOut", fan_out)
+                .activity("Noop", noop)
+                .build()
+                .start()
+        })
+        .await
+    }
+
+    /// A fresh task hub with the worker `start` makes.
+    async fn with_worker(
+        durability: keel_sqlite::Durability,
+        start: impl FnOnce(Arc<dyn Store>) -> keel::WorkerHandle,
+    ) -> anyhow::Result<Bench> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("bench.db");
         let store: Arc<dyn Store> =
             Arc::new(keel_sqlite::SqliteStore::open(&path, keel_sqlite::SqliteOptions { durability })?);
-        let worker = Worker::builder(store.clone())
-            .orchestrator("Chain", chain)
-            .orchestrator("FanOut", fan_out)
-            .activity("Noop", noop)
-            .build()
-            .start();
+        let worker = start(store.clone());
         let client = worker.client();
         Ok(Bench { _dir: dir, store, worker, client })
     }
@@ -216,20 +236,25 @@ async fn run_latency(args: &Args) -> anyhow::Result<serde_json::Value> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    let durability = match args.durability {
+        keel_sqlite::Durability::Process => "process",
+        keel_sqlite::Durability::Full => "full",
+    };
     for scenario in &args.scenarios {
-        let mut result = match scenario.as_str() {
-            "chain" => run_chain(&args).await?,
-            "fanout" => run_fanout(&args).await?,
-            "throughput" => run_throughput(&args).await?,
-            "latency" => run_latency(&args).await?,
+        let results = match scenario.as_str() {
+            "chain" => vec![run_chain(&args).await?],
+            "fanout" => vec![run_fanout(&args).await?],
+            "throughput" => vec![run_throughput(&args).await?],
+            "latency" => vec![run_latency(&args).await?],
+            "large-fanout" => scale::run_large_fanout(&args.store, args.durability).await?,
+            "long-history" => vec![scale::run_long_history(&args.store, args.durability).await?],
+            "idle" => vec![scale::run_idle(&args.store, args.durability).await?],
             other => unreachable!("scenario {other} was validated"),
         };
-        let durability = match args.durability {
-            keel_sqlite::Durability::Process => "process",
-            keel_sqlite::Durability::Full => "full",
-        };
-        result["durability"] = json!(durability);
-        println!("{result}");
+        for mut result in results {
+            result["durability"] = json!(durability);
+            println!("{result}");
+        }
     }
     Ok(())
 }
