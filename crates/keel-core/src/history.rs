@@ -200,6 +200,31 @@ impl EventKind {
         }
     }
 
+    /// The user payload the event carries (input, result or reason): the part that
+    /// [`crate::limits::check_payload`] limits.
+    pub fn payload(&self) -> Option<&str> {
+        match self {
+            EventKind::ExecutionStarted { input, .. }
+            | EventKind::TaskScheduled { input, .. }
+            | EventKind::SubOrchestrationInstanceCreated { input, .. }
+            | EventKind::EventSent { input, .. }
+            | EventKind::EventRaised { input, .. }
+            | EventKind::ContinueAsNew { input } => input.as_deref(),
+            EventKind::ExecutionCompleted { result, .. }
+            | EventKind::TaskCompleted { result, .. }
+            | EventKind::SubOrchestrationInstanceCompleted { result, .. } => result.as_deref(),
+            EventKind::ExecutionTerminated { reason }
+            | EventKind::ExecutionSuspended { reason }
+            | EventKind::ExecutionResumed { reason }
+            | EventKind::ExecutionRewound { reason } => reason.as_deref(),
+            EventKind::TaskFailed { .. }
+            | EventKind::SubOrchestrationInstanceFailed { .. }
+            | EventKind::TimerCreated { .. }
+            | EventKind::TimerFired { .. }
+            | EventKind::OrchestratorStarted => None,
+        }
+    }
+
     /// True for the events that record a decision of the orchestrator (an action it took).
     pub fn is_decision(&self) -> bool {
         matches!(
@@ -309,6 +334,17 @@ mod tests {
         assert_eq!(RuntimeStatus::Running.code(), 0);
         assert_eq!(RuntimeStatus::Pending.code(), 6);
         assert!("nonsense".parse::<RuntimeStatus>().is_err());
+    }
+
+    #[test]
+    fn payloads_are_the_user_data_an_event_carries() {
+        let raised = EventKind::EventRaised { name: "Approve".into(), input: Some("true".into()) };
+        assert_eq!(raised.payload(), Some("true"));
+        let completed = EventKind::TaskCompleted { task_scheduled_id: 1, result: Some("\"ok\"".into()) };
+        assert_eq!(completed.payload(), Some("\"ok\""));
+        let terminated = EventKind::ExecutionTerminated { reason: Some("stop".into()) };
+        assert_eq!(terminated.payload(), Some("stop"));
+        assert_eq!(EventKind::OrchestratorStarted.payload(), None);
     }
 
     #[test]

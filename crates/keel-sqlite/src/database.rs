@@ -1,13 +1,20 @@
 //! The connections to one database file and how async code uses them.
 //!
-//! rusqlite is synchronous. Writes go to one writer thread that owns the writer
-//! connection and commits in groups: it takes every write waiting in its queue, runs each
-//! in a savepoint of one `BEGIN IMMEDIATE` transaction (an operation that fails rolls back
-//! its savepoint alone), commits once, and only then answers each caller. Many
-//! concurrent writes (instance starts, episodes, activity results) thus share one commit
-//! instead of queueing for the write lock one transaction at a time. Reads run on
-//! tokio's blocking pool on reader connections of their own: in WAL mode they see the
-//! last committed state without waiting for the writer.
+//! rusqlite is synchronous, and its operations here take microseconds, so they run
+//! inline on the calling task's thread: a hop to another thread would cost more than
+//! the work (context switches dominated the profile when every operation went through
+//! tokio's blocking pool).
+//!
+//! Writes commit in groups, leader/follower style: a write queues itself, then waits for
+//! the writer connection. Whoever gets the connection takes every write waiting in the
+//! queue, runs each in a savepoint of one `BEGIN IMMEDIATE` transaction (a write that
+//! fails rolls back its savepoint alone), commits once, and answers each writer. A
+//! writer that finds its write already answered by an earlier leader just returns.
+//! Uncontended, a write is one transaction on the caller's thread; under load, many
+//! writes (instance starts, episodes, activity results) share one commit.
+//!
+//! Reads use a few reader connections of their own: in WAL mode they see the last
+//! committed state without waiting for the writer.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,20 +37,18 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// Reader connections: enough for reads to run beside each other and beside the writer.
 const READER_CONNECTIONS: usize = 2;
 
-/// Most writes committed together in one transaction.
-const MAX_WRITES_PER_COMMIT: usize = 512;
-
-/// A write waiting for the writer thread: runs in the savepoint it is given (or learns
-/// that no transaction could be started) and returns what answers its caller once the
-/// group's commit is known.
+/// A queued write: runs in the savepoint it is given (or learns that no transaction
+/// could be started) and returns what answers its caller once the group's commit is known.
 type WriteJob = Box<dyn FnOnce(Result<&mut Savepoint<'_>, &Error>) -> Answer + Send>;
 
 /// Answers a write's caller with its result, or with the error that failed the commit.
 type Answer = Box<dyn FnOnce(Option<&Error>) + Send>;
 
-/// The open database: a writer thread and a few reader connections.
+/// The open database: the writer connection with its queue of writes, and a few
+/// reader connections.
 pub(crate) struct Database {
-    writes: std::sync::mpsc::Sender<WriteJob>,
+    writer: tokio::sync::Mutex<Connection>,
+    queued_writes: Mutex<Vec<WriteJob>>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
 }
@@ -57,15 +62,12 @@ impl Database {
             .map(|_| open_reader(path).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        let (writes, queue) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("keel-sqlite-writer".into())
-            .spawn(move || run_writer(writer, queue))
-            .map_err(|error| Error::Backend {
-                message: format!("cannot start the writer thread: {error}"),
-                retryable: false,
-            })?;
-        Ok(Database { writes, readers, next_reader: AtomicUsize::new(0) })
+        Ok(Database {
+            writer: tokio::sync::Mutex::new(writer),
+            queued_writes: Mutex::new(Vec::new()),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
     }
 
     /// Runs `operation` in a write transaction (a savepoint of a group commit), committed
@@ -75,7 +77,7 @@ impl Database {
         T: Send + 'static,
         F: FnOnce(&mut Savepoint<'_>) -> Result<T, Failure> + Send + 'static,
     {
-        let (answer, answered) = tokio::sync::oneshot::channel::<Result<T, Error>>();
+        let (answer, mut answered) = tokio::sync::oneshot::channel::<Result<T, Error>>();
         let job: WriteJob = Box::new(move |savepoint| {
             let result = match savepoint {
                 Ok(outer) => run_in_savepoint(outer, operation),
@@ -89,18 +91,24 @@ impl Database {
                 let _ = answer.send(result);
             })
         });
-        self.writes.send(job).map_err(|_| writer_gone())?;
-        answered.await.map_err(|_| writer_gone())?
+        lock(&self.queued_writes).push(job);
+        let mut connection = self.writer.lock().await;
+        if let Ok(result) = answered.try_recv() {
+            return result; // an earlier leader committed it
+        }
+        let jobs = std::mem::take(&mut *lock(&self.queued_writes));
+        assert!(!jobs.is_empty(), "an unanswered write is still queued");
+        commit_group(&mut connection, jobs);
+        drop(connection);
+        answered.try_recv().expect("the group that held this write answered it")
     }
 
     /// Runs `operation` on a reader connection.
-    pub(crate) async fn read<T, F>(self: &std::sync::Arc<Self>, operation: F) -> Result<T, Error>
+    pub(crate) async fn read<T, F>(&self, operation: F) -> Result<T, Error>
     where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, Failure> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, Failure>,
     {
-        let database = self.clone();
-        run_blocking(move || operation(&database.reader())).await
+        operation(&self.reader()).map_err(Error::from)
     }
 
     /// An idle reader if there is one, else the next in turn (waiting for it).
@@ -113,10 +121,6 @@ impl Database {
         let turn = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
         lock(&self.readers[turn])
     }
-}
-
-fn writer_gone() -> Error {
-    Error::Backend { message: "the database writer thread has stopped".into(), retryable: false }
 }
 
 /// Runs one write in its own savepoint: kept if it succeeds, rolled back if it fails.
@@ -143,66 +147,41 @@ fn run_in_savepoint<T>(
     }
 }
 
-/// The writer thread: commits the writes waiting in `queue` in groups until every
-/// sender is gone.
-fn run_writer(mut connection: Connection, queue: std::sync::mpsc::Receiver<WriteJob>) {
-    while let Ok(first) = queue.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_WRITES_PER_COMMIT {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        let answers: Vec<Answer>;
-        let commit_error = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(mut transaction) => {
-                let outcome = transaction.savepoint().map_err(backend_error).map(|mut group| {
-                    let answers: Vec<Answer> = jobs.drain(..).map(|job| job(Ok(&mut group))).collect();
-                    (group.commit().map_err(backend_error), answers)
-                });
-                match outcome {
-                    Ok((group_committed, group_answers)) => {
-                        answers = group_answers;
-                        group_committed.and_then(|()| transaction.commit().map_err(backend_error)).err()
-                    }
-                    Err(error) => {
-                        answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
-                        Some(error)
-                    }
+/// Commits `jobs` in one transaction, each in its own savepoint, then answers them all.
+fn commit_group(connection: &mut Connection, mut jobs: Vec<WriteJob>) {
+    let answers: Vec<Answer>;
+    let commit_error = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(mut transaction) => {
+            let outcome = transaction.savepoint().map_err(backend_error).map(|mut group| {
+                let answers: Vec<Answer> = jobs.drain(..).map(|job| job(Ok(&mut group))).collect();
+                (group.commit().map_err(backend_error), answers)
+            });
+            match outcome {
+                Ok((group_committed, group_answers)) => {
+                    answers = group_answers;
+                    group_committed.and_then(|()| transaction.commit().map_err(backend_error)).err()
+                }
+                Err(error) => {
+                    answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
+                    Some(error)
                 }
             }
-            Err(error) => {
-                let error = backend_error(error);
-                answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
-                Some(error)
-            }
-        };
-        for answer in answers {
-            answer(commit_error.as_ref());
         }
-    }
-}
-
-/// Locks a connection. A panic while it was held left no transaction open (rusqlite
-/// rolls back on drop), so a poisoned connection is still good.
-fn lock(connection: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    connection.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Runs blocking database work off the async threads; a panic in it is resumed here.
-async fn run_blocking<T, F>(job: F) -> Result<T, Error>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, Failure> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(job).await {
-        Ok(result) => result.map_err(Error::from),
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(error) => {
-            Err(Error::Backend { message: format!("the database task did not finish: {error}"), retryable: true })
+            let error = backend_error(error);
+            answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
+            Some(error)
         }
+    };
+    for answer in answers {
+        answer(commit_error.as_ref());
     }
+}
+
+/// Locks a mutex. A panic while it was held left no transaction open (rusqlite rolls
+/// back on drop) and no queue half-changed, so a poisoned lock is still good.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn open_writer(path: &Path, durability: Durability) -> Result<Connection, Failure> {

@@ -1,5 +1,6 @@
-//! Opening a task hub by URL: `sqlite://PATH` (the default, embedded) — more
-//! backends join here as they are built.
+//! Opening a task hub by URL: `sqlite://PATH` (the default, embedded, one machine) or
+//! `postgres://…` / `postgresql://…` (shared by worker processes on many machines;
+//! feature `postgres`, on by default).
 
 use std::sync::Arc;
 
@@ -11,7 +12,9 @@ pub use keel_store::{Error, Notifications};
 /// The store URL used when none is given: a SQLite file in the working directory.
 pub const DEFAULT_STORE_URL: &str = "sqlite://keel.db";
 
-/// Opens the task hub a URL names: `sqlite://PATH` or `sqlite:PATH`.
+/// Opens the task hub a URL names: `sqlite://PATH` or `sqlite:PATH`, or
+/// `postgres://USER@HOST:PORT/DATABASE?schema=HUB` (also `postgresql://`; see
+/// `keel_postgres::PostgresOptions` for the parameters).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
     if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
         if path.is_empty() {
@@ -23,5 +26,18 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
             .map_err(|error| Error::Backend { message: error.to_string(), retryable: false })??;
         return Ok(Arc::new(store));
     }
-    Err(Error::Invalid(format!("unsupported store URL '{url}': use sqlite://PATH")))
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return open_postgres(url).await;
+    }
+    Err(Error::Invalid(format!("unsupported store URL '{url}': use sqlite://PATH or postgres://…")))
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, Error> {
+    Ok(Arc::new(keel_postgres::PostgresStore::connect(url).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>, Error> {
+    Err(Error::Invalid("this build of Keel has no PostgreSQL support: enable the feature 'postgres'".into()))
 }

@@ -1,0 +1,339 @@
+//! The client side of the store: creating instances, delivering events, reading state,
+//! querying and purging. Also the row-level helpers the worker side shares (inserting
+//! an instance, inserting messages).
+//!
+//! Rows that other processes may change at the same time are locked before they are
+//! read for a decision: an instance about to be replaced `FOR UPDATE`, the target of an
+//! event `FOR SHARE` (so that a commit that finishes the instance is seen), the target
+//! of a message `FOR KEY SHARE` (it must not be deleted under the message; this lock
+//! does not wait for a worker's commit of that instance).
+
+use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus};
+use keel_store::{
+    Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
+};
+use tokio_postgres::types::ToSql;
+
+use crate::codec::{from_json, instance_columns, instance_from_row, millis, status_from_text, to_json};
+use crate::failure::{unavailable, Failure};
+use crate::pool::PooledConnection;
+
+/// What [`insert_instance`] did.
+pub(crate) enum Creation {
+    Created,
+    /// A non-terminal instance holds the id; nothing was written.
+    Occupied(RuntimeStatus),
+}
+
+/// How often [`insert_instance`] tries when other transactions keep creating and
+/// deleting the same id under it.
+const INSERT_ATTEMPTS: usize = 5;
+
+const INSERT_INSTANCE: &str = "INSERT INTO instances (instance_id, name, version, execution_id, status, input, \
+     parent, scheduled_start, created_at, last_updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+     ON CONFLICT (instance_id) DO NOTHING";
+
+const LOCK_FOR_REPLACEMENT: &str = "SELECT status FROM instances WHERE instance_id = $1 FOR UPDATE";
+
+const DELETE_INSTANCE: &str = "DELETE FROM instances WHERE instance_id = $1";
+
+/// Inserts the message if its instance exists, keeping the instance from being
+/// deleted until the transaction ends.
+const INSERT_MESSAGE: &str = "INSERT INTO messages (instance_id, execution_id, event, visible_at) \
+     SELECT instance_id, $2, $3, $4 FROM instances WHERE instance_id = $1 FOR KEY SHARE";
+
+/// [`INSERT_MESSAGE`] for many messages (see [`MessageColumns`]), in the order given.
+pub(crate) const INSERT_MESSAGES: &str = "INSERT INTO messages (instance_id, execution_id, event, visible_at) \
+     SELECT sent.instance_id, sent.execution_id, sent.event, sent.visible_at \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+         WITH ORDINALITY AS sent (instance_id, execution_id, event, visible_at, position) \
+     JOIN instances target ON target.instance_id = sent.instance_id \
+     ORDER BY sent.position \
+     FOR KEY SHARE OF target";
+
+/// Inserts a new instance (status `Pending`) and its `ExecutionStarted` message,
+/// replacing a terminal instance of the same id with all it holds.
+pub(crate) async fn insert_instance(
+    connection: &PooledConnection,
+    instance: &NewInstance,
+) -> Result<Creation, Failure> {
+    let parent = instance.parent.as_ref().map(to_json).transpose()?;
+    let scheduled_start = instance.scheduled_start.map(millis);
+    let created_at = millis(instance.created_at);
+    for _ in 0..INSERT_ATTEMPTS {
+        let inserted = connection
+            .execute(
+                INSERT_INSTANCE,
+                &[
+                    &instance.instance_id,
+                    &instance.name,
+                    &instance.version,
+                    &instance.execution_id,
+                    &RuntimeStatus::Pending.as_str(),
+                    &instance.input,
+                    &parent,
+                    &scheduled_start,
+                    &created_at,
+                ],
+            )
+            .await?;
+        if inserted == 1 {
+            let started = Message {
+                instance_id: instance.instance_id.clone(),
+                execution_id: Some(instance.execution_id.clone()),
+                event: instance.execution_started_event(),
+                visible_at: instance.scheduled_start.unwrap_or(instance.created_at),
+            };
+            let inserted = insert_message(connection, &started).await?;
+            assert!(inserted, "the instance row was inserted just before its first message");
+            return Ok(Creation::Created);
+        }
+        // The id is taken. Lock the holder; if it is gone by now, try again.
+        let Some(row) = connection.query_opt(LOCK_FOR_REPLACEMENT, &[&instance.instance_id]).await? else {
+            continue;
+        };
+        let status = status_from_text(row.try_get(0)?)?;
+        if !status.is_terminal() {
+            return Ok(Creation::Occupied(status));
+        }
+        // History, inbox and activities go with the row (ON DELETE CASCADE).
+        connection.execute(DELETE_INSTANCE, &[&instance.instance_id]).await?;
+    }
+    Err(Failure::Contract(unavailable(format!(
+        "instance '{}' was created and deleted by others {INSERT_ATTEMPTS} times while this creation ran",
+        instance.instance_id
+    ))))
+}
+
+/// Puts a message into its instance's inbox; `false` (and nothing written) when there
+/// is no such instance.
+pub(crate) async fn insert_message(connection: &PooledConnection, message: &Message) -> Result<bool, Failure> {
+    let inserted = connection
+        .execute(
+            INSERT_MESSAGE,
+            &[&message.instance_id, &message.execution_id, &to_json(&message.event)?, &millis(message.visible_at)],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// Messages in the column layout of [`INSERT_MESSAGES`] (one array per column).
+#[derive(Default)]
+pub(crate) struct MessageColumns {
+    instance_ids: Vec<String>,
+    execution_ids: Vec<Option<String>>,
+    events: Vec<String>,
+    visible_at: Vec<i64>,
+}
+
+impl MessageColumns {
+    pub(crate) fn push(&mut self, message: &Message) -> Result<(), Failure> {
+        self.instance_ids.push(message.instance_id.clone());
+        self.execution_ids.push(message.execution_id.clone());
+        self.events.push(to_json(&message.event)?);
+        self.visible_at.push(millis(message.visible_at));
+        Ok(())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.instance_ids.is_empty()
+    }
+
+    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![&self.instance_ids, &self.execution_ids, &self.events, &self.visible_at]
+    }
+}
+
+pub(crate) async fn create_instance(connection: &PooledConnection, instance: &NewInstance) -> Result<(), Failure> {
+    match insert_instance(connection, instance).await? {
+        Creation::Created => Ok(()),
+        Creation::Occupied(status) => {
+            Err(Failure::Contract(Error::AlreadyExists { instance_id: instance.instance_id.clone(), status }))
+        }
+    }
+}
+
+/// Locks the target against a concurrent state change; a rewind also changes it.
+const LOCK_EVENT_TARGET: &str = "SELECT status FROM instances WHERE instance_id = $1 FOR SHARE";
+const LOCK_REWIND_TARGET: &str = "SELECT status FROM instances WHERE instance_id = $1 FOR NO KEY UPDATE";
+const SET_PENDING: &str = "UPDATE instances SET status = $2, last_updated_at = $3 WHERE instance_id = $1";
+
+pub(crate) async fn enqueue_message(
+    connection: &PooledConnection,
+    message: &Message,
+    accept_terminal: bool,
+) -> Result<RuntimeStatus, Failure> {
+    let rewind = matches!(message.event.kind, EventKind::ExecutionRewound { .. });
+    let lock = if rewind { LOCK_REWIND_TARGET } else { LOCK_EVENT_TARGET };
+    let row = connection
+        .query_opt(lock, &[&message.instance_id])
+        .await?
+        .ok_or_else(|| Error::NotFound(message.instance_id.clone()))?;
+    let status = status_from_text(row.try_get(0)?)?;
+    if status.is_terminal() && !accept_terminal {
+        return Err(Failure::Contract(Error::InvalidState {
+            instance_id: message.instance_id.clone(),
+            status,
+            action: "delivering an event",
+        }));
+    }
+    let inserted = insert_message(connection, message).await?;
+    assert!(inserted, "the instance is locked by this transaction");
+    if status == RuntimeStatus::Failed && rewind {
+        // A rewound instance is pending until its worker replays it.
+        connection
+            .execute(
+                SET_PENDING,
+                &[&message.instance_id, &RuntimeStatus::Pending.as_str(), &millis(message.visible_at)],
+            )
+            .await?;
+    }
+    Ok(status)
+}
+
+const GET_INSTANCE: &str = concat!("SELECT ", instance_columns!(), " FROM instances WHERE instance_id = $1");
+
+pub(crate) async fn get_instance(
+    connection: &PooledConnection,
+    instance_id: &str,
+) -> Result<Option<InstanceRecord>, Failure> {
+    let row = connection.query_opt(GET_INSTANCE, &[&instance_id]).await?;
+    row.as_ref().map(instance_from_row).transpose()
+}
+
+const READ_HISTORY: &str = "SELECT event FROM history WHERE instance_id = $1 ORDER BY seq";
+
+pub(crate) async fn read_history(
+    connection: &PooledConnection,
+    instance_id: &str,
+) -> Result<Vec<HistoryEvent>, Failure> {
+    let rows = connection.query(READ_HISTORY, &[&instance_id]).await?;
+    rows.iter().map(|row| from_json("history.event", row.try_get(0)?)).collect()
+}
+
+pub(crate) async fn query_instances(
+    connection: &PooledConnection,
+    query: &InstanceQuery,
+) -> Result<InstancePage, Failure> {
+    let page_size = if query.page_size == 0 { DEFAULT_PAGE_SIZE } else { query.page_size };
+    let mut filter = Filter::default();
+    if !query.statuses.is_empty() {
+        let statuses: Vec<String> = query.statuses.iter().map(|status| status.as_str().to_owned()).collect();
+        filter.condition("status = ANY($)", Box::new(statuses));
+    }
+    if let Some(prefix) = &query.instance_id_prefix {
+        // The range start lets the primary key index find the first match.
+        filter.condition("instance_id >= $", Box::new(prefix.clone()));
+        filter.condition("starts_with(instance_id, $)", Box::new(prefix.clone()));
+    }
+    if let Some(prefix) = &query.name_prefix {
+        filter.condition("starts_with(name, $)", Box::new(prefix.clone()));
+    }
+    filter.created_range(query.created_from.map(millis), query.created_to.map(millis));
+    if let Some(after) = &query.continuation {
+        filter.condition("instance_id > $", Box::new(after.clone()));
+    }
+    let limit = i64::try_from(page_size).unwrap_or(i64::MAX);
+    let sql = format!(
+        "SELECT {} FROM instances WHERE {} ORDER BY instance_id LIMIT {limit}",
+        instance_columns!(),
+        filter.sql()
+    );
+    let rows = connection.client().query(&sql, &filter.params()).await?;
+    let instances = rows.iter().map(instance_from_row).collect::<Result<Vec<_>, _>>()?;
+    let continuation = match instances.last() {
+        Some(last) if instances.len() == page_size => Some(last.instance_id.clone()),
+        _ => None,
+    };
+    Ok(InstancePage { instances, continuation })
+}
+
+pub(crate) async fn purge_instance(connection: &PooledConnection, instance_id: &str) -> Result<bool, Failure> {
+    let Some(row) = connection.query_opt(LOCK_FOR_REPLACEMENT, &[&instance_id]).await? else {
+        return Ok(false);
+    };
+    let status = status_from_text(row.try_get(0)?)?;
+    if !status.is_terminal() {
+        return Err(Failure::Contract(Error::InvalidState {
+            instance_id: instance_id.to_owned(),
+            status,
+            action: "purging",
+        }));
+    }
+    connection.execute(DELETE_INSTANCE, &[&instance_id]).await?;
+    Ok(true)
+}
+
+/// Deletes the matching terminal instances in one statement (history, inbox and
+/// activities go with them) and announces the change if any was deleted.
+pub(crate) async fn purge_instances(
+    connection: &PooledConnection,
+    purge: &PurgeFilter,
+    channel: &str,
+) -> Result<u64, Failure> {
+    let terminal: Vec<String> = RuntimeStatus::ALL
+        .into_iter()
+        .filter(|status| status.is_terminal())
+        .filter(|status| purge.statuses.is_empty() || purge.statuses.contains(status))
+        .map(|status| status.as_str().to_owned())
+        .collect();
+    if terminal.is_empty() {
+        return Ok(0);
+    }
+    let mut filter = Filter::default();
+    filter.condition("status = ANY($)", Box::new(terminal));
+    filter.created_range(purge.created_from.map(millis), purge.created_to.map(millis));
+    let channel_param = filter.param(Box::new(channel.to_owned()));
+    let sql = format!(
+        "WITH purged AS (DELETE FROM instances WHERE {} RETURNING 1), \
+         announced AS (SELECT pg_notify(${channel_param}, 'i') FROM (SELECT FROM purged LIMIT 1) AS any_purged) \
+         SELECT (SELECT count(*) FROM purged), (SELECT count(*) FROM announced)",
+        filter.sql()
+    );
+    let row = connection.client().query_one(&sql, &filter.params()).await?;
+    let purged: i64 = row.try_get(0)?;
+    Ok(u64::try_from(purged).expect("a count is not negative"))
+}
+
+/// A `WHERE` clause over `instances` built from optional conditions, with its
+/// parameters. Each condition names its parameter `$` (numbered when added).
+#[derive(Default)]
+struct Filter {
+    conditions: Vec<String>,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl Filter {
+    fn condition(&mut self, sql: &str, value: Box<dyn ToSql + Sync + Send>) {
+        let number = self.param(value);
+        self.conditions.push(sql.replace('$', &format!("${number}")));
+    }
+
+    /// Adds a parameter; returns its number.
+    fn param(&mut self, value: Box<dyn ToSql + Sync + Send>) -> usize {
+        self.params.push(value);
+        self.params.len()
+    }
+
+    fn created_range(&mut self, from: Option<i64>, to: Option<i64>) {
+        if let Some(from) = from {
+            self.condition("created_at >= $", Box::new(from));
+        }
+        if let Some(to) = to {
+            self.condition("created_at < $", Box::new(to));
+        }
+    }
+
+    fn sql(&self) -> String {
+        if self.conditions.is_empty() {
+            "true".to_owned()
+        } else {
+            self.conditions.join(" AND ")
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|value| value.as_ref() as &(dyn ToSql + Sync)).collect()
+    }
+}

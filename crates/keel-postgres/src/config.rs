@@ -1,0 +1,185 @@
+//! Where the task hub is: the connection URL, the schema that holds the hub, the size
+//! of the connection pool.
+//!
+//! `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?schema=NAME&pool_size=N&...]`
+//! (`postgresql://` works too). `schema` (default [`DEFAULT_SCHEMA`]) names the task
+//! hub: one database holds as many hubs as it has schemas. `pool_size` (default
+//! [`DEFAULT_POOL_SIZE`]) caps the connections of one store; the notification listener
+//! takes one more. Every other parameter is PostgreSQL's own (`connect_timeout`,
+//! `application_name`, `options`, …). No TLS: the database is reached on loopback or a
+//! trusted network.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use keel_store::Error;
+
+/// The schema (task hub) used when the URL names none.
+pub const DEFAULT_SCHEMA: &str = "keel";
+
+/// Connections per store when the URL does not say.
+pub const DEFAULT_POOL_SIZE: usize = 8;
+
+/// The most connections one store may open.
+const MAX_POOL_SIZE: usize = 256;
+
+/// PostgreSQL's limit on identifiers, in bytes.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// How long connecting may take when the URL does not say.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach a PostgreSQL task hub.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    pub(crate) connection: tokio_postgres::Config,
+    pub(crate) schema: String,
+    pub(crate) pool_size: usize,
+}
+
+impl PostgresOptions {
+    /// Reads a `postgres://` or `postgresql://` URL (see the module documentation).
+    pub fn from_url(url: &str) -> Result<PostgresOptions, Error> {
+        let invalid = |why: String| Error::Invalid(format!("store URL '{}': {why}", redact(url)));
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid("a PostgreSQL URL starts with postgres:// or postgresql://".into()));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut schema = DEFAULT_SCHEMA.to_owned();
+        let mut pool_size = DEFAULT_POOL_SIZE;
+        let mut passed_on = Vec::new();
+        for parameter in query.split('&').filter(|parameter| !parameter.is_empty()) {
+            match parameter.split_once('=') {
+                Some(("schema", value)) => schema = value.to_owned(),
+                Some(("pool_size", value)) => {
+                    pool_size = value
+                        .parse()
+                        .ok()
+                        .filter(|size| (1..=MAX_POOL_SIZE).contains(size))
+                        .ok_or_else(|| invalid(format!("pool_size must be 1 to {MAX_POOL_SIZE}, not '{value}'")))?;
+                }
+                _ => passed_on.push(parameter),
+            }
+        }
+        check_schema(&schema).map_err(invalid)?;
+        let url = if passed_on.is_empty() { base.to_owned() } else { format!("{base}?{}", passed_on.join("&")) };
+        let connection = tokio_postgres::Config::from_str(&url).map_err(|error| invalid(error.to_string()))?;
+        Ok(PostgresOptions { connection, schema, pool_size }.with_defaults())
+    }
+
+    /// The same database with another task hub (schema).
+    pub fn with_schema(mut self, schema: &str) -> Result<PostgresOptions, Error> {
+        check_schema(schema).map_err(Error::Invalid)?;
+        self.schema = schema.to_owned();
+        Ok(self)
+    }
+
+    /// The schema that holds the task hub.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+
+    fn with_defaults(mut self) -> PostgresOptions {
+        if self.connection.get_connect_timeout().is_none() {
+            self.connection.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if self.connection.get_application_name().is_none() {
+            self.connection.application_name("keel");
+        }
+        self
+    }
+
+    /// The driver's configuration, with the hub's schema as the only schema searched:
+    /// every statement names its tables without a schema.
+    pub(crate) fn connection_config(&self) -> tokio_postgres::Config {
+        let mut config = self.connection.clone();
+        let search_path = format!("-c search_path={}", self.schema);
+        let options = match config.get_options() {
+            Some(options) if !options.trim().is_empty() => format!("{options} {search_path}"),
+            _ => search_path,
+        };
+        config.options(options);
+        config
+    }
+}
+
+/// A schema name Keel accepts: lowercase ASCII letters, digits and `_`, not starting
+/// with a digit, at most 63 bytes. Such a name needs no quoting anywhere.
+fn check_schema(schema: &str) -> Result<(), String> {
+    let mut chars = schema.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if first_ok && rest_ok && schema.len() <= MAX_IDENTIFIER_BYTES && !schema.starts_with("pg_") {
+        Ok(())
+    } else {
+        Err(format!(
+            "schema '{schema}' is not usable: use lowercase letters, digits and _ (not first), \
+             at most {MAX_IDENTIFIER_BYTES} bytes, not starting with pg_"
+        ))
+    }
+}
+
+/// The URL without its password, for error messages.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((credentials, host)) = rest.split_once('@') else { return url.to_owned() };
+    match credentials.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keel_parameters_are_taken_out_and_the_rest_passed_on() {
+        let options = PostgresOptions::from_url(
+            "postgres://keel:secret@127.0.0.1:55432/app?schema=orders&pool_size=3&application_name=billing",
+        )
+        .unwrap();
+        assert_eq!(options.schema(), "orders");
+        assert_eq!(options.pool_size(), 3);
+        assert_eq!(options.connection.get_application_name(), Some("billing"));
+        assert_eq!(options.connection.get_dbname(), Some("app"));
+        assert_eq!(options.connection_config().get_options(), Some("-c search_path=orders"));
+
+        let defaults = PostgresOptions::from_url("postgresql://postgres@localhost/postgres").unwrap();
+        assert_eq!(defaults.schema(), DEFAULT_SCHEMA);
+        assert_eq!(defaults.pool_size(), DEFAULT_POOL_SIZE);
+        assert_eq!(defaults.connection.get_application_name(), Some("keel"));
+        assert_eq!(defaults.connection.get_connect_timeout(), Some(&DEFAULT_CONNECT_TIMEOUT));
+    }
+
+    #[test]
+    fn user_options_are_kept_beside_the_search_path() {
+        let options = PostgresOptions::from_url("postgres://u@h/d?options=-c%20work_mem%3D8MB").unwrap();
+        let config = options.connection_config();
+        let combined = config.get_options().unwrap();
+        assert!(combined.ends_with("-c search_path=keel"), "{combined}");
+        assert!(combined.contains("work_mem"), "{combined}");
+    }
+
+    #[test]
+    fn bad_urls_and_schemas_are_refused_without_showing_the_password() {
+        for url in [
+            "sqlite://x.db",
+            "postgres://u:hunter2@h/d?schema=Orders",
+            "postgres://u:hunter2@h/d?schema=1st",
+            "postgres://u:hunter2@h/d?schema=pg_catalog",
+            "postgres://u:hunter2@h/d?schema=a;drop",
+            "postgres://u:hunter2@h/d?pool_size=0",
+            "postgres://u:hunter2@h/d?nonsense=1",
+        ] {
+            let error = PostgresOptions::from_url(url).expect_err(url).to_string();
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+        assert!(PostgresOptions::from_url("postgres://u@h/d").unwrap().with_schema("Bad").is_err());
+        assert_eq!(redact("postgres://u:pw@h/d"), "postgres://u:***@h/d");
+    }
+}

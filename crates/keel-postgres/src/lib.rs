@@ -1,0 +1,248 @@
+//! Keel's shared task hub: one PostgreSQL database, implementing
+//! [`keel_store::Store`] for any number of worker processes on any number of machines.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), keel_store::Error> {
+//! use std::sync::Arc;
+//! use keel_postgres::PostgresStore;
+//! use keel_store::Store;
+//!
+//! let store: Arc<dyn Store> =
+//!     Arc::new(PostgresStore::connect("postgres://keel@127.0.0.1:5432/app?schema=orders").await?);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A task hub is one schema (`?schema=`, default `keel`): its tables are created and
+//! migrated when a store opens it. Workers compete for work without blocking each other
+//! (`FOR … SKIP LOCKED`): an instance is locked by one worker at a time with a lease,
+//! activity items are leased one by one, and a commit with a stale lease fails and
+//! changes nothing. Leases compare with the `now` the callers pass in, so the workers'
+//! clocks must agree to well within a lease (NTP does).
+//!
+//! Writes announce new work with `NOTIFY` on the hub's channel in their own
+//! transaction; every store listens on a connection of its own and wakes its process's
+//! dispatchers, so an idle worker reacts to work from another machine at once.
+//! Connection failures are retryable errors; the pool replaces broken connections and
+//! the listener reconnects, so workers ride out a restart of the database.
+//!
+//! Code map: `config` reads the URL, `pool` holds the connections, `pipeline` sends
+//! groups of statements in one round trip, `schema` the tables and migrations, `codec`
+//! how values map to columns, `client` and `worker` the two halves of the [`Store`]
+//! contract, `wakeups` the cross-process notifications, `failure` the internal error
+//! type.
+
+mod client;
+mod codec;
+mod config;
+mod failure;
+mod pipeline;
+mod pool;
+mod schema;
+mod wakeups;
+mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
+use keel_core::limits::{check_instance_id, check_name, check_payload};
+use keel_store::{
+    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, InstancePage, InstanceQuery, InstanceRecord,
+    Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
+};
+
+use crate::pool::{Pool, PooledConnection};
+use crate::wakeups::Wakeups;
+
+pub use config::{PostgresOptions, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA};
+pub use schema::SCHEMA_VERSION;
+
+/// A task hub in a PostgreSQL schema. Cheap to share: use it as `Arc<dyn Store>`.
+pub struct PostgresStore {
+    pool: Arc<Pool>,
+    notifications: Arc<Notifications>,
+    listener: tokio::task::JoinHandle<()>,
+    schema: String,
+}
+
+impl PostgresStore {
+    /// Opens the task hub a `postgres://` URL names (see [`PostgresOptions::from_url`]).
+    pub async fn connect(url: &str) -> Result<PostgresStore> {
+        PostgresStore::open(PostgresOptions::from_url(url)?).await
+    }
+
+    /// Opens a task hub, creating its schema if needed and migrating it to
+    /// [`SCHEMA_VERSION`]. A hub with a newer schema is refused. Must run inside a
+    /// tokio runtime: the store's notification listener is a task on it.
+    pub async fn open(options: PostgresOptions) -> Result<PostgresStore> {
+        let pool = Pool::new(options.connection_config(), options.schema.clone(), options.pool_size);
+        let mut connection = pool.get().await?;
+        schema::migrate(&mut connection, &options.schema).await?;
+        drop(connection);
+        let notifications = Arc::new(Notifications::default());
+        let listener =
+            tokio::spawn(wakeups::listen(pool.config().clone(), pool.channel().to_owned(), notifications.clone()));
+        Ok(PostgresStore { pool, notifications, listener, schema: options.schema })
+    }
+
+    /// The schema that holds this task hub.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Deletes the whole task hub: its schema with every instance, history, inbox and
+    /// activity item in it. For tests and benchmarks; there is no undo.
+    pub async fn delete_task_hub(self) -> Result<()> {
+        let connection = self.pool.get().await?;
+        // The schema name was checked to be a plain lowercase identifier.
+        connection
+            .client()
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+            .await
+            .map_err(|error| failure::backend_error(&error))
+    }
+
+    async fn connection(&self) -> Result<PooledConnection> {
+        self.pool.get().await
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn notifications(&self) -> &Notifications {
+        &self.notifications
+    }
+
+    async fn create_instance(&self, instance: NewInstance) -> Result<()> {
+        check_instance_id(&instance.instance_id)
+            .and_then(|()| check_name("orchestrator", &instance.name))
+            .and_then(|()| check_payload("input", instance.input.as_deref()))
+            .map_err(Error::Invalid)?;
+        let mut connection = self.connection().await?;
+        connection.begin().await?;
+        let outcome = client::create_instance(&connection, &instance).await;
+        connection.finish(outcome, Wakeups::NEW_MESSAGE.payload()).await?;
+        Wakeups::NEW_MESSAGE.signal(&self.notifications);
+        Ok(())
+    }
+
+    async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus> {
+        check_payload("event data", message.event.kind.payload()).map_err(Error::Invalid)?;
+        let mut connection = self.connection().await?;
+        connection.begin().await?;
+        let outcome = client::enqueue_message(&connection, &message, accept_terminal).await;
+        let status = connection.finish(outcome, Wakeups::NEW_MESSAGE.payload()).await?;
+        Wakeups::NEW_MESSAGE.signal(&self.notifications);
+        Ok(status)
+    }
+
+    async fn get_instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>> {
+        Ok(client::get_instance(&self.connection().await?, instance_id).await?)
+    }
+
+    async fn read_history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>> {
+        Ok(client::read_history(&self.connection().await?, instance_id).await?)
+    }
+
+    async fn query_instances(&self, query: &InstanceQuery) -> Result<InstancePage> {
+        Ok(client::query_instances(&self.connection().await?, query).await?)
+    }
+
+    async fn purge_instance(&self, instance_id: &str) -> Result<bool> {
+        let mut connection = self.connection().await?;
+        connection.begin().await?;
+        let outcome = client::purge_instance(&connection, instance_id).await;
+        let announce = matches!(outcome, Ok(true)).then_some(Wakeups::INSTANCE_CHANGED);
+        let purged = connection.finish(outcome, announce.and_then(Wakeups::payload)).await?;
+        if let Some(wakeups) = announce {
+            wakeups.signal(&self.notifications);
+        }
+        Ok(purged)
+    }
+
+    async fn purge_instances(&self, filter: &PurgeFilter) -> Result<u64> {
+        let connection = self.connection().await?;
+        let purged = client::purge_instances(&connection, filter, connection.channel()).await?;
+        if purged > 0 {
+            Wakeups::INSTANCE_CHANGED.signal(&self.notifications);
+        }
+        Ok(purged)
+    }
+
+    async fn fetch_orchestration_items(
+        &self,
+        max: usize,
+        lease: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<OrchestrationItem>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(worker::fetch_orchestration_items(&self.connection().await?, max, lease, now).await?)
+    }
+
+    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>> {
+        if commits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection().await?;
+        connection.begin().await?;
+        let outcome = worker::commit_episodes(&connection, &commits, now).await;
+        let announce = outcome.as_ref().map(|(_, wakeups)| *wakeups).unwrap_or_default();
+        let (results, wakeups) = connection.finish(outcome, announce.payload()).await?;
+        wakeups.signal(&self.notifications);
+        Ok(results)
+    }
+
+    async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()> {
+        worker::abandon_orchestration_item(&self.connection().await?, lock, retry_at).await?;
+        // Dispatchers look again and take the new visibility time into their next wake-up.
+        Wakeups::ORCHESTRATION_WORK.signal(&self.notifications);
+        Ok(())
+    }
+
+    async fn fetch_activity_items(&self, max: usize, lease: Duration, now: Timestamp) -> Result<Vec<ActivityItem>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(worker::fetch_activity_items(&self.connection().await?, max, lease, now).await?)
+    }
+
+    async fn complete_activities(&self, completions: Vec<ActivityCompletion>) -> Result<Vec<Result<()>>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (results, wakeups) = worker::complete_activities(&self.connection().await?, &completions).await?;
+        wakeups.signal(&self.notifications);
+        Ok(results)
+    }
+
+    async fn renew_activity_lease(&self, lock: &ActivityLock, lease: Duration, now: Timestamp) -> Result<()> {
+        Ok(worker::renew_activity_lease(&self.connection().await?, lock, lease, now).await?)
+    }
+
+    async fn abandon_activity_item(&self, lock: &ActivityLock, retry_at: Timestamp) -> Result<()> {
+        worker::abandon_activity_item(&self.connection().await?, lock, retry_at).await?;
+        // Activity dispatchers look again and take the retry time into their next wake-up.
+        Wakeups::ACTIVITY_WORK.signal(&self.notifications);
+        Ok(())
+    }
+
+    async fn next_wakeup(&self, now: Timestamp) -> Result<Option<Timestamp>> {
+        Ok(worker::next_wakeup(&self.connection().await?, now).await?)
+    }
+}

@@ -1,0 +1,222 @@
+//! A small pool of connections to the task hub's database.
+//!
+//! Connections are made on demand, up to the pool's size, and kept while they work. A
+//! connection the server closed (a restart, a network failure) is dropped when it is
+//! next taken or given back, and a new one is made in its place: after PostgreSQL
+//! restarts, each operation fails at most once with a retryable error and the next
+//! one runs on a fresh connection.
+//!
+//! Each connection keeps the statements it prepared (the SQL of this crate is static),
+//! so a statement is parsed once per connection. Transactions are explicit
+//! (`BEGIN` … `COMMIT`); a connection dropped inside one is closed rather than reused,
+//! which rolls the transaction back on the server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use keel_store::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use crate::failure::{backend_error, unavailable, Failure};
+
+/// How long an operation waits for a free connection before failing (retryably).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connections of one store.
+pub(crate) struct Pool {
+    config: tokio_postgres::Config,
+    /// The task hub's notification channel (its schema name).
+    channel: String,
+    idle: Mutex<Vec<Connection>>,
+    /// One permit per connection that may exist.
+    slots: Arc<Semaphore>,
+    size: usize,
+}
+
+/// One open connection and the statements prepared on it.
+struct Connection {
+    client: Client,
+    statements: Mutex<HashMap<&'static str, Statement>>,
+}
+
+impl Pool {
+    pub(crate) fn new(config: tokio_postgres::Config, channel: String, size: usize) -> Arc<Pool> {
+        assert!(size > 0, "a pool needs room for one connection");
+        Arc::new(Pool { config, channel, idle: Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(size)), size })
+    }
+
+    /// A connection: an idle one that is still open, or a new one.
+    pub(crate) async fn get(self: &Arc<Self>) -> Result<PooledConnection, Error> {
+        let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                unavailable(format!("all {} database connections stayed busy for {ACQUIRE_TIMEOUT:?}", self.size))
+            })?
+            .expect("the pool's semaphore is never closed");
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.retain(|connection| !connection.client.is_closed());
+            idle.pop()
+        };
+        let connection = match reused {
+            Some(connection) => connection,
+            None => self.connect().await?,
+        };
+        Ok(PooledConnection {
+            connection: Some(connection),
+            pool: self.clone(),
+            in_transaction: false,
+            _permit: permit,
+        })
+    }
+
+    async fn connect(&self) -> Result<Connection, Error> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|error| backend_error(&error))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "a task hub connection ended");
+            }
+        });
+        Ok(Connection { client, statements: Mutex::new(HashMap::new()) })
+    }
+
+    /// Makes a connection outside the pool (the notification listener's).
+    pub(crate) fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+}
+
+/// A connection taken from the pool; given back when dropped.
+pub(crate) struct PooledConnection {
+    connection: Option<Connection>,
+    pool: Arc<Pool>,
+    /// Set between `BEGIN` and `COMMIT`/`ROLLBACK`: a connection dropped in this state
+    /// (its operation was cancelled or failed halfway) is closed, not reused.
+    in_transaction: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConnection {
+    fn connection(&self) -> &Connection {
+        self.connection.as_ref().expect("the connection is present until drop")
+    }
+
+    /// The driver's client, for statements sent side by side (pipelined) or built at
+    /// run time.
+    pub(crate) fn client(&self) -> &Client {
+        &self.connection().client
+    }
+
+    /// The prepared statement for `sql`, prepared on first use on this connection.
+    pub(crate) async fn statement(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let connection = self.connection();
+        let cached = connection.statements.lock().unwrap_or_else(PoisonError::into_inner).get(sql).cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = connection.client.prepare(sql).await?;
+        connection.statements.lock().unwrap_or_else(PoisonError::into_inner).insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Prepares several statements, so that they can then be sent side by side in the
+    /// order given.
+    pub(crate) async fn statements<const N: usize>(
+        &self,
+        sql: [&'static str; N],
+    ) -> Result<[Statement; N], tokio_postgres::Error> {
+        let mut prepared = Vec::with_capacity(N);
+        for sql in sql {
+            prepared.push(self.statement(sql).await?);
+        }
+        Ok(prepared.try_into().unwrap_or_else(|_| unreachable!("N statements were prepared")))
+    }
+
+    pub(crate) async fn query(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Failure> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client().query(&statement, params).await?)
+    }
+
+    pub(crate) async fn query_one(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Failure> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client().query_one(&statement, params).await?)
+    }
+
+    pub(crate) async fn query_opt(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Failure> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client().query_opt(&statement, params).await?)
+    }
+
+    pub(crate) async fn execute(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Failure> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client().execute(&statement, params).await?)
+    }
+
+    pub(crate) async fn begin(&mut self) -> Result<(), Error> {
+        assert!(!self.in_transaction, "transactions do not nest");
+        self.in_transaction = true;
+        self.client().batch_execute("BEGIN").await.map_err(|error| backend_error(&error))
+    }
+
+    /// Ends the transaction `begin` opened with the outcome of the work done in it:
+    /// commits on success (sending `wakeups` to the task hub's listeners with it), rolls
+    /// back on failure.
+    pub(crate) async fn finish<T>(&mut self, outcome: Result<T, Failure>, wakeups: Option<&str>) -> Result<T, Error> {
+        assert!(self.in_transaction, "finish ends a transaction that begin opened");
+        match outcome {
+            Ok(value) => {
+                let committed = match wakeups {
+                    Some(payload) => {
+                        let notify = self.statement(NOTIFY).await.map_err(|error| backend_error(&error))?;
+                        let channel = self.pool.channel.as_str();
+                        let client = self.client();
+                        futures_util::future::try_join(
+                            client.execute(&notify, &[&channel, &payload]),
+                            client.batch_execute("COMMIT"),
+                        )
+                        .await
+                        .map(|_| ())
+                    }
+                    None => self.client().batch_execute("COMMIT").await,
+                };
+                committed.map_err(|error| backend_error(&error))?;
+                self.in_transaction = false;
+                Ok(value)
+            }
+            Err(failure) => {
+                if self.client().batch_execute("ROLLBACK").await.is_ok() {
+                    self.in_transaction = false;
+                }
+                Err(failure.into())
+            }
+        }
+    }
+
+    /// The task hub's notification channel.
+    pub(crate) fn channel(&self) -> &str {
+        &self.pool.channel
+    }
+}
+
+/// Sends a wake-up to every process listening on the task hub (delivered at commit).
+pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        let Some(connection) = self.connection.take() else { return };
+        if !self.in_transaction && !connection.client.is_closed() {
+            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(connection);
+        }
+    }
+}
