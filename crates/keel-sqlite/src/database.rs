@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use keel_store::Error;
-use rusqlite::{Connection, OpenFlags, Savepoint, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::failure::{backend_error, Failure};
 use crate::{schema, Durability};
@@ -37,9 +37,18 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// Reader connections: enough for reads to run beside each other and beside the writer.
 const READER_CONNECTIONS: usize = 2;
 
-/// A queued write: runs in the savepoint it is given (or learns that no transaction
-/// could be started) and returns what answers its caller once the group's commit is known.
-type WriteJob = Box<dyn FnOnce(Result<&mut Savepoint<'_>, &Error>) -> Answer + Send>;
+/// A queued write: runs on the connection it is given, inside the group's transaction
+/// (or learns that no transaction could be started), and returns what answers its caller
+/// once the group's commit is known, and whether it succeeded.
+type WriteJob = Box<dyn FnOnce(Result<&Connection, &Error>, Isolation) -> (Answer, bool) + Send>;
+
+/// Whether a write shares its transaction with others (and so runs in a savepoint of
+/// its own) or has it alone.
+#[derive(Clone, Copy)]
+enum Isolation {
+    Alone,
+    Savepoint,
+}
 
 /// Answers a write's caller with its result, or with the error that failed the commit.
 type Answer = Box<dyn FnOnce(Option<&Error>) + Send>;
@@ -75,21 +84,23 @@ impl Database {
     pub(crate) async fn write<T, F>(&self, operation: F) -> Result<T, Error>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Savepoint<'_>) -> Result<T, Failure> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, Failure> + Send + 'static,
     {
         let (answer, mut answered) = tokio::sync::oneshot::channel::<Result<T, Error>>();
-        let job: WriteJob = Box::new(move |savepoint| {
-            let result = match savepoint {
-                Ok(outer) => run_in_savepoint(outer, operation),
+        let job: WriteJob = Box::new(move |connection, isolation| {
+            let result = match connection {
+                Ok(connection) => run_write(connection, isolation, operation),
                 Err(error) => Err(error.clone()),
             };
-            Box::new(move |commit_error| {
+            let succeeded = result.is_ok();
+            let answer: Answer = Box::new(move |commit_error| {
                 let result = match commit_error {
                     Some(error) if result.is_ok() => Err(error.clone()),
                     _ => result,
                 };
                 let _ = answer.send(result);
-            })
+            });
+            (answer, succeeded)
         });
         lock(&self.queued_writes).push(job);
         let mut connection = self.writer.lock().await;
@@ -123,20 +134,24 @@ impl Database {
     }
 }
 
-/// Runs one write in its own savepoint: kept if it succeeds, rolled back if it fails.
-fn run_in_savepoint<T>(
-    outer: &mut Savepoint<'_>,
-    operation: impl FnOnce(&mut Savepoint<'_>) -> Result<T, Failure>,
+/// Runs one write. Sharing the transaction, it runs in a savepoint of its own, kept if
+/// it succeeds and rolled back if it fails; alone, a failure rolls back the transaction.
+fn run_write<T>(
+    connection: &Connection,
+    isolation: Isolation,
+    operation: impl FnOnce(&Connection) -> Result<T, Failure>,
 ) -> Result<T, Error> {
-    let mut savepoint = outer.savepoint().map_err(backend_error)?;
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| operation(&mut savepoint))) {
-        Ok(Ok(value)) => {
-            savepoint.commit().map_err(backend_error)?;
-            Ok(value)
-        }
-        Ok(Err(failure)) => Err(Error::from(failure)), // dropping the savepoint rolls it back
+    let shared = matches!(isolation, Isolation::Savepoint);
+    if shared {
+        connection
+            .prepare_cached("SAVEPOINT keel_write")
+            .and_then(|mut statement| statement.execute([]))
+            .map_err(backend_error)?;
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| operation(connection)));
+    let result = match outcome {
+        Ok(result) => result.map_err(Error::from),
         Err(panic) => {
-            drop(savepoint);
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|message| message.to_string())
@@ -144,33 +159,41 @@ fn run_in_savepoint<T>(
                 .unwrap_or_default();
             Err(Error::Backend { message: format!("a database operation panicked: {message}"), retryable: false })
         }
+    };
+    if shared {
+        let finish = if result.is_ok() { "RELEASE keel_write" } else { "ROLLBACK TO keel_write; RELEASE keel_write" };
+        connection.execute_batch(finish).map_err(backend_error)?;
     }
+    result
 }
 
-/// Commits `jobs` in one transaction, each in its own savepoint, then answers them all.
-fn commit_group(connection: &mut Connection, mut jobs: Vec<WriteJob>) {
-    let answers: Vec<Answer>;
-    let commit_error = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(mut transaction) => {
-            let outcome = transaction.savepoint().map_err(backend_error).map(|mut group| {
-                let answers: Vec<Answer> = jobs.drain(..).map(|job| job(Ok(&mut group))).collect();
-                (group.commit().map_err(backend_error), answers)
-            });
-            match outcome {
-                Ok((group_committed, group_answers)) => {
-                    answers = group_answers;
-                    group_committed.and_then(|()| transaction.commit().map_err(backend_error)).err()
-                }
-                Err(error) => {
-                    answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
-                    Some(error)
-                }
-            }
+/// Commits `jobs` in one transaction, then answers them all. A job that fails is
+/// undone alone (its savepoint), or, when it is the only job, with the transaction.
+fn commit_group(connection: &mut Connection, jobs: Vec<WriteJob>) {
+    let isolation = if jobs.len() == 1 { Isolation::Alone } else { Isolation::Savepoint };
+    let (answers, commit_error) = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(transaction) => {
+            let mut failed = false;
+            let answers: Vec<Answer> = jobs
+                .into_iter()
+                .map(|job| {
+                    let (answer, succeeded) = job(Ok(&transaction), isolation);
+                    failed |= !succeeded;
+                    answer
+                })
+                .collect();
+            let commit_error = if failed && matches!(isolation, Isolation::Alone) {
+                // The only write failed: nothing to keep.
+                transaction.rollback().map_err(backend_error).err()
+            } else {
+                transaction.commit().map_err(backend_error).err()
+            };
+            (answers, commit_error)
         }
         Err(error) => {
             let error = backend_error(error);
-            answers = jobs.drain(..).map(|job| job(Err(&error))).collect();
-            Some(error)
+            let answers = jobs.into_iter().map(|job| job(Err(&error), isolation).0).collect();
+            (answers, Some(error))
         }
     };
     for answer in answers {

@@ -1,8 +1,9 @@
 //! The worker side of the store: leasing orchestration and activity work, committing
 //! episodes and activity results, giving work back, and the next wake-up time.
 //!
-//! Batches (commits, completions) run in one transaction with a savepoint per item: an
-//! item that fails a contract check (a lost lease) is rolled back alone.
+//! Batches (commits, completions) run in one transaction. An item that fails its
+//! contract check (a lost lease) fails before it writes anything, so it fails alone and
+//! the others commit.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use keel_store::{
     ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, Message, OrchestrationItem,
     OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
 };
-use rusqlite::{params, Connection, OptionalExtension, Savepoint};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::client::{insert_instance, insert_message, Creation};
 use crate::codec::{from_json, instance_from_row, lease_end_millis, millis, timestamp, to_json, INSTANCE_COLUMNS};
@@ -131,31 +132,29 @@ fn visible_messages(
 }
 
 pub(crate) fn commit_episodes(
-    transaction: &mut Savepoint<'_>,
+    connection: &Connection,
     commits: &[EpisodeCommit],
     now: Timestamp,
 ) -> Result<(Vec<keel_store::Result<()>>, Wakeups), Failure> {
     let mut results = Vec::with_capacity(commits.len());
     let mut wakeups = Wakeups::default();
     for commit in commits {
-        let savepoint = transaction.savepoint()?;
-        match commit_episode(&savepoint, commit, now) {
+        // A commit with a stale lock fails before it writes anything, so no savepoint is
+        // needed to undo it (savepoints per item were a fifth of a busy batch's CPU).
+        match commit_episode(connection, commit, now) {
             Ok(episode_wakeups) => {
-                savepoint.commit()?;
                 wakeups.merge(episode_wakeups);
                 results.push(Ok(()));
             }
-            Err(Failure::Contract(error)) => {
-                savepoint.finish()?; // rolls back
-                results.push(Err(error));
-            }
+            Err(Failure::Contract(error)) => results.push(Err(error)),
             Err(failure @ Failure::Sqlite(_)) => return Err(failure),
         }
     }
     Ok((results, wakeups))
 }
 
-/// Applies one episode's commit; see [`EpisodeCommit`].
+/// Applies one episode's commit; see [`EpisodeCommit`]. The only contract error, a
+/// stale lock, is found before anything is written.
 fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestamp) -> Result<Wakeups, Failure> {
     let instance_id = commit.lock.instance_id.as_str();
     let now_millis = millis(now);
@@ -351,23 +350,19 @@ pub(crate) fn fetch_activity_items(
 }
 
 pub(crate) fn complete_activities(
-    transaction: &mut Savepoint<'_>,
+    connection: &Connection,
     completions: &[ActivityCompletion],
 ) -> Result<(Vec<keel_store::Result<()>>, Wakeups), Failure> {
     let mut results = Vec::with_capacity(completions.len());
     let mut wakeups = Wakeups::default();
     for completion in completions {
-        let savepoint = transaction.savepoint()?;
-        match complete_activity(&savepoint, completion) {
+        // A completion with a stale lock deletes nothing and fails before it writes.
+        match complete_activity(connection, completion) {
             Ok(delivered) => {
-                savepoint.commit()?;
                 wakeups.orchestration_work |= delivered;
                 results.push(Ok(()));
             }
-            Err(Failure::Contract(error)) => {
-                savepoint.finish()?; // rolls back
-                results.push(Err(error));
-            }
+            Err(Failure::Contract(error)) => results.push(Err(error)),
             Err(failure @ Failure::Sqlite(_)) => return Err(failure),
         }
     }
