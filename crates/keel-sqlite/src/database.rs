@@ -161,8 +161,11 @@ fn run_write<T>(
         }
     };
     if shared {
-        let finish = if result.is_ok() { "RELEASE keel_write" } else { "ROLLBACK TO keel_write; RELEASE keel_write" };
-        connection.execute_batch(finish).map_err(backend_error)?;
+        let run = |sql: &str| connection.prepare_cached(sql).and_then(|mut statement| statement.execute([]));
+        if result.is_err() {
+            run("ROLLBACK TO keel_write").map_err(backend_error)?;
+        }
+        run("RELEASE keel_write").map_err(backend_error)?;
     }
     result
 }
