@@ -47,3 +47,5 @@ pub fn hub_options(url: &str, schema: &str) -> PostgresOptions {
 pub async fn fresh_store(url: &str) -> PostgresStore {
     PostgresStore::open(hub_options(url, &fresh_schema("keel_test"))).await.expect("the store opens")
 }
+
+pub mod fleet;

@@ -1,0 +1,331 @@
+//! PostgreSQL-specific behaviour of the task hub, beyond the conformance suite:
+//! migrations (concurrent, idempotent, refusing a newer schema), hubs isolated by
+//! schema, wake-ups across stores, competing workers that never share or wait for each
+//! other's work, and recovery from lost connections. Skipped (with a line saying so)
+//! without `KEEL_TEST_POSTGRES_URL`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::DateTime;
+use keel_core::history::{RuntimeStatus, Timestamp};
+use keel_postgres::{PostgresStore, SCHEMA_VERSION};
+use keel_store::{NewInstance, Store};
+use tokio_postgres::NoTls;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn at(millis: i64) -> Timestamp {
+    DateTime::from_timestamp_millis(1_704_067_200_000 + millis).expect("in range")
+}
+
+fn new_instance(instance_id: &str) -> NewInstance {
+    NewInstance {
+        instance_id: instance_id.to_owned(),
+        execution_id: format!("{instance_id}-execution"),
+        name: "Flow".into(),
+        version: None,
+        input: Some("42".into()),
+        parent: None,
+        scheduled_start: None,
+        created_at: at(0),
+    }
+}
+
+/// Takes the wake-ups stored for dispatchers that were not waiting (the listener wakes
+/// everything when it connects), so that a later wait sees only new ones.
+async fn drain_wakeups(notifications: &keel_store::Notifications) {
+    let brief = Duration::from_millis(20);
+    let _ = tokio::time::timeout(brief, notifications.orchestration_work().notified()).await;
+    let _ = tokio::time::timeout(brief, notifications.activity_work().notified()).await;
+}
+
+/// A plain connection to the test database, for looking behind the store's back.
+async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_opening_a_hub_at_once_migrate_it_once() {
+    let Some(url) = common::postgres_url("processes_opening_a_hub_at_once_migrate_it_once") else { return };
+    let schema = common::fresh_schema("keel_test");
+    let opening: Vec<_> = (0..6)
+        .map(|_| {
+            let options = common::hub_options(&url, &schema);
+            tokio::spawn(async move { PostgresStore::open(options).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for open in opening {
+        stores.push(open.await.expect("task").expect("every store opens"));
+    }
+    let client = raw_client(&url).await;
+    let versions: Vec<i32> = client
+        .query(&format!("SELECT version FROM {schema}.schema_migrations ORDER BY version"), &[])
+        .await
+        .expect("the migrations table")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>(), "each migration applied once");
+
+    stores[0].create_instance(new_instance("a")).await.expect("create");
+    let reopened = PostgresStore::open(common::hub_options(&url, &schema)).await.expect("reopening changes nothing");
+    assert!(reopened.get_instance("a").await.expect("get").is_some(), "the data is kept");
+    drop(stores);
+    reopened.delete_task_hub().await.expect("delete");
+}
+
+#[tokio::test]
+async fn a_hub_with_a_newer_schema_is_refused() {
+    let Some(url) = common::postgres_url("a_hub_with_a_newer_schema_is_refused") else { return };
+    let store = common::fresh_store(&url).await;
+    let schema = store.schema().to_owned();
+    let client = raw_client(&url).await;
+    client
+        .execute(&format!("INSERT INTO {schema}.schema_migrations (version) VALUES ($1)"), &[&(SCHEMA_VERSION + 1)])
+        .await
+        .expect("pretend a newer Keel migrated the hub");
+    let error = PostgresStore::open(common::hub_options(&url, &schema)).await.expect_err("refused");
+    assert!(error.to_string().contains("newer"), "the error says why: {error}");
+    assert!(!error.is_retryable());
+    store.delete_task_hub().await.expect("delete");
+}
+
+#[tokio::test]
+async fn hubs_in_different_schemas_are_separate() {
+    let Some(url) = common::postgres_url("hubs_in_different_schemas_are_separate") else { return };
+    let orders = common::fresh_store(&url).await;
+    let billing = common::fresh_store(&url).await;
+    orders.create_instance(new_instance("same-id")).await.expect("create in orders");
+    billing.create_instance(new_instance("same-id")).await.expect("the same id in another hub");
+    let items = orders.fetch_orchestration_items(10, LEASE, at(0)).await.expect("fetch");
+    assert_eq!(items.len(), 1);
+    let items = billing.fetch_orchestration_items(10, LEASE, at(0)).await.expect("fetch");
+    assert_eq!(items.len(), 1, "the other hub's lock does not reach here");
+    assert!(orders.purge_instance("same-id").await.is_err(), "pending: not purged");
+    orders.delete_task_hub().await.expect("delete");
+    assert!(billing.get_instance("same-id").await.expect("get").is_some(), "deleting one hub leaves the other");
+    billing.delete_task_hub().await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wake_other_stores_on_the_hub() {
+    let Some(url) = common::postgres_url("writes_wake_other_stores_on_the_hub") else { return };
+    let writer = common::fresh_store(&url).await;
+    let other = PostgresStore::open(common::hub_options(&url, writer.schema())).await.expect("open");
+    let notifications = other.notifications();
+    // The listener signals everything when it (re)connects; let that pass.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drain_wakeups(notifications).await;
+
+    let mut changes = notifications.subscribe_instance_changes();
+    changes.borrow_and_update();
+    let orchestration_work = notifications.orchestration_work().notified();
+    writer.create_instance(new_instance("a")).await.expect("create");
+    tokio::time::timeout(Duration::from_secs(5), orchestration_work)
+        .await
+        .expect("the other store's orchestration dispatchers are woken");
+    tokio::time::timeout(Duration::from_secs(5), changes.changed())
+        .await
+        .expect("the other store's waiting clients are woken")
+        .expect("sender alive");
+
+    let item = writer.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("a");
+    let activity_work = notifications.activity_work().notified();
+    let mut commit = keel_store::EpisodeCommit {
+        lock: item.lock.clone(),
+        consumed: item.messages.iter().map(|m| m.id).collect(),
+        replace_history: None,
+        history: Vec::new(),
+        state: None,
+        activities: vec![keel_store::NewActivity {
+            instance_id: "a".into(),
+            execution_id: item.instance.execution_id.clone(),
+            task_id: 0,
+            name: "Work".into(),
+            input: None,
+        }],
+        messages: Vec::new(),
+        new_instances: Vec::new(),
+    };
+    commit.history.push(item.messages[0].message.event.clone());
+    let results = writer.commit_episodes(vec![commit], at(1)).await.expect("commit");
+    assert!(results[0].is_ok(), "{results:?}");
+    tokio::time::timeout(Duration::from_secs(5), activity_work)
+        .await
+        .expect("the other store's activity dispatchers are woken");
+    drop(other);
+    writer.delete_task_hub().await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_fetches_never_share_work() {
+    let Some(url) = common::postgres_url("competing_fetches_never_share_work") else { return };
+    let first = common::fresh_store(&url).await;
+    let schema = first.schema().to_owned();
+    for n in 0..300 {
+        first.create_instance(new_instance(&format!("i-{n:03}"))).await.expect("create");
+    }
+    let mut fetchers = Vec::new();
+    for _ in 0..4 {
+        let store = PostgresStore::open(common::hub_options(&url, &schema)).await.expect("open");
+        fetchers.push(tokio::spawn(async move {
+            let mut taken = Vec::new();
+            loop {
+                let items = store.fetch_orchestration_items(7, LEASE, at(0)).await.expect("fetch");
+                if items.is_empty() {
+                    return taken;
+                }
+                taken.extend(items.into_iter().map(|item| item.lock.instance_id));
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut busy_fetchers = 0;
+    for fetcher in fetchers {
+        let taken = fetcher.await.expect("fetcher");
+        busy_fetchers += usize::from(!taken.is_empty());
+        for id in taken {
+            assert!(seen.insert(id.clone()), "{id} was locked by two fetches");
+        }
+    }
+    assert_eq!(seen.len(), 300, "every instance was taken once");
+    assert!(busy_fetchers >= 2, "the work was shared out, not taken by one fetcher");
+
+    let activities = common::fresh_store(&url).await;
+    activities.create_instance(new_instance("fan")).await.expect("create");
+    let item = activities.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("fan");
+    let commit = keel_store::EpisodeCommit {
+        lock: item.lock.clone(),
+        consumed: item.messages.iter().map(|m| m.id).collect(),
+        replace_history: None,
+        history: vec![item.messages[0].message.event.clone()],
+        state: Some(keel_store::InstanceUpdate {
+            status: RuntimeStatus::Running,
+            input: None,
+            output: None,
+            failure: None,
+            custom_status: None,
+        }),
+        activities: (0..200)
+            .map(|task_id| keel_store::NewActivity {
+                instance_id: "fan".into(),
+                execution_id: item.instance.execution_id.clone(),
+                task_id,
+                name: "Work".into(),
+                input: None,
+            })
+            .collect(),
+        messages: Vec::new(),
+        new_instances: Vec::new(),
+    };
+    assert!(activities.commit_episodes(vec![commit], at(0)).await.expect("commit")[0].is_ok());
+    let activities = std::sync::Arc::new(activities);
+    let leasing: Vec<_> = (0..4)
+        .map(|_| {
+            let store = activities.clone();
+            tokio::spawn(async move {
+                let mut taken = Vec::new();
+                loop {
+                    let items = store.fetch_activity_items(9, LEASE, at(1)).await.expect("fetch");
+                    if items.is_empty() {
+                        return taken;
+                    }
+                    taken.extend(items.into_iter().map(|item| item.task_id));
+                }
+            })
+        })
+        .collect();
+    let mut leased = HashSet::new();
+    for lease in leasing {
+        for task_id in lease.await.expect("leaser") {
+            assert!(leased.insert(task_id), "activity {task_id} was leased twice");
+        }
+    }
+    assert_eq!(leased.len(), 200, "every activity item was leased once");
+    first.delete_task_hub().await.expect("delete");
+    std::sync::Arc::try_unwrap(activities).expect("one owner").delete_task_hub().await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_passes_over_rows_another_transaction_holds() {
+    let Some(url) = common::postgres_url("a_fetch_passes_over_rows_another_transaction_holds") else { return };
+    let store = common::fresh_store(&url).await;
+    let schema = store.schema().to_owned();
+    store.create_instance(new_instance("held")).await.expect("create");
+    store.create_instance(new_instance("free")).await.expect("create");
+
+    // Another worker's transaction holds the row of "held" (as a fetch or commit does).
+    let mut other = raw_client(&url).await;
+    let holding = other.transaction().await.expect("begin");
+    holding
+        .execute(&format!("SELECT 1 FROM {schema}.instances WHERE instance_id = 'held' FOR UPDATE"), &[])
+        .await
+        .expect("lock the row");
+
+    let items = tokio::time::timeout(Duration::from_secs(5), store.fetch_orchestration_items(10, LEASE, at(0)))
+        .await
+        .expect("the fetch does not wait for the other transaction")
+        .expect("fetch");
+    let ids: Vec<&str> = items.iter().map(|item| item.lock.instance_id.as_str()).collect();
+    assert_eq!(ids, ["free"], "the held instance is skipped, the free one taken");
+    holding.rollback().await.expect("rollback");
+    let items = store.fetch_orchestration_items(10, LEASE, at(0)).await.expect("fetch");
+    let ids: Vec<&str> = items.iter().map(|item| item.lock.instance_id.as_str()).collect();
+    assert_eq!(ids, ["held"], "once released, it is taken");
+    store.delete_task_hub().await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connections_fail_retryably_and_are_replaced() {
+    let Some(url) = common::postgres_url("lost_connections_fail_retryably_and_are_replaced") else { return };
+    let application = common::fresh_schema("keel_killed");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = common::fresh_store(&format!("{url}{separator}application_name={application}")).await;
+    store.create_instance(new_instance("a")).await.expect("create");
+
+    let admin = raw_client(&url).await;
+    let terminated = admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", &[&application])
+        .await
+        .expect("terminate the store's connections");
+    assert!(!terminated.is_empty(), "the store had connections (pool and listener)");
+
+    // Each operation fails at most once, retryably, per dead connection; then works.
+    let mut failures = 0;
+    let record = loop {
+        match store.get_instance("a").await {
+            Ok(record) => break record,
+            Err(error) => {
+                assert!(error.is_retryable(), "a lost connection is retryable: {error}");
+                failures += 1;
+                assert!(failures <= 8, "the pool keeps failing: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(record.expect("a exists").status, RuntimeStatus::Pending);
+
+    // The listener reconnected too: another store's write wakes this one.
+    let other = PostgresStore::open(common::hub_options(&url, store.schema())).await.expect("open");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drain_wakeups(store.notifications()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        let woken = store.notifications().orchestration_work().notified();
+        n += 1;
+        other.create_instance(new_instance(&format!("b-{n}"))).await.expect("create");
+        if tokio::time::timeout(Duration::from_millis(500), woken).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the listener did not come back");
+    }
+    drop(other);
+    store.delete_task_hub().await.expect("delete");
+}
