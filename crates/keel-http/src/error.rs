@@ -1,0 +1,89 @@
+//! The errors of the HTTP front end and the one place where they become status codes.
+//!
+//! Every handler returns [`ApiError`]; a bad query string (axum's rejection) converts
+//! into it, and [`ApiError::into_response`] maps
+//! each variant to its status code and a JSON body `{"error": KIND, "message": TEXT}`.
+
+use axum::extract::rejection::QueryRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keel::ClientError;
+
+/// Why a request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A call on the runtime's client failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The request itself is wrong: malformed JSON, a bad parameter, a missing one.
+    #[error("{0}")]
+    BadRequest(String),
+    /// What the request names does not exist (outside the client's own `NotFound`).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request body is larger than the host accepts.
+    #[error("the request body is larger than the limit of {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: usize },
+    /// An API key is required and the request did not carry the right one.
+    #[error("this host requires an API key: send it in the x-functions-key header or the code query parameter")]
+    Unauthorized,
+    /// Anything else; a bug or a store failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The short machine-readable name of the error, as the JSON body gives it.
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Client(ClientError::NotFound(_)) | ApiError::NotFound(_) => "NotFound",
+            ApiError::Client(ClientError::AlreadyExists { .. }) => "AlreadyExists",
+            ApiError::Client(ClientError::InvalidState { .. }) => "InvalidState",
+            ApiError::Client(ClientError::UnknownOrchestrator(_)) => "UnknownOrchestrator",
+            ApiError::Client(ClientError::Invalid(_)) | ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Client(ClientError::Timeout { .. }) => "Timeout",
+            ApiError::Client(ClientError::Store(_)) | ApiError::Internal(_) => "Internal",
+            ApiError::PayloadTooLarge { .. } => "PayloadTooLarge",
+            ApiError::Unauthorized => "Unauthorized",
+        }
+    }
+
+    /// The status code of each error: the one mapping of the HTTP front end.
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Client(ClientError::NotFound(_)) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Client(ClientError::AlreadyExists { .. }) => StatusCode::CONFLICT,
+            ApiError::Client(ClientError::InvalidState { .. }) => StatusCode::GONE,
+            ApiError::Client(ClientError::UnknownOrchestrator(_) | ClientError::Invalid(_))
+            | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Client(ClientError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Client(ClientError::Store(error)) if error.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Client(ClientError::Store(_)) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::info!(status = status.as_u16(), error = %self, "request refused");
+        }
+        let body = serde_json::json!({ "error": self.kind(), "message": self.to_string() });
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::BadRequest(format!("the query string could not be read: {}", rejection.body_text()))
+    }
+}
+
+/// The result type of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

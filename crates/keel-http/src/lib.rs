@@ -1,0 +1,99 @@
+//! Keel's function host over HTTP.
+//!
+//! - [`management`]: the Durable Functions management API under
+//!   `/runtime/webhooks/durabletask` (start, status, list, raise event, terminate,
+//!   suspend, resume, rewind, restart, purge), field for field and status code for
+//!   status code as Durable Functions has it.
+//! - [`trigger`]: the built-in starter `POST /api/orchestrators/{name}` and the helpers
+//!   an app's own routes use: [`DurableClient`], [`create_check_status_response`],
+//!   [`wait_for_completion_or_create_check_status_response`].
+//! - [`dashboard`]: a web page (embedded HTML, JS and CSS) to watch and manage instances.
+//! - [`host`]: [`serve`] an [`App`] — its functions on a worker, its routes next to the
+//!   API — on a task hub, with an optional API key.
+//!
+//! ```no_run
+//! use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError};
+//! use keel_http::{App, HostConfig};
+//!
+//! async fn greet(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
+//!     let name: String = ctx.input()?;
+//!     Ok(ctx.call_activity("SayHello", &name).await?)
+//! }
+//!
+//! async fn say_hello(_ctx: ActivityContext, name: String) -> Result<String, ActivityError> {
+//!     Ok(format!("Hello {name}!"))
+//! }
+//!
+//! # async fn run() -> Result<(), keel_http::HostError> {
+//! let app = App::new().functions(|worker| worker.orchestrator("Greet", greet).activity("SayHello", say_hello));
+//! keel_http::serve(app, HostConfig::default()).await
+//! # }
+//! ```
+
+pub mod dashboard;
+mod error;
+pub mod host;
+pub mod management;
+mod payload;
+mod request;
+mod security;
+pub mod trigger;
+
+use std::sync::Arc;
+
+pub use error::{ApiError, ApiResult};
+pub use host::{serve, App, Host, HostConfig, HostError};
+pub use payload::{percent_encode, HttpManagementPayload};
+pub use trigger::{
+    create_check_status_response, wait_for_completion_or_create_check_status_response, DurableClient, RequestHead,
+};
+
+/// The path under which the management API lives, as in Azure Functions.
+pub const MANAGEMENT_BASE_PATH: &str = "/runtime/webhooks/durabletask";
+
+/// What the HTTP front end needs to know besides the client.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    /// When set, every management and trigger request must carry this key (header
+    /// `x-functions-key` or query parameter `code`), else 401.
+    pub api_key: Option<String>,
+    /// The largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// The task hub name written into management URLs (`taskHub=`).
+    pub task_hub: String,
+}
+
+impl ApiSettings {
+    /// The default body limit: the runtime's payload limit.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = keel_core::limits::MAX_PAYLOAD_BYTES;
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings { api_key: None, max_body_bytes: ApiSettings::DEFAULT_MAX_BODY_BYTES, task_hub: "keel".to_string() }
+    }
+}
+
+/// What every request handled by the host can reach (a request extension): the client
+/// and the settings.
+#[derive(Clone)]
+pub(crate) struct HostContext {
+    pub client: keel::Client,
+    pub settings: Arc<ApiSettings>,
+}
+
+/// The whole HTTP surface of a host: management API, starter, the app's own routes
+/// (all behind the API key when one is set) and the dashboard.
+pub fn router(client: keel::Client, settings: ApiSettings, app_routes: axum::Router) -> axum::Router {
+    let context = HostContext { client, settings: Arc::new(settings) };
+    let protected = management::routes()
+        .merge(trigger::starter_routes())
+        .merge(app_routes)
+        .fallback(|| async { ApiError::NotFound("no such route".to_string()) })
+        .layer(axum::middleware::from_fn(security::require_api_key));
+    protected
+        .merge(dashboard::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(context.settings.max_body_bytes))
+        .layer(axum::middleware::from_fn(request::log_request))
+        .layer(axum::Extension(context))
+}

@@ -1,0 +1,238 @@
+//! The Durable Functions management API under `/runtime/webhooks/durabletask`:
+//! start, instance status, list, raise event, terminate, suspend, resume, rewind,
+//! restart, purge one and purge by filter — with Durable Functions' field names,
+//! status codes and `Location` / `Retry-After` / `x-ms-continuation-token` headers.
+//!
+//! Keel adds one route: `GET …/orchestrators` lists the orchestrator names the host
+//! runs (the dashboard's start form uses it).
+
+use axum::extract::Path;
+use axum::http::header::{HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keel::{ClientError, InstanceQuery, PurgeFilter, RuntimeStatus};
+use serde_json::json;
+
+use crate::error::{ApiError, ApiResult};
+use crate::payload::{status_object, StatusView};
+use crate::request::{record_instance, Body, Params};
+use crate::trigger::{start_new, start_with_id, wait_parameters, DurableClient};
+use crate::MANAGEMENT_BASE_PATH;
+
+/// The request and response header that carries the paging token of instance lists.
+pub const CONTINUATION_HEADER: &str = "x-ms-continuation-token";
+
+/// `Retry-After` of the status of an instance that is still running, in seconds.
+const STATUS_RETRY_AFTER_SECONDS: u32 = 5;
+
+/// The largest page of an instance list (`top`).
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// The routes of the management API.
+pub(crate) fn routes() -> Router {
+    let path = |route: &str| format!("{MANAGEMENT_BASE_PATH}{route}");
+    Router::new()
+        .route(&path("/orchestrators"), get(list_orchestrators))
+        .route(&path("/orchestrators/{name}"), post(start_new).fallback(no_such_route))
+        .route(&path("/orchestrators/{name}/{instance_id}"), post(start_with_id).fallback(no_such_route))
+        .route(&path("/instances"), get(list_instances).delete(purge_instances))
+        .route(&path("/instances/{instance_id}"), get(get_status).delete(purge_instance))
+        .route(&path("/instances/{instance_id}/raiseEvent/{event_name}"), post(raise_event))
+        .route(&path("/instances/{instance_id}/terminate"), post(terminate))
+        .route(&path("/instances/{instance_id}/suspend"), post(suspend))
+        .route(&path("/instances/{instance_id}/resume"), post(resume))
+        .route(&path("/instances/{instance_id}/rewind"), post(rewind))
+        .route(&path("/instances/{instance_id}/restart"), post(restart))
+}
+
+async fn no_such_route() -> ApiError {
+    ApiError::NotFound("no such route (start routes take POST only)".into())
+}
+
+async fn list_orchestrators(durable: DurableClient) -> Json<Vec<String>> {
+    Json(durable.client().orchestrator_names())
+}
+
+/// `GET /instances/{id}`: 200 for finished instances (500 for failed ones with
+/// `returnInternalServerErrorOnFailure=true`), 202 with `Location` and `Retry-After`
+/// while it runs, 404 for unknown ids.
+async fn get_status(
+    durable: DurableClient,
+    Path(instance_id): Path<String>,
+    params: Params,
+    uri: Uri,
+) -> ApiResult<Response> {
+    record_instance(&instance_id, None);
+    let view = StatusView {
+        show_input: params.bool("showInput", true)?,
+        show_history: params.bool("showHistory", false)?,
+        show_history_output: params.bool("showHistoryOutput", false)?,
+    };
+    let internal_error_on_failure = params.bool("returnInternalServerErrorOnFailure", false)?;
+    let client = durable.client();
+    let status = client.get_status(&instance_id).await?.ok_or_else(|| ClientError::NotFound(instance_id.clone()))?;
+    record_instance(&instance_id, Some(&status.name));
+    let history = match view.show_history && status.status != RuntimeStatus::Pending {
+        true => client.get_history(&instance_id).await?,
+        false => Vec::new(),
+    };
+    let body = status_object(&status, Some(&history), view);
+    let code = match status.status {
+        RuntimeStatus::Failed if internal_error_on_failure => StatusCode::INTERNAL_SERVER_ERROR,
+        RuntimeStatus::Running | RuntimeStatus::Pending | RuntimeStatus::ContinuedAsNew | RuntimeStatus::Suspended => {
+            StatusCode::ACCEPTED
+        }
+        RuntimeStatus::Completed | RuntimeStatus::Failed | RuntimeStatus::Terminated | RuntimeStatus::Canceled => {
+            StatusCode::OK
+        }
+    };
+    let mut response = (code, Json(body)).into_response();
+    if code == StatusCode::ACCEPTED {
+        let headers = response.headers_mut();
+        if let Ok(location) = HeaderValue::from_str(&format!("{}{uri}", durable.base_url())) {
+            headers.insert(LOCATION, location);
+        }
+        headers.insert(RETRY_AFTER, HeaderValue::from(STATUS_RETRY_AFTER_SECONDS));
+    }
+    Ok(response)
+}
+
+/// `GET /instances`: one page of status objects; the next page's token, when there may
+/// be one, in the `x-ms-continuation-token` response header.
+async fn list_instances(durable: DurableClient, params: Params, headers: HeaderMap) -> ApiResult<Response> {
+    let continuation = headers
+        .get(CONTINUATION_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && *token != "null")
+        .map(str::to_string);
+    let query = InstanceQuery {
+        statuses: params.statuses("runtimeStatus")?,
+        instance_id_prefix: params.get("instanceIdPrefix").map(str::to_string),
+        name_prefix: params.get("namePrefix").map(str::to_string),
+        created_from: params.time("createdTimeFrom")?,
+        created_to: params.time("createdTimeTo")?,
+        page_size: params.count("top")?.unwrap_or(0).min(MAX_PAGE_SIZE),
+        continuation,
+    };
+    let view = StatusView { show_input: params.bool("showInput", false)?, ..StatusView::default() };
+    let page = durable.client().query(&query).await?;
+    let instances: Vec<_> = page.instances.iter().map(|status| status_object(status, None, view)).collect();
+    let mut response = Json(instances).into_response();
+    if let Some(token) = page.continuation.and_then(|token| HeaderValue::from_str(&token).ok()) {
+        response.headers_mut().insert(CONTINUATION_HEADER, token);
+    }
+    Ok(response)
+}
+
+/// `DELETE /instances/{id}`: 200 `{"instancesDeleted":1}`; 404 when there is no
+/// finished instance with that id (a running one is not purged, as in Durable
+/// Functions where purging it deletes nothing).
+async fn purge_instance(durable: DurableClient, Path(instance_id): Path<String>) -> ApiResult<Response> {
+    record_instance(&instance_id, None);
+    match durable.client().purge(&instance_id).await {
+        Ok(true) => {
+            tracing::info!(instance_id = %instance_id, "purged");
+            Ok(Json(json!({ "instancesDeleted": 1 })).into_response())
+        }
+        Ok(false) => Err(ClientError::NotFound(instance_id).into()),
+        Err(ClientError::InvalidState { instance_id, status, .. }) => Err(ApiError::NotFound(format!(
+            "instance '{instance_id}' is {status}; only finished instances can be purged"
+        ))),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `DELETE /instances?createdTimeFrom=…[&createdTimeTo=…][&runtimeStatus=…]`:
+/// 200 `{"instancesDeleted":N}`, 404 when nothing matched.
+async fn purge_instances(durable: DurableClient, params: Params) -> ApiResult<Response> {
+    let Some(created_from) = params.time("createdTimeFrom")? else {
+        return Err(ApiError::BadRequest("Please provide value for 'createdTimeFrom' parameter.".into()));
+    };
+    let filter = PurgeFilter {
+        created_from: Some(created_from),
+        created_to: Some(params.time("createdTimeTo")?.unwrap_or_else(chrono::Utc::now)),
+        statuses: params.statuses("runtimeStatus")?,
+    };
+    let deleted = durable.client().purge_where(&filter).await?;
+    tracing::info!(deleted, "purged by filter");
+    if deleted == 0 {
+        return Err(ApiError::NotFound("no finished instances matched the filter".into()));
+    }
+    Ok(Json(json!({ "instancesDeleted": deleted })).into_response())
+}
+
+/// `POST /instances/{id}/raiseEvent/{name}`: JSON body with `Content-Type:
+/// application/json`; 202, 400, 404, or 410 when the instance has finished.
+async fn raise_event(
+    durable: DurableClient,
+    Path((instance_id, event_name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    record_instance(&instance_id, None);
+    let is_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::BadRequest(
+            "raising an event needs a JSON body with Content-Type: application/json".into(),
+        ));
+    }
+    let data = body.json_text("event data")?;
+    durable.client().raise_event_raw(&instance_id, &event_name, data).await?;
+    tracing::info!(instance_id = %instance_id, event = %event_name, "event raised");
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn terminate(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+    record_instance(&instance_id, None);
+    durable.client().terminate(&instance_id, params.get("reason")).await?;
+    tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "termination requested");
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn suspend(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+    record_instance(&instance_id, None);
+    durable.client().suspend(&instance_id, params.get("reason")).await?;
+    tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "suspension requested");
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn resume(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+    record_instance(&instance_id, None);
+    durable.client().resume(&instance_id, params.get("reason")).await?;
+    tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "resumption requested");
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn rewind(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+    record_instance(&instance_id, None);
+    durable.client().rewind(&instance_id, params.get("reason")).await?;
+    tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "rewind requested");
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// `POST /instances/{id}/restart[?restartWithNewInstanceId=false]`: the check-status
+/// response of the new instance (or its outcome, with `timeout` and
+/// `pollingInterval`); 400 when there is no instance with that id.
+async fn restart(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<Response> {
+    record_instance(&instance_id, None);
+    let new_instance_id = params.bool("restartWithNewInstanceId", true)?;
+    let wait = wait_parameters(&params)?;
+    let restarted = durable.client().restart(&instance_id, new_instance_id).await.map_err(|error| match error {
+        ClientError::NotFound(id) => ApiError::BadRequest(format!("there is no instance with id '{id}' to restart")),
+        other => other.into(),
+    })?;
+    tracing::info!(instance_id = %instance_id, new_instance_id = %restarted, "restarted");
+    match wait {
+        Some((timeout, retry_interval)) => {
+            durable.wait_for_completion_or_create_check_status_response(&restarted, timeout, retry_interval).await
+        }
+        None => Ok(durable.create_check_status_response(&restarted)),
+    }
+}
