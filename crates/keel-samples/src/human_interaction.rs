@@ -1,0 +1,71 @@
+//! `ApprovalWorkflow`: human interaction. Asks for an approval, then waits for the
+//! `Approval` event (a JSON boolean) at most `timeoutSeconds`; without an answer in
+//! time the request is escalated.
+//!
+//! Input: `{"request":"new laptop","approver":"grace@example.com","timeoutSeconds":3600}`
+//! (`timeoutSeconds` is optional: one hour). Output: `"Approved"`, `"Rejected"` or
+//! `"Escalated"`. Approve with
+//! `POST /runtime/webhooks/durabletask/instances/{id}/raiseEvent/Approval` and body `true`.
+
+use std::time::Duration;
+
+use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, WorkerBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The name of the event that carries the approver's answer.
+pub const APPROVAL_EVENT: &str = "Approval";
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRequest {
+    pub request: String,
+    pub approver: Option<String>,
+    pub timeout_seconds: Option<f64>,
+}
+
+pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
+    worker
+        .orchestrator("ApprovalWorkflow", approval_workflow)
+        .activity("RequestApproval", request_approval)
+        .activity("Escalate", escalate)
+}
+
+pub async fn approval_workflow(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
+    let request: ApprovalRequest = ctx.input()?;
+    let timeout = match request.timeout_seconds {
+        Some(seconds) => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| OrchestrationError::new("InvalidInput", "timeoutSeconds must be a positive number"))?,
+        None => DEFAULT_TIMEOUT,
+    };
+    ctx.call_activity::<()>("RequestApproval", &request).await?;
+    ctx.set_custom_status(&"waiting for approval");
+    let outcome = match ctx.wait_for_external_event_with_timeout::<bool>(APPROVAL_EVENT, timeout).await {
+        Ok(true) => "Approved",
+        Ok(false) => "Rejected",
+        Err(error) if error.is_timeout() => {
+            ctx.call_activity::<()>("Escalate", &request).await?;
+            "Escalated"
+        }
+        Err(error) => return Err(error.into()),
+    };
+    ctx.set_custom_status(&outcome);
+    Ok(outcome.to_string())
+}
+
+async fn request_approval(ctx: ActivityContext, request: ApprovalRequest) -> Result<(), ActivityError> {
+    tracing::info!(
+        instance_id = %ctx.instance_id,
+        function = %ctx.name,
+        request = %request.request,
+        approver = request.approver.as_deref().unwrap_or("(anyone)"),
+        "approval requested"
+    );
+    Ok(())
+}
+
+async fn escalate(ctx: ActivityContext, request: ApprovalRequest) -> Result<(), ActivityError> {
+    tracing::info!(instance_id = %ctx.instance_id, function = %ctx.name, request = %request.request, "escalated");
+    Ok(())
+}

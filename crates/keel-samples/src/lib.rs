@@ -1,0 +1,37 @@
+//! The sample function app that `keel serve` hosts: one module per Durable Functions
+//! pattern, each with a `register` function that adds its orchestrator and activities
+//! to a worker.
+//!
+//! | Orchestrator | Pattern | Module |
+//! |---|---|---|
+//! | `PlaceOrder` | function chaining with compensation | [`place_order`] |
+//! | `HelloCities` | function chaining | [`hello_cities`] |
+//! | `BackupSiteContent` | fan-out/fan-in | [`fan_out_fan_in`] |
+//! | `WeatherMonitor` | monitor (durable timers) | [`monitor`] |
+//! | `ApprovalWorkflow` | human interaction (event vs timeout) | [`human_interaction`] |
+//!
+//! [`http_trigger`] adds an app route, `POST /api/orders/{orderId}`, that starts an
+//! order and answers with its outcome or a check-status response.
+
+pub mod fan_out_fan_in;
+pub mod hello_cities;
+pub mod http_trigger;
+pub mod human_interaction;
+pub mod monitor;
+pub mod place_order;
+
+use keel::WorkerBuilder;
+
+/// Registers every sample orchestrator and activity.
+pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
+    let worker = place_order::register(worker);
+    let worker = hello_cities::register(worker);
+    let worker = fan_out_fan_in::register(worker);
+    let worker = monitor::register(worker);
+    human_interaction::register(worker)
+}
+
+/// The whole sample app: its functions and its HTTP routes.
+pub fn app() -> keel_http::App {
+    keel_http::App::new().functions(register).routes(http_trigger::routes())
+}
