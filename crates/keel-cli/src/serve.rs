@@ -1,0 +1,77 @@
+//! `keel serve`: the function host with the sample app, on a task hub, with logs in
+//! text or JSON.
+
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, SocketAddr};
+
+use clap::{Args, ValueEnum};
+use keel_http::{ApiSettings, Host, HostConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The HTTP port; 0 picks a free one (the address is printed).
+    #[arg(long, default_value_t = 7071)]
+    port: u16,
+    /// The address to listen on. The default accepts local connections only.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// The task hub: sqlite://PATH (or any other URL the runtime's store opener takes).
+    #[arg(long, env = "KEEL_STORE", default_value = keel::store::DEFAULT_STORE_URL)]
+    store: String,
+    /// Require this key on every API and trigger request (x-functions-key header or code= parameter).
+    #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, default_value_t = ApiSettings::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// The log line format (on stderr); RUST_LOG sets the levels.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let api_key = args.api_key.filter(|key| !key.is_empty());
+    let config = HostConfig {
+        address: SocketAddr::new(args.host, args.port),
+        store_url: args.store.clone(),
+        api: ApiSettings { api_key: api_key.clone(), max_body_bytes: args.max_body_bytes, ..ApiSettings::default() },
+        ..HostConfig::default()
+    };
+    let host = Host::start(keel_samples::app(), config).await?;
+    let address = host.local_addr();
+    let names = host.client().orchestrator_names();
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "keel: listening on http://{address} (task hub {})", args.store)?;
+    writeln!(stdout, "  dashboard:       http://{address}/")?;
+    writeln!(stdout, "  management API:  http://{address}{}", keel_http::MANAGEMENT_BASE_PATH)?;
+    writeln!(stdout, "  start:           POST http://{address}/api/orchestrators/{{name}}")?;
+    writeln!(stdout, "  orchestrators:   {}", names.join(", "))?;
+    if api_key.is_some() {
+        writeln!(stdout, "  API key:         required (x-functions-key header or code= parameter)")?;
+    }
+    stdout.flush()?;
+    drop(stdout);
+    tracing::info!(%address, store = %args.store, "host started");
+    host.run_until(keel_http::host::shutdown_signal()).await?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,153 @@
+//! End to end for the client subcommands: the real `keel` binary talking to a real
+//! `keel serve` on port 0, with `--json` for checking and without it for the tables.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{wait_for_status, Server};
+use serde_json::{json, Value};
+
+/// Runs `keel ARGS --url BASE [extra]`.
+fn keel(server: &Server, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .args(["--url", &server.base])
+        .env_remove("KEEL_API_KEY")
+        .env_remove("KEEL_URL")
+        .output()
+        .expect("keel runs")
+}
+
+/// Runs a command with `--json`, expects success, returns its JSON.
+fn keel_json(server: &Server, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let output = keel(server, &args);
+    assert!(
+        output.status.success(),
+        "keel {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!("keel {args:?} printed no JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn start_wait_status_history_and_list() {
+    let server = Server::start(&[]);
+    let started = keel_json(&server, &["start", "HelloCities", "--id", "cli-hello"]);
+    assert_eq!(started["id"], "cli-hello");
+    assert!(started["statusQueryGetUri"].as_str().unwrap().contains("/instances/cli-hello"));
+
+    let done = keel_json(&server, &["wait", "cli-hello", "--timeout", "30"]);
+    assert_eq!(done["runtimeStatus"], "Completed");
+    assert_eq!(done["output"], json!(["Hello Tokyo!", "Hello Seattle!", "Hello London!"]));
+
+    let status = keel_json(&server, &["status", "cli-hello", "--history"]);
+    assert_eq!(status["historyEvents"].as_array().unwrap().len(), 5);
+    let history = keel_json(&server, &["history", "cli-hello"]);
+    assert_eq!(history[1]["FunctionName"], "SayHello");
+    assert_eq!(history[1]["Result"], "Hello Tokyo!");
+
+    let order = r#"{"orderId":"o-7","customer":"ada@example.com","items":[{"sku":"A1","quantity":2}]}"#;
+    let input_file = server.dir().join("order.json");
+    std::fs::write(&input_file, order).unwrap();
+    let input_arg = format!("@{}", input_file.display());
+    let started = keel_json(&server, &["start", "PlaceOrder", "--id", "cli-order", "--input", &input_arg]);
+    assert_eq!(started["id"], "cli-order");
+    assert_eq!(keel_json(&server, &["wait", "cli-order"])["output"], "TRACK-O-7");
+
+    let listed = keel_json(&server, &["list", "--prefix", "cli-", "--status", "Completed"]);
+    let ids: Vec<&str> =
+        listed.as_array().unwrap().iter().map(|status| status["instanceId"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["cli-hello", "cli-order"]);
+    let paged = keel_json(&server, &["list", "--prefix", "cli-", "--top", "1", "--all"]);
+    assert_eq!(paged.as_array().unwrap().len(), 2, "--all follows continuation tokens");
+    let named = keel_json(&server, &["list", "--name", "Place", "--from", "2000-01-01T00:00:00Z"]);
+    assert_eq!(named.as_array().unwrap().len(), 1);
+
+    // Without --json: tables and labelled lines.
+    let table = stdout(&keel(&server, &["list"]));
+    assert!(table.starts_with("INSTANCE ID"), "{table}");
+    assert!(table.contains("cli-order") && table.contains("Completed"), "{table}");
+    let status = stdout(&keel(&server, &["status", "cli-order"]));
+    assert!(status.contains("Output:") && status.contains("\"TRACK-O-7\""), "{status}");
+    let history = stdout(&keel(&server, &["history", "cli-hello"]));
+    assert!(history.contains("TaskCompleted") && history.contains("FunctionName=SayHello"), "{history}");
+    let started = stdout(&keel(&server, &["start", "HelloCities"]));
+    assert!(started.starts_with("Started HelloCities as instance "), "{started}");
+}
+
+#[tokio::test]
+async fn raise_suspend_resume_terminate_restart_rewind_and_purge() {
+    let server = Server::start(&[]);
+    keel_json(&server, &["start", "ApprovalWorkflow", "--id", "cli-approve", "--input", r#"{"request":"laptop"}"#]);
+    wait_for_status(&server, "cli-approve", &["Running"]).await;
+    let raised = keel_json(&server, &["raise", "cli-approve", "Approval", "true"]);
+    assert_eq!(raised["accepted"], true);
+    assert_eq!(keel_json(&server, &["wait", "cli-approve"])["output"], "Approved");
+
+    keel_json(&server, &["start", "ApprovalWorkflow", "--id", "cli-manage", "--input", r#"{"request":"desk"}"#]);
+    wait_for_status(&server, "cli-manage", &["Running"]).await;
+    keel_json(&server, &["suspend", "cli-manage", "--reason", "lunch"]);
+    wait_for_status(&server, "cli-manage", &["Suspended"]).await;
+    keel_json(&server, &["resume", "cli-manage"]);
+    wait_for_status(&server, "cli-manage", &["Running"]).await;
+    keel_json(&server, &["terminate", "cli-manage", "--reason", "cancelled"]);
+    let terminated = keel_json(&server, &["wait", "cli-manage"]);
+    assert_eq!(terminated["runtimeStatus"], "Terminated");
+    assert_eq!(terminated["output"], "cancelled");
+
+    let restarted = keel_json(&server, &["restart", "cli-manage"]);
+    assert_ne!(restarted["id"], "cli-manage");
+    let same = keel_json(&server, &["restart", "cli-manage", "--same-id"]);
+    assert_eq!(same["id"], "cli-manage");
+
+    let declined = r#"{"orderId":"o-8","customer":"declined@example.com","items":[{"sku":"A1","quantity":1}]}"#;
+    keel_json(&server, &["start", "PlaceOrder", "--id", "cli-declined", "--input", declined]);
+    assert_eq!(keel_json(&server, &["wait", "cli-declined"])["runtimeStatus"], "Failed");
+    keel_json(&server, &["rewind", "cli-declined", "--reason", "try again"]);
+    assert_eq!(keel_json(&server, &["wait", "cli-declined"])["runtimeStatus"], "Failed");
+
+    assert_eq!(keel_json(&server, &["purge", "cli-approve"]), json!({"instancesDeleted": 1}));
+    let purged = keel_json(&server, &["purge", "--from", "2000-01-01T00:00:00Z", "--status", "Failed"]);
+    assert_eq!(purged, json!({"instancesDeleted": 1}));
+    let nothing = keel_json(&server, &["purge", "--from", "2000-01-01T00:00:00Z", "--status", "Failed"]);
+    assert_eq!(nothing, json!({"instancesDeleted": 0}));
+}
+
+#[tokio::test]
+async fn errors_exit_non_zero_with_the_hosts_message() {
+    let server = Server::start(&["--api-key", "k3y"]);
+    let refused = keel(&server, &["list"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"), "{refused:?}");
+
+    let listed = keel(&server, &["list", "--api-key", "k3y", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+
+    let missing = keel(&server, &["status", "nobody", "--api-key", "k3y"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no instance with id 'nobody'"), "{missing:?}");
+
+    let unknown = keel(&server, &["start", "NoSuchOrchestrator", "--api-key", "k3y"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("400"), "{unknown:?}");
+
+    keel(&server, &["start", "ApprovalWorkflow", "--id", "slow", "--input", r#"{"request":"x"}"#, "--api-key", "k3y"]);
+    let timed_out = keel(&server, &["wait", "slow", "--timeout", "0.5", "--api-key", "k3y"]);
+    assert!(!timed_out.status.success());
+    assert!(String::from_utf8_lossy(&timed_out.stderr).contains("did not finish"), "{timed_out:?}");
+
+    let nowhere =
+        Command::new(env!("CARGO_BIN_EXE_keel")).args(["list", "--url", "http://127.0.0.1:1"]).output().unwrap();
+    assert!(!nowhere.status.success());
+    assert!(String::from_utf8_lossy(&nowhere.stderr).contains("could not reach"), "{nowhere:?}");
+}

@@ -1,0 +1,116 @@
+//! Shared helpers of the end-to-end tests: run the real `keel serve` binary on port 0
+//! with a task hub in a temporary directory, find its address, and poll instances.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The management API's path.
+pub const API: &str = "/runtime/webhooks/durabletask";
+
+/// Long enough for anything a test waits for; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A `keel serve` process, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `keel serve --port 0` with extra arguments.
+    pub fn start(extra_args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = format!("sqlite://{}", dir.path().join("hub.db").display());
+        let log = std::fs::File::create(dir.path().join("host.log")).expect("a log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(["serve", "--port", "0", "--store", &store])
+            .args(extra_args)
+            .env_remove("KEEL_API_KEY")
+            .env_remove("KEEL_STORE")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("keel serve starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut stdout = BufReader::new(stdout);
+        let mut first_line = String::new();
+        stdout.read_line(&mut first_line).expect("keel serve prints its address");
+        // Keep reading what the host prints, so that its writes never fail.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let base = first_line
+            .split_whitespace()
+            .find(|word| word.starts_with("http://"))
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap_or_default();
+                panic!("no address in {first_line:?}; log:\n{log}")
+            })
+            .to_string();
+        Server { child, base, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The management API URL of a path under it.
+    pub fn api(&self, path: &str) -> String {
+        format!("{}{API}{path}", self.base)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("host.log")).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("hub.db")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client for the tests (no proxy, short timeouts).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(WAIT).build().expect("a client")
+}
+
+/// Polls an instance's status until it is finished; returns the status object.
+pub async fn wait_until_finished(server: &Server, instance_id: &str) -> Value {
+    wait_for_status(server, instance_id, &["Completed", "Failed", "Terminated", "Canceled"]).await
+}
+
+/// Polls an instance's status until it is one of `statuses`.
+pub async fn wait_for_status(server: &Server, instance_id: &str, statuses: &[&str]) -> Value {
+    let deadline = Instant::now() + WAIT;
+    let url = server.api(&format!("/instances/{instance_id}"));
+    loop {
+        let response = http().get(&url).send().await.expect("status request");
+        if response.status() != 404 {
+            let status: Value = response.json().await.expect("a JSON status");
+            if statuses.contains(&status["runtimeStatus"].as_str().unwrap_or_default()) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{instance_id} is still {} after {WAIT:?}", status["runtimeStatus"]);
+        }
+        assert!(Instant::now() < deadline, "{instance_id} never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

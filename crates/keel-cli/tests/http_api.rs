@@ -1,0 +1,578 @@
+//! End to end over HTTP: the real `keel serve` binary on port 0, driven with reqwest
+//! through every management endpoint, the starter, the app route and each sample
+//! pattern, including the 4xx paths and the API key.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{http, wait_for_status, wait_until_finished, Server, API};
+use serde_json::{json, Value};
+
+const ORDER: &str = r#"{"orderId":"o-1","customer":"ada@example.com","items":[{"sku":"A1","quantity":2}]}"#;
+
+const CHECK_STATUS_FIELDS: [&str; 8] = [
+    "id",
+    "statusQueryGetUri",
+    "sendEventPostUri",
+    "terminatePostUri",
+    "purgeHistoryDeleteUri",
+    "restartPostUri",
+    "suspendPostUri",
+    "resumePostUri",
+];
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Starts an orchestration through the management API; returns the instance id.
+async fn start(server: &Server, name: &str, instance_id: Option<&str>, input: Option<Value>) -> String {
+    let path = match instance_id {
+        Some(id) => format!("/orchestrators/{name}/{id}"),
+        None => format!("/orchestrators/{name}"),
+    };
+    let mut request = http().post(server.api(&path));
+    if let Some(input) = input {
+        request = request.json(&input);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let payload: Value = response.json().await.unwrap();
+    payload["id"].as_str().unwrap().to_string()
+}
+
+async fn status_of(server: &Server, instance_id: &str, query: &str) -> (u16, Value) {
+    let response = http().get(server.api(&format!("/instances/{instance_id}{query}"))).send().await.unwrap();
+    let code = response.status().as_u16();
+    (code, response.json().await.unwrap())
+}
+
+async fn instance_count(server: &Server) -> usize {
+    let list: Vec<Value> = http().get(server.api("/instances?top=1000")).send().await.unwrap().json().await.unwrap();
+    list.len()
+}
+
+#[tokio::test]
+async fn the_readme_flow_starts_an_order_and_polls_it_to_its_tracking_number() {
+    let server = Server::start(&[]);
+    let response = http().post(server.url("/api/orchestrators/PlaceOrder")).body(ORDER).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(header(&response, "retry-after"), Some("10"));
+    let location = header(&response, "location").unwrap().to_string();
+    let payload: Value = response.json().await.unwrap();
+    for field in CHECK_STATUS_FIELDS {
+        assert!(payload[field].is_string(), "{field} missing in {payload}");
+    }
+    assert!(payload.get("rewindPostUri").is_none(), "a check-status response has no rewind URI");
+    let id = payload["id"].as_str().unwrap();
+    assert_eq!(payload.as_object().unwrap().len(), CHECK_STATUS_FIELDS.len());
+    let status_uri = payload["statusQueryGetUri"].as_str().unwrap();
+    assert_eq!(location, status_uri);
+    assert!(status_uri.starts_with(&format!("{}{API}/instances/{id}?", server.base)), "{status_uri}");
+    assert!(payload["sendEventPostUri"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("/instances/{id}/raiseEvent/{{eventName}}")));
+    assert!(payload["terminatePostUri"].as_str().unwrap().contains("/terminate?reason={text}"));
+
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let done = loop {
+        let response = http().get(status_uri).send().await.unwrap();
+        match response.status().as_u16() {
+            202 => {
+                assert_eq!(header(&response, "retry-after"), Some("5"));
+                assert!(header(&response, "location").is_some());
+            }
+            200 => break response.json::<Value>().await.unwrap(),
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["runtimeStatus"], "Completed");
+    assert_eq!(done["output"], "TRACK-O-1");
+    assert_eq!(done["name"], "PlaceOrder");
+    assert_eq!(done["instanceId"], id);
+    assert_eq!(done["input"]["orderId"], "o-1");
+    assert_eq!(done["customStatus"], "shipped");
+    let created = done["createdTime"].as_str().unwrap();
+    assert_eq!(created.len(), "2024-01-01T00:00:00Z".len(), "second precision: {created}");
+    assert!(created.ends_with('Z'));
+    assert!(done.get("historyEvents").is_none(), "history only with showHistory");
+}
+
+#[tokio::test]
+async fn a_declined_payment_is_compensated_and_reported_as_failed() {
+    let server = Server::start(&[]);
+    let order = json!({"orderId": "o-2", "customer": "declined@example.com", "items": [{"sku": "A1", "quantity": 1}]});
+    let id = start(&server, "PlaceOrder", Some("declined-order"), Some(order)).await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["runtimeStatus"], "Failed");
+    assert_eq!(done["output"]["errorType"], "PaymentDeclined");
+
+    let (code, _) = status_of(&server, &id, "").await;
+    assert_eq!(code, 200, "a failed instance is 200 by default");
+    let (code, body) = status_of(&server, &id, "?returnInternalServerErrorOnFailure=true").await;
+    assert_eq!(code, 500);
+    assert_eq!(body["runtimeStatus"], "Failed");
+
+    let (_, with_history) = status_of(&server, &id, "?showHistory=true").await;
+    let events = with_history["historyEvents"].as_array().unwrap();
+    let failed = events.iter().find(|event| event["EventType"] == "TaskFailed").expect("a TaskFailed row");
+    assert_eq!(failed["FunctionName"], "ProcessPayment");
+    assert_eq!(failed["FailureDetails"]["ErrorType"], "PaymentDeclined");
+    assert!(failed["ScheduledTime"].is_string());
+    let released =
+        events.iter().any(|event| event["EventType"] == "TaskCompleted" && event["FunctionName"] == "ReleaseInventory");
+    assert!(released, "the reservation was released: {events:?}");
+
+    // Rewinding runs the failed payment again (the double declines again).
+    let response = http().post(server.api(&format!("/instances/{id}/rewind?reason=retry"))).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let again = wait_until_finished(&server, &id).await;
+    assert_eq!(again["runtimeStatus"], "Failed");
+}
+
+#[tokio::test]
+async fn hello_cities_waits_for_its_output_and_shows_the_contract_history() {
+    let server = Server::start(&[]);
+    let response = http()
+        .post(server.api("/orchestrators/HelloCities/hello-1?timeout=20&pollingInterval=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "waited for the output");
+    let output: Value = response.json().await.unwrap();
+    assert_eq!(output, json!(["Hello Tokyo!", "Hello Seattle!", "Hello London!"]));
+
+    let (code, status) = status_of(&server, "hello-1", "?showHistory=true&showHistoryOutput=true").await;
+    assert_eq!(code, 200);
+    let events = status["historyEvents"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|event| event["EventType"].as_str().unwrap()).collect();
+    assert_eq!(types, ["ExecutionStarted", "TaskCompleted", "TaskCompleted", "TaskCompleted", "ExecutionCompleted"]);
+    assert_eq!(events[0]["FunctionName"], "HelloCities");
+    assert_eq!(events[1]["FunctionName"], "SayHello");
+    assert_eq!(events[1]["Result"], "Hello Tokyo!");
+    assert!(events[1]["ScheduledTime"].is_string());
+    assert!(events[1]["Timestamp"].is_string());
+    assert!(events[1].get("TaskScheduledId").is_none());
+    assert!(events[1].get("EventId").is_none());
+    assert_eq!(events[4]["OrchestrationStatus"], "Completed");
+
+    let (_, without_output) = status_of(&server, "hello-1", "?showHistory=true").await;
+    let events = without_output["historyEvents"].as_array().unwrap();
+    assert!(events.iter().all(|event| event.get("Result").is_none()), "results only with showHistoryOutput");
+
+    let (_, without_input) = status_of(&server, "hello-1", "?showInput=false").await;
+    assert_eq!(without_input["input"], Value::Null);
+}
+
+#[tokio::test]
+async fn fan_out_fan_in_adds_up_the_sizes_of_every_file() {
+    let server = Server::start(&[]);
+    let site = server.dir().join("site");
+    std::fs::create_dir_all(site.join("images")).unwrap();
+    let sizes = [10usize, 200, 3000, 1, 0];
+    for (index, size) in sizes.iter().enumerate() {
+        let folder = if index % 2 == 0 { site.clone() } else { site.join("images") };
+        std::fs::write(folder.join(format!("file-{index}.bin")), vec![7u8; *size]).unwrap();
+    }
+    let id = start(&server, "BackupSiteContent", None, Some(json!(site.display().to_string()))).await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["runtimeStatus"], "Completed", "{done}");
+    assert_eq!(done["output"], sizes.iter().sum::<usize>());
+    let (_, status) = status_of(&server, &id, "?showHistory=true").await;
+    let copies = status["historyEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["FunctionName"] == "CopyFileToBlob")
+        .count();
+    assert_eq!(copies, sizes.len());
+
+    let empty = server.dir().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let id = start(&server, "BackupSiteContent", None, Some(json!(empty.display().to_string()))).await;
+    assert_eq!(wait_until_finished(&server, &id).await["output"], 0);
+}
+
+#[tokio::test]
+async fn the_monitor_checks_on_a_timer_until_the_sky_clears_or_it_expires() {
+    let server = Server::start(&[]);
+    let clears = json!({"location": {"state": "WA", "city": "Redmond"}, "phone": "+1-555-0100", "pollingIntervalSeconds": 1, "expirySeconds": 60});
+    let id = start(&server, "WeatherMonitor", None, Some(clears)).await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["output"], json!({"checks": 3, "alertSent": true}), "{done}");
+    let (_, status) = status_of(&server, &id, "?showHistory=true").await;
+    let timers =
+        status["historyEvents"].as_array().unwrap().iter().filter(|event| event["EventType"] == "TimerFired").count();
+    assert_eq!(timers, 2);
+
+    let rains = json!({"location": {"state": "WA", "city": "Seattle"}, "phone": "+1-555-0100", "pollingIntervalSeconds": 1, "expirySeconds": 2});
+    let id = start(&server, "WeatherMonitor", None, Some(rains)).await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["output"]["alertSent"], false);
+    assert!(done["output"]["checks"].as_u64().unwrap() >= 2);
+
+    let id =
+        start(&server, "WeatherMonitor", None, Some(json!({"location": {"state": "WA", "city": "Redmond"}}))).await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["runtimeStatus"], "Failed");
+    assert_eq!(done["output"]["errorType"], "InvalidInput");
+}
+
+#[tokio::test]
+async fn human_interaction_is_approved_rejected_or_escalated() {
+    let server = Server::start(&[]);
+    let id = start(&server, "ApprovalWorkflow", Some("approve-me"), Some(json!({"request": "laptop"}))).await;
+    let waiting = wait_for_status(&server, &id, &["Running"]).await;
+    let response = http().get(server.api(&format!("/instances/{id}"))).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(header(&response, "retry-after"), Some("5"));
+    assert_eq!(header(&response, "location"), Some(server.api(&format!("/instances/{id}")).as_str()));
+    assert_eq!(waiting["runtimeStatus"], "Running");
+    let response =
+        http().post(server.api(&format!("/instances/{id}/raiseEvent/Approval"))).json(&true).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(wait_until_finished(&server, &id).await["output"], "Approved");
+
+    let id = start(&server, "ApprovalWorkflow", None, Some(json!({"request": "yacht"}))).await;
+    wait_for_status(&server, &id, &["Running"]).await;
+    http().post(server.api(&format!("/instances/{id}/raiseEvent/Approval"))).json(&false).send().await.unwrap();
+    assert_eq!(wait_until_finished(&server, &id).await["output"], "Rejected");
+
+    let id = start(&server, "ApprovalWorkflow", None, Some(json!({"request": "coffee", "timeoutSeconds": 0.5}))).await;
+    assert_eq!(wait_until_finished(&server, &id).await["output"], "Escalated");
+}
+
+#[tokio::test]
+async fn suspend_resume_terminate_restart_and_purge_one_instance() {
+    let host = Server::start(&[]);
+    let server = &host;
+    let input = json!({"request": "desk"});
+    let id = start(server, "ApprovalWorkflow", Some("lifecycle"), Some(input.clone())).await;
+    wait_for_status(server, &id, &["Running"]).await;
+
+    let post = |path: String| async move { http().post(server.api(&path)).send().await.unwrap().status().as_u16() };
+    assert_eq!(post(format!("/instances/{id}/suspend?reason=lunch")).await, 202);
+    wait_for_status(server, &id, &["Suspended"]).await;
+    let (code, _) = status_of(server, &id, "").await;
+    assert_eq!(code, 202, "a suspended instance is not finished");
+    assert_eq!(post(format!("/instances/{id}/resume?reason=back")).await, 202);
+    wait_for_status(server, &id, &["Running"]).await;
+    assert_eq!(post(format!("/instances/{id}/rewind")).await, 410, "only failed instances rewind");
+
+    // A second start with the id of a running instance is refused.
+    let response =
+        http().post(server.api(&format!("/orchestrators/ApprovalWorkflow/{id}"))).json(&input).send().await.unwrap();
+    assert_eq!(response.status(), 409);
+    // Purging a running instance deletes nothing.
+    let response = http().delete(server.api(&format!("/instances/{id}"))).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+
+    assert_eq!(post(format!("/instances/{id}/terminate?reason=no%20longer%20needed")).await, 202);
+    let terminated = wait_until_finished(server, &id).await;
+    assert_eq!(terminated["runtimeStatus"], "Terminated");
+    assert_eq!(terminated["output"], "no longer needed");
+    let (code, _) = status_of(server, &id, "").await;
+    assert_eq!(code, 200);
+
+    // Everything that needs a running instance is now 410 Gone.
+    assert_eq!(post(format!("/instances/{id}/terminate")).await, 410);
+    assert_eq!(post(format!("/instances/{id}/suspend")).await, 410);
+    assert_eq!(post(format!("/instances/{id}/resume")).await, 410);
+    let response =
+        http().post(server.api(&format!("/instances/{id}/raiseEvent/Approval"))).json(&true).send().await.unwrap();
+    assert_eq!(response.status(), 410);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["message"].as_str().unwrap().contains("Terminated"), "{error}");
+
+    // Restart under a new id, then under the same id.
+    let response = http().post(server.api(&format!("/instances/{id}/restart"))).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let restarted: Value = response.json().await.unwrap();
+    let new_id = restarted["id"].as_str().unwrap();
+    assert_ne!(new_id, id);
+    assert_eq!(wait_for_status(server, new_id, &["Running"]).await["input"], input);
+    let response = http()
+        .post(server.api(&format!("/instances/{id}/restart?restartWithNewInstanceId=false")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.json::<Value>().await.unwrap()["id"], id);
+    wait_for_status(server, &id, &["Running"]).await;
+    assert_eq!(post(format!("/instances/{id}/terminate")).await, 202);
+    wait_until_finished(server, &id).await;
+
+    let response = http().delete(server.api(&format!("/instances/{id}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"instancesDeleted": 1}));
+    let response = http().delete(server.api(&format!("/instances/{id}"))).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let (code, _) = status_of(server, &id, "").await;
+    assert_eq!(code, 404);
+    let response = http().post(server.api("/instances/nobody/restart")).send().await.unwrap();
+    assert_eq!(response.status(), 400, "restarting an unknown id is a bad request");
+}
+
+#[tokio::test]
+async fn lists_filter_and_page_with_continuation_tokens() {
+    let server = Server::start(&[]);
+    for n in 0..5 {
+        start(&server, "HelloCities", Some(&format!("page-{n}")), None).await;
+    }
+    start(&server, "ApprovalWorkflow", Some("other-1"), Some(json!({"request": "x"}))).await;
+    for n in 0..5 {
+        wait_until_finished(&server, &format!("page-{n}")).await;
+    }
+    wait_for_status(&server, "other-1", &["Running"]).await;
+
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut request = http().get(server.api("/instances?instanceIdPrefix=page-&top=2"));
+        if let Some(token) = &token {
+            request = request.header("x-ms-continuation-token", token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        token = header(&response, "x-ms-continuation-token").map(str::to_string);
+        let page: Vec<Value> = response.json().await.unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|status| status["instanceId"].as_str().unwrap().to_string()));
+        pages += 1;
+        if token.is_none() {
+            break;
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(seen, ["page-0", "page-1", "page-2", "page-3", "page-4"]);
+
+    let running: Vec<Value> =
+        http().get(server.api("/instances?runtimeStatus=Running,Pending")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0]["instanceId"], "other-1");
+    assert_eq!(running[0]["input"], Value::Null, "lists leave inputs out unless showInput=true");
+    let with_input: Vec<Value> = http()
+        .get(server.api("/instances?runtimeStatus=Running&runtimeStatus=Suspended&showInput=true"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(with_input[0]["input"], json!({"request": "x"}));
+    let future: Vec<Value> = http()
+        .get(server.api("/instances?createdTimeFrom=2999-01-01T00:00:00Z"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(future.is_empty());
+    let past: Vec<Value> = http()
+        .get(server.api("/instances?createdTimeFrom=2000-01-01&createdTimeTo=2999-01-01T00:00:00Z"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(past.len(), 6);
+    let by_name: Vec<Value> =
+        http().get(server.api("/instances?namePrefix=Approval")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(by_name.len(), 1);
+}
+
+#[tokio::test]
+async fn purge_by_filter_needs_a_start_time_and_deletes_finished_instances() {
+    let server = Server::start(&[]);
+    for n in 0..3 {
+        start(&server, "HelloCities", Some(&format!("old-{n}")), None).await;
+    }
+    start(&server, "ApprovalWorkflow", Some("still-running"), Some(json!({"request": "x"}))).await;
+    for n in 0..3 {
+        wait_until_finished(&server, &format!("old-{n}")).await;
+    }
+    let response = http().delete(server.api("/instances")).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["message"], "Please provide value for 'createdTimeFrom' parameter.");
+
+    let response = http()
+        .delete(server.api("/instances?createdTimeFrom=2000-01-01T00:00:00Z&runtimeStatus=Failed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "nothing matched");
+    let response = http().delete(server.api("/instances?createdTimeFrom=2000-01-01T00:00:00Z")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"instancesDeleted": 3}));
+    assert_eq!(instance_count(&server).await, 1, "the running instance stays");
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_json_4xx_and_write_nothing() {
+    let server = Server::start(&["--max-body-bytes", "2048"]);
+    let id = start(&server, "ApprovalWorkflow", Some("target"), Some(json!({"request": "x"}))).await;
+    wait_for_status(&server, &id, &["Running"]).await;
+    let before = instance_count(&server).await;
+
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (http().post(server.url("/api/orchestrators/PlaceOrder")).body("{not json"), 400, "malformed JSON"),
+        (http().post(server.api("/orchestrators/NoSuchThing")).body("{}"), 400, "unknown function"),
+        (http().post(server.api("/orchestrators/HelloCities/bad%23id")), 400, "invalid id character"),
+        (http().post(server.api("/orchestrators/HelloCities/bad%5Cid")), 400, "invalid id character"),
+        (
+            http().post(server.api("/orchestrators/HelloCities")).body(format!("\"{}\"", "x".repeat(4096))),
+            413,
+            "oversized body",
+        ),
+        (http().get(server.api("/instances/nobody")), 404, "unknown instance"),
+        (http().post(server.api("/instances/nobody/terminate")), 404, "unknown instance"),
+        (http().post(server.api("/instances/nobody/raiseEvent/Approval")).json(&true), 404, "unknown instance"),
+        (
+            http().post(server.api(&format!("/instances/{id}/raiseEvent/Approval"))).body("true"),
+            400,
+            "no JSON content type",
+        ),
+        (
+            http()
+                .post(server.api(&format!("/instances/{id}/raiseEvent/Approval")))
+                .header("content-type", "application/json")
+                .body("{oops"),
+            400,
+            "malformed event JSON",
+        ),
+        (http().get(server.api("/instances?runtimeStatus=Sleeping")), 400, "unknown status"),
+        (http().get(server.api("/instances?createdTimeFrom=yesterday")), 400, "bad time"),
+        (http().get(server.api(&format!("/instances/{id}?showHistory=maybe"))), 400, "bad boolean"),
+        (http().get(server.api("/orchestrators/HelloCities")), 404, "start takes POST only"),
+        (http().get(server.url("/no/such/route")), 404, "unknown route"),
+    ];
+    for (request, expected, what) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{what}");
+        assert_eq!(header(&response, "content-type"), Some("application/json"), "{what}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["message"].is_string() && body["error"].is_string(), "{what}: {body}");
+    }
+    assert_eq!(instance_count(&server).await, before, "nothing was written");
+    let (_, status) = status_of(&server, &id, "?showHistory=true").await;
+    let raised = status["historyEvents"].as_array().unwrap().iter().any(|event| event["EventType"] == "EventRaised");
+    assert!(!raised, "no event reached the instance");
+}
+
+#[tokio::test]
+async fn with_an_api_key_every_api_and_trigger_request_must_carry_it() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let response = http().post(server.url("/api/orchestrators/HelloCities")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "Unauthorized");
+    for url in [server.api("/instances"), server.api("/instances/x"), server.url("/api/orders/o-1")] {
+        assert_eq!(http().get(&url).send().await.unwrap().status(), 401, "{url}");
+    }
+    let wrong = http().get(server.api("/instances")).header("x-functions-key", "guess").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let wrong = http().get(server.api("/instances?code=s3cre")).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let response = http()
+        .post(server.url("/api/orchestrators/HelloCities"))
+        .header("x-functions-key", "s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let payload: Value = response.json().await.unwrap();
+    let status_uri = payload["statusQueryGetUri"].as_str().unwrap();
+    assert!(status_uri.contains("code=s3cret"), "management URLs carry the key: {status_uri}");
+    let response = http().get(status_uri).send().await.unwrap();
+    assert!(response.status() == 200 || response.status() == 202);
+    let listed = http().get(server.api("/instances?code=s3cret")).send().await.unwrap();
+    assert_eq!(listed.status(), 200);
+
+    // The dashboard's page holds no data and loads without the key.
+    let page = http().get(server.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+}
+
+#[tokio::test]
+async fn the_starter_waits_and_refuses_running_duplicates() {
+    let server = Server::start(&[]);
+    let response = http().post(server.url("/api/orchestrators/HelloCities/wait")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()[2], "Hello London!");
+
+    let response = http()
+        .post(server.url("/api/orchestrators/ApprovalWorkflow/wait?timeout=0.5&retryInterval=0.1"))
+        .json(&json!({"request": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "still waiting for approval");
+    assert!(header(&response, "location").is_some());
+
+    let response =
+        http().post(server.url("/api/orchestrators/HelloCities/wait?timeout=1&retryInterval=5")).send().await.unwrap();
+    assert_eq!(response.status(), 400, "retry interval longer than the timeout");
+
+    let response = http()
+        .post(server.url("/api/orchestrators/ApprovalWorkflow/singleton"))
+        .json(&json!({"request": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let response = http()
+        .post(server.url("/api/orchestrators/ApprovalWorkflow/singleton"))
+        .json(&json!({"request": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+}
+
+#[tokio::test]
+async fn an_app_route_uses_the_trigger_helpers() {
+    let server = Server::start(&[]);
+    let order = json!({"customer": "ada@example.com", "items": [{"sku": "A1", "quantity": 1}]});
+    let response = http().post(server.url("/api/orders/o-9")).json(&order).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), "TRACK-O-9");
+    let (_, status) = status_of(&server, "order-o-9", "").await;
+    assert_eq!(status["runtimeStatus"], "Completed");
+
+    let declined = json!({"customer": "declined@example.com", "items": [{"sku": "A1", "quantity": 1}]});
+    let response = http().post(server.url("/api/orders/o-10")).json(&declined).send().await.unwrap();
+    assert_eq!(response.status(), 200, "a failed order answers with its status");
+    let status: Value = response.json().await.unwrap();
+    assert_eq!(status["runtimeStatus"], "Failed");
+
+    let response = http().post(server.url("/api/orders/o-11?timeout=0")).json(&order).send().await.unwrap();
+    assert!(response.status() == 202 || response.status() == 200);
+    let response = http().post(server.url("/api/orders/o-12")).body("[]").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+}
+
+#[tokio::test]
+async fn logs_name_the_instance_and_function_and_can_be_json() {
+    let server = Server::start(&["--log-format", "json"]);
+    start(&server, "HelloCities", Some("logged"), None).await;
+    wait_until_finished(&server, "logged").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = server.log();
+    let lines: Vec<Value> =
+        log.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"))).collect();
+    let hello =
+        lines.iter().find(|line| line["function"] == "SayHello").unwrap_or_else(|| panic!("an activity line in {log}"));
+    assert_eq!(hello["instance_id"], "logged");
+    let started = lines.iter().find(|line| line["message"] == "orchestration started").expect("a start line");
+    assert_eq!(started["instance_id"], "logged");
+    assert_eq!(started["function"], "HelloCities");
+}
