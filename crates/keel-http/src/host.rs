@@ -23,6 +23,7 @@ pub struct App {
 }
 
 impl App {
+    /// An app with no functions and no routes.
     pub fn new() -> App {
         App::default()
     }
@@ -47,7 +48,9 @@ pub struct HostConfig {
     pub address: SocketAddr,
     /// The task hub, as [`keel::store::open`] takes it.
     pub store_url: String,
+    /// API key, body limit, task hub name.
     pub api: ApiSettings,
+    /// The worker's concurrency, leases and polling.
     pub worker: WorkerOptions,
 }
 

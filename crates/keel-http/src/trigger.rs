@@ -104,6 +104,7 @@ impl DurableClient {
         &self.base_url
     }
 
+    /// The client: start, query and manage instances.
     pub fn client(&self) -> &Client {
         &self.context.client
     }

@@ -11,6 +11,7 @@ use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationEr
 /// The most files one backup takes; a larger tree fails the listing.
 pub const MAX_FILES: usize = 10_000;
 
+/// Registers `BackupSiteContent`, `GetFileList` and `CopyFileToBlob`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
         .orchestrator("BackupSiteContent", backup_site_content)
@@ -18,6 +19,7 @@ pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
         .activity("CopyFileToBlob", copy_file_to_blob)
 }
 
+/// The orchestrator: list, copy every file in parallel, add up the bytes.
 pub async fn backup_site_content(ctx: OrchestrationContext) -> Result<u64, OrchestrationError> {
     let root: Option<String> = ctx.input()?;
     let root = root.filter(|root| !root.trim().is_empty()).ok_or_else(|| {

@@ -3,10 +3,12 @@
 
 use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, WorkerBuilder};
 
+/// Registers `HelloCities` and `SayHello`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker.orchestrator("HelloCities", hello_cities).activity("SayHello", say_hello)
 }
 
+/// The orchestrator: greets Tokyo, Seattle and London, one after the other.
 pub async fn hello_cities(ctx: OrchestrationContext) -> Result<Vec<String>, OrchestrationError> {
     let mut greetings = Vec::new();
     for city in ["Tokyo", "Seattle", "London"] {

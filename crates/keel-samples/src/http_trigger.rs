@@ -19,6 +19,7 @@ use crate::place_order::{Order, OrderItem};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The app route `POST /api/orders/{orderId}`.
 pub fn routes() -> Router {
     Router::new().route("/api/orders/{order_id}", post(place_order))
 }

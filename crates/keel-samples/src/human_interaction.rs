@@ -25,6 +25,7 @@ pub struct ApprovalRequest {
     pub timeout_seconds: Option<f64>,
 }
 
+/// Registers `ApprovalWorkflow`, `RequestApproval` and `Escalate`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
         .orchestrator("ApprovalWorkflow", approval_workflow)
@@ -32,6 +33,7 @@ pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
         .activity("Escalate", escalate)
 }
 
+/// The orchestrator: request, then wait for the answer or the deadline.
 pub async fn approval_workflow(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
     let request: ApprovalRequest = ctx.input()?;
     let timeout = match request.timeout_seconds {

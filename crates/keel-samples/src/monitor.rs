@@ -47,6 +47,7 @@ pub struct MonitorOutcome {
     pub alert_sent: bool,
 }
 
+/// Registers `WeatherMonitor`, `GetIsClear` and `SendGoodWeatherAlert`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
         .orchestrator("WeatherMonitor", weather_monitor)
@@ -54,6 +55,7 @@ pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
         .activity("SendGoodWeatherAlert", send_good_weather_alert)
 }
 
+/// The orchestrator: check, then sleep on a durable timer, until clear or expired.
 pub async fn weather_monitor(ctx: OrchestrationContext) -> Result<MonitorOutcome, OrchestrationError> {
     let request: Option<MonitorRequest> = ctx.input()?;
     let missing = |what: &str| OrchestrationError::new("InvalidInput", format!("the monitor request needs a {what}"));

@@ -35,6 +35,7 @@ pub struct ShippingNotice {
     pub tracking_number: String,
 }
 
+/// Registers `PlaceOrder` and its activities.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
         .orchestrator("PlaceOrder", place_order)
