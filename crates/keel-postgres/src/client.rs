@@ -145,6 +145,54 @@ impl MessageColumns {
     }
 }
 
+/// Creates an instance whose id is free, with its `ExecutionStarted` message (`$10`,
+/// visible at `$11`), and announces it on channel `$12`, in one statement. No row when
+/// the id is taken.
+const CREATE_FRESH_INSTANCE: &str = "WITH created AS ( \
+         INSERT INTO instances (instance_id, name, version, execution_id, status, input, parent, \
+             scheduled_start, created_at, last_updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+         ON CONFLICT (instance_id) DO NOTHING \
+         RETURNING instance_id \
+     ), started AS ( \
+         INSERT INTO messages (instance_id, execution_id, event, visible_at) \
+         SELECT instance_id, $4, $10, $11 FROM created \
+     ) \
+     SELECT instance_id, pg_notify($12, 'oi') FROM created";
+
+/// Creates an instance if its id is free, in one statement (no transaction to open
+/// and close); `false` when the id is taken and nothing was written.
+pub(crate) async fn create_fresh_instance(
+    connection: &PooledConnection,
+    instance: &NewInstance,
+) -> Result<bool, Failure> {
+    let parent = instance.parent.as_ref().map(to_json).transpose()?;
+    let started = to_json(&instance.execution_started_event())?;
+    let visible_at = millis(instance.scheduled_start.unwrap_or(instance.created_at));
+    let created = connection
+        .query_opt(
+            CREATE_FRESH_INSTANCE,
+            &[
+                &instance.instance_id,
+                &instance.name,
+                &instance.version,
+                &instance.execution_id,
+                &RuntimeStatus::Pending.as_str(),
+                &instance.input,
+                &parent,
+                &instance.scheduled_start.map(millis),
+                &millis(instance.created_at),
+                &started,
+                &visible_at,
+                &connection.channel(),
+            ],
+        )
+        .await?;
+    Ok(created.is_some())
+}
+
+/// Creates an instance in the connection's open transaction, replacing a terminal
+/// one of the same id; [`Error::AlreadyExists`] if a live one holds the id.
 pub(crate) async fn create_instance(connection: &PooledConnection, instance: &NewInstance) -> Result<(), Failure> {
     match insert_instance(connection, instance).await? {
         Creation::Created => Ok(()),

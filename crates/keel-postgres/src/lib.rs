@@ -133,9 +133,12 @@ impl Store for PostgresStore {
             .and_then(|()| check_payload("input", instance.input.as_deref()))
             .map_err(Error::Invalid)?;
         let mut connection = self.connection().await?;
-        connection.begin().await?;
-        let outcome = client::create_instance(&connection, &instance).await;
-        connection.finish(outcome, Wakeups::NEW_MESSAGE.payload()).await?;
+        if !client::create_fresh_instance(&connection, &instance).await? {
+            // The id is taken: replace the holder if it is terminal, in a transaction.
+            connection.begin().await?;
+            let outcome = client::create_instance(&connection, &instance).await;
+            connection.finish(outcome, Wakeups::NEW_MESSAGE.payload()).await?;
+        }
         Wakeups::NEW_MESSAGE.signal(&self.notifications);
         Ok(())
     }

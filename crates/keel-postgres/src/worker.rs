@@ -7,9 +7,10 @@
 //! `now` that callers pass in: with workers on several machines, their clocks should
 //! agree to well within a lease.
 //!
-//! An episode's commit checks its lease first, with the statement that releases it
-//! (`UPDATE … WHERE lock_token = $token`): a stale commit fails before it wrote
-//! anything, so commits in a batch need no savepoints; the rest of the episode is then
+//! A batch of episode commits takes a fixed number of round trips whatever its size:
+//! the statement that releases the leases (`UPDATE … WHERE lock_token = token`) checks
+//! them all first, so a stale commit is left out before anything of it is written and
+//! needs no savepoint; the rest of the batch is written with one statement per table,
 //! sent as one pipelined group.
 
 use std::collections::{HashMap, HashSet};
@@ -118,42 +119,51 @@ pub(crate) async fn fetch_orchestration_items(
         .collect())
 }
 
-/// Releases the lease `$2` and writes the new state; returns the new history length.
-/// Matches no row when the lease was lost. `$3` is the new execution id when the
-/// history is replaced, `$4` the number of events appended.
-const RELEASE_WITH_STATE: &str = "UPDATE instances SET \
-         execution_id = coalesce($3, execution_id), \
-         history_len = CASE WHEN $3::text IS NULL THEN history_len ELSE 0 END + $4, \
-         status = $5, input = $6, output = $7, failure = $8, custom_status = $9, \
-         last_updated_at = $10, completed_at = $11, \
+/// Releases the leases of a batch and writes each instance's new state, in one
+/// statement; returns the instances whose lease held, with their new history length.
+/// A commit with `has_state` false leaves the state columns as they are; a new
+/// execution id (continue-as-new, rewind) restarts the history count.
+const RELEASE_LEASES: &str = "UPDATE instances AS i SET \
+         execution_id = coalesce(c.new_execution_id, i.execution_id), \
+         history_len = CASE WHEN c.new_execution_id IS NULL THEN i.history_len ELSE 0 END + c.appended, \
+         status = CASE WHEN c.has_state THEN c.status ELSE i.status END, \
+         input = CASE WHEN c.has_state THEN c.input ELSE i.input END, \
+         output = CASE WHEN c.has_state THEN c.output ELSE i.output END, \
+         failure = CASE WHEN c.has_state THEN c.failure ELSE i.failure END, \
+         custom_status = CASE WHEN c.has_state THEN c.custom_status ELSE i.custom_status END, \
+         last_updated_at = CASE WHEN c.has_state THEN $12 ELSE i.last_updated_at END, \
+         completed_at = CASE WHEN c.has_state THEN c.completed_at ELSE i.completed_at END, \
          lock_token = NULL, locked_until = NULL, lock_count = 0 \
-     WHERE instance_id = $1 AND lock_token = $2 \
-     RETURNING history_len";
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], \
+                 $8::text[], $9::text[], $10::text[], $11::bigint[]) \
+         AS c (instance_id, token, new_execution_id, appended, has_state, status, input, output, failure, \
+               custom_status, completed_at) \
+     WHERE i.instance_id = c.instance_id AND i.lock_token = c.token \
+     RETURNING i.instance_id, c.token, i.history_len";
 
-/// [`RELEASE_WITH_STATE`] for an episode that leaves the state as it is.
-const RELEASE: &str = "UPDATE instances SET \
-         execution_id = coalesce($3, execution_id), \
-         history_len = CASE WHEN $3::text IS NULL THEN history_len ELSE 0 END + $4, \
-         lock_token = NULL, locked_until = NULL, lock_count = 0 \
-     WHERE instance_id = $1 AND lock_token = $2 \
-     RETURNING history_len";
+const DELETE_CONSUMED: &str =
+    "DELETE FROM messages USING unnest($1::text[], $2::bigint[]) AS consumed (instance_id, id) \
+     WHERE messages.id = consumed.id AND messages.instance_id = consumed.instance_id";
 
-const DELETE_CONSUMED: &str = "DELETE FROM messages WHERE instance_id = $1 AND id = ANY($2)";
+const DELETE_HISTORIES: &str = "DELETE FROM history WHERE instance_id = ANY($1)";
 
-const DELETE_HISTORY: &str = "DELETE FROM history WHERE instance_id = $1";
-
-const APPEND_HISTORY: &str = "INSERT INTO history (instance_id, seq, event) \
-     SELECT $1, $2 + position - 1, event FROM unnest($3::text[]) WITH ORDINALITY AS appended (event, position)";
+const APPEND_HISTORY: &str =
+    "INSERT INTO history (instance_id, seq, event) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])";
 
 const INSERT_ACTIVITIES: &str = "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at) \
      SELECT instance_id, execution_id, task_id, name, input, $6 \
      FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[]) \
          AS scheduled (instance_id, execution_id, task_id, name, input)";
 
-/// One row if the instance has a visible message.
-const HAS_VISIBLE_MESSAGE: &str = "SELECT 1 FROM messages WHERE instance_id = $1 AND visible_at <= $2 LIMIT 1";
+/// One row if one of the instances has a visible message.
+const ANY_VISIBLE_MESSAGE: &str = "SELECT 1 FROM messages WHERE instance_id = ANY($1) AND visible_at <= $2 LIMIT 1";
 
-/// Commits episodes in the connection's open transaction; a stale one fails alone.
+/// Commits a batch of episodes in the connection's open transaction, in three steps
+/// whatever the batch's size: one statement releases every lease that is still held
+/// and writes the new states (a stale commit is left out before anything of it is
+/// written: it fails alone, with no savepoint); then the sub-orchestrations are
+/// created, in commit order; then one pipelined group of statements writes everything
+/// else (consumed messages, histories, activity items, messages).
 pub(crate) async fn commit_episodes(
     connection: &PooledConnection,
     commits: &[EpisodeCommit],
@@ -164,123 +174,200 @@ pub(crate) async fn commit_episodes(
     if locks.len() != commits.len() {
         return Err(Failure::Contract(Error::Invalid("a batch commits each lock at most once".into())));
     }
-    let mut results = Vec::with_capacity(commits.len());
-    let mut wakeups = Wakeups::default();
-    for commit in commits {
-        match commit_episode(connection, commit, now).await {
-            Ok(episode_wakeups) => {
-                wakeups.merge(episode_wakeups);
-                results.push(Ok(()));
-            }
-            Err(Failure::Contract(error)) => results.push(Err(error)),
-            Err(failure @ Failure::Postgres(_)) => return Err(failure),
-        }
-    }
-    Ok((results, wakeups))
-}
-
-/// Applies one episode's commit; see [`EpisodeCommit`]. Fails with
-/// [`Error::LeaseLost`] before writing anything when the lease is stale.
-async fn commit_episode(
-    connection: &PooledConnection,
-    commit: &EpisodeCommit,
-    now: Timestamp,
-) -> Result<Wakeups, Failure> {
-    let instance_id = commit.lock.instance_id.as_str();
     let now_millis = millis(now);
-    let appended = i64::try_from(commit.history.len()).expect("a history batch fits in i64");
-    let released = match &commit.state {
-        Some(state) => {
-            let failure = state.failure.as_ref().map(to_json).transpose()?;
-            let completed_at = state.status.is_terminal().then_some(now_millis);
-            connection
-                .query_opt(
-                    RELEASE_WITH_STATE,
-                    &[
-                        &instance_id,
-                        &commit.lock.token,
-                        &commit.replace_history,
-                        &appended,
-                        &state.status.as_str(),
-                        &state.input,
-                        &state.output,
-                        &failure,
-                        &state.custom_status,
-                        &now_millis,
-                        &completed_at,
-                    ],
-                )
-                .await?
-        }
-        None => {
-            connection
-                .query_opt(RELEASE, &[&instance_id, &commit.lock.token, &commit.replace_history, &appended])
-                .await?
-        }
-    };
-    let Some(released) = released else { return Err(Failure::Contract(Error::LeaseLost)) };
-    let history_len: i64 = released.try_get(0)?;
-    let first_seq = history_len - appended;
-    assert!(first_seq >= 0, "the history of '{instance_id}' has {history_len} events after appending {appended}");
-
+    let released = release_leases(connection, commits, now_millis).await?;
+    // The commits whose lease held, each with the sequence number of its first new event.
+    let held: Vec<(&EpisodeCommit, i64)> = commits
+        .iter()
+        .filter_map(|commit| {
+            let history_len = released.get(&(commit.lock.instance_id.clone(), commit.lock.token.clone()))?;
+            let appended = i64::try_from(commit.history.len()).expect("a history batch fits in i64");
+            let first_seq = history_len - appended;
+            assert!(first_seq >= 0, "{}: history of {history_len} after appending {appended}", commit.lock.instance_id);
+            Some((commit, first_seq))
+        })
+        .collect();
     let mut wakeups = Wakeups {
-        instance_changed: commit.state.is_some(),
-        activity_work: !commit.activities.is_empty(),
+        instance_changed: held.iter().any(|(commit, _)| commit.state.is_some()),
+        activity_work: held.iter().any(|(commit, _)| !commit.activities.is_empty()),
         ..Wakeups::default()
     };
 
-    // Children first, so that messages of this commit can reach them.
+    // Children first, so that messages of this batch can reach them.
+    let batch_instances: HashSet<&str> = held.iter().map(|(commit, _)| commit.lock.instance_id.as_str()).collect();
+    let mut replaced = HashSet::new();
     let mut messages = MessageColumns::default();
-    for child in &commit.new_instances {
-        match insert_instance(connection, child).await? {
-            Creation::Created => wakeups.merge(Wakeups::NEW_MESSAGE),
-            Creation::Occupied(status) => {
-                if let Some(parent) = &child.parent {
-                    messages.push(&refusal(child.instance_id.as_str(), status, parent, now))?;
+    for (commit, _) in &held {
+        for child in &commit.new_instances {
+            match insert_instance(connection, child).await? {
+                Creation::Created => {
+                    wakeups.merge(Wakeups::NEW_MESSAGE);
+                    if batch_instances.contains(child.instance_id.as_str()) {
+                        // A terminal instance of this batch was replaced as a whole: its
+                        // own episode's writes are gone with it, as if it had committed
+                        // first.
+                        replaced.insert(child.instance_id.as_str());
+                    }
+                }
+                Creation::Occupied(status) => {
+                    if let Some(parent) = &child.parent {
+                        messages.push(&refusal(child.instance_id.as_str(), status, parent, now))?;
+                    }
                 }
             }
         }
     }
-    for message in &commit.messages {
-        messages.push(message)?;
-    }
 
-    let events = commit.history.iter().map(to_json).collect::<Result<Vec<String>, _>>()?;
-    let activities = ActivityColumns::new(&commit.activities);
-    let [delete_consumed, delete_history, append_history, insert_activities, insert_messages, has_visible_message] =
+    let mut writes = EpisodeWrites::default();
+    for (commit, first_seq) in &held {
+        let instance_id = commit.lock.instance_id.as_str();
+        if replaced.contains(instance_id) {
+            for message in commit.messages.iter().filter(|message| message.instance_id != instance_id) {
+                messages.push(message)?;
+            }
+            continue;
+        }
+        writes.add(commit, *first_seq)?;
+        for message in &commit.messages {
+            messages.push(message)?;
+        }
+    }
+    let [delete_consumed, delete_histories, append_history, insert_activities, insert_messages, any_visible_message] =
         connection
             .statements([
                 DELETE_CONSUMED,
-                DELETE_HISTORY,
+                DELETE_HISTORIES,
                 APPEND_HISTORY,
                 INSERT_ACTIVITIES,
                 INSERT_MESSAGES,
-                HAS_VISIBLE_MESSAGE,
+                ANY_VISIBLE_MESSAGE,
             ])
             .await?;
     let mut pipeline = Pipeline::new(connection.client());
-    if !commit.consumed.is_empty() {
-        pipeline.push(&delete_consumed, vec![&instance_id, &commit.consumed]);
+    if !writes.consumed_ids.is_empty() {
+        pipeline.push(&delete_consumed, vec![&writes.consumed_instances, &writes.consumed_ids]);
     }
-    if commit.replace_history.is_some() {
-        pipeline.push(&delete_history, vec![&instance_id]);
+    if !writes.replaced_histories.is_empty() {
+        pipeline.push(&delete_histories, vec![&writes.replaced_histories]);
     }
-    if !events.is_empty() {
-        pipeline.push(&append_history, vec![&instance_id, &first_seq, &events]);
+    if !writes.history_events.is_empty() {
+        pipeline.push(&append_history, vec![&writes.history_instances, &writes.history_seqs, &writes.history_events]);
     }
-    if !activities.is_empty() {
-        let mut params = activities.params();
+    if !writes.activities.is_empty() {
+        let mut params = writes.activities.params();
         params.push(&now_millis);
         pipeline.push(&insert_activities, params);
     }
     let delivered = (!messages.is_empty()).then(|| pipeline.push(&insert_messages, messages.params()));
-    // Messages that arrived during the episode are work again now that the lock is gone.
-    let pending = pipeline.push(&has_visible_message, vec![&instance_id, &now_millis]);
+    // Messages that arrived during the episodes are work again now that the locks are gone.
+    let pending =
+        (!writes.unlocked.is_empty()).then(|| pipeline.push(&any_visible_message, vec![&writes.unlocked, &now_millis]));
     let counts = pipeline.run().await?;
-    if delivered.is_some_and(|index| counts[index] > 0) || counts[pending] > 0 {
-        wakeups.orchestration_work = true;
+    let found = |index: Option<usize>| index.is_some_and(|index| counts[index] > 0);
+    wakeups.orchestration_work |= found(delivered) || found(pending);
+
+    let results = commits
+        .iter()
+        .map(|commit| {
+            if released.contains_key(&(commit.lock.instance_id.clone(), commit.lock.token.clone())) {
+                Ok(())
+            } else {
+                Err(Error::LeaseLost)
+            }
+        })
+        .collect();
+    Ok((results, wakeups))
+}
+
+/// Runs [`RELEASE_LEASES`] for a batch: the (instance, token) pairs whose lease held,
+/// with the instance's new history length.
+async fn release_leases(
+    connection: &PooledConnection,
+    commits: &[EpisodeCommit],
+    now_millis: i64,
+) -> Result<HashMap<(String, String), i64>, Failure> {
+    let mut instance_ids = Vec::with_capacity(commits.len());
+    let mut tokens = Vec::with_capacity(commits.len());
+    let mut new_execution_ids = Vec::with_capacity(commits.len());
+    let mut appended = Vec::with_capacity(commits.len());
+    let mut has_state = Vec::with_capacity(commits.len());
+    let mut statuses = Vec::with_capacity(commits.len());
+    let mut inputs = Vec::with_capacity(commits.len());
+    let mut outputs = Vec::with_capacity(commits.len());
+    let mut failures = Vec::with_capacity(commits.len());
+    let mut custom_statuses = Vec::with_capacity(commits.len());
+    let mut completed_at = Vec::with_capacity(commits.len());
+    for commit in commits {
+        instance_ids.push(commit.lock.instance_id.as_str());
+        tokens.push(commit.lock.token.as_str());
+        new_execution_ids.push(commit.replace_history.as_deref());
+        appended.push(i64::try_from(commit.history.len()).expect("a history batch fits in i64"));
+        has_state.push(commit.state.is_some());
+        let state = commit.state.as_ref();
+        statuses.push(state.map(|state| state.status.as_str()));
+        inputs.push(state.and_then(|state| state.input.as_deref()));
+        outputs.push(state.and_then(|state| state.output.as_deref()));
+        failures.push(state.and_then(|state| state.failure.as_ref()).map(to_json).transpose()?);
+        custom_statuses.push(state.and_then(|state| state.custom_status.as_deref()));
+        completed_at.push(state.filter(|state| state.status.is_terminal()).map(|_| now_millis));
     }
-    Ok(wakeups)
+    let rows = connection
+        .query(
+            RELEASE_LEASES,
+            &[
+                &instance_ids,
+                &tokens,
+                &new_execution_ids,
+                &appended,
+                &has_state,
+                &statuses,
+                &inputs,
+                &outputs,
+                &failures,
+                &custom_statuses,
+                &completed_at,
+                &now_millis,
+            ],
+        )
+        .await?;
+    rows.iter().map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?))).collect()
+}
+
+/// What the episodes of a batch write besides their state and messages, one array per
+/// column of each statement.
+#[derive(Default)]
+struct EpisodeWrites {
+    consumed_instances: Vec<String>,
+    consumed_ids: Vec<i64>,
+    /// Instances whose history is replaced (a new execution).
+    replaced_histories: Vec<String>,
+    history_instances: Vec<String>,
+    history_seqs: Vec<i64>,
+    history_events: Vec<String>,
+    activities: ActivityColumns,
+    /// Instances unlocked by this batch.
+    unlocked: Vec<String>,
+}
+
+impl EpisodeWrites {
+    fn add(&mut self, commit: &EpisodeCommit, first_seq: i64) -> Result<(), Failure> {
+        let instance_id = &commit.lock.instance_id;
+        for &id in &commit.consumed {
+            self.consumed_instances.push(instance_id.clone());
+            self.consumed_ids.push(id);
+        }
+        if commit.replace_history.is_some() {
+            self.replaced_histories.push(instance_id.clone());
+        }
+        for (seq, event) in (first_seq..).zip(&commit.history) {
+            self.history_instances.push(instance_id.clone());
+            self.history_seqs.push(seq);
+            self.history_events.push(to_json(event)?);
+        }
+        self.activities.extend(&commit.activities);
+        self.unlocked.push(instance_id.clone());
+        Ok(())
+    }
 }
 
 /// The message that tells a parent its sub-orchestration could not be created.
@@ -308,6 +395,7 @@ fn refusal(
 }
 
 /// New activity items in the column layout of [`INSERT_ACTIVITIES`].
+#[derive(Default)]
 struct ActivityColumns {
     instance_ids: Vec<String>,
     execution_ids: Vec<String>,
@@ -317,13 +405,13 @@ struct ActivityColumns {
 }
 
 impl ActivityColumns {
-    fn new(activities: &[keel_store::NewActivity]) -> ActivityColumns {
-        ActivityColumns {
-            instance_ids: activities.iter().map(|activity| activity.instance_id.clone()).collect(),
-            execution_ids: activities.iter().map(|activity| activity.execution_id.clone()).collect(),
-            task_ids: activities.iter().map(|activity| activity.task_id).collect(),
-            names: activities.iter().map(|activity| activity.name.clone()).collect(),
-            inputs: activities.iter().map(|activity| activity.input.clone()).collect(),
+    fn extend(&mut self, activities: &[keel_store::NewActivity]) {
+        for activity in activities {
+            self.instance_ids.push(activity.instance_id.clone());
+            self.execution_ids.push(activity.execution_id.clone());
+            self.task_ids.push(activity.task_id);
+            self.names.push(activity.name.clone());
+            self.inputs.push(activity.input.clone());
         }
     }
 

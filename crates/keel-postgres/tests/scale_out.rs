@@ -49,6 +49,7 @@ async fn three_workers_drain_a_hub_and_survive_a_kill() {
     }
     fleet.kill("w1");
     let done_at_kill = fleet::completed_count(store.as_ref()).await;
+    let executed_at_kill: usize = fleet.executions().values().map(Vec::len).sum();
     assert!(done_at_kill < expected.len(), "the kill came after everything was done; the test proves nothing");
     fleet.start_worker("w4");
 
@@ -85,8 +86,8 @@ async fn three_workers_drain_a_hub_and_survive_a_kill() {
     let executed: usize = executions.values().map(Vec::len).sum();
     fleet::report(&format!(
         "scale-out: {} instances ({} started, {} of them parents with a child), {activities} activities; started in \
-         {:.1} s, all completed {:.1} s after the start; w1 killed with SIGKILL at {done_at_kill} completed, w4 \
-         started. Activity executions: {executed} for {activities} activities: {} instances ran each activity \
+         {:.1} s, all completed {:.1} s after the start; w1 killed with SIGKILL after {executed_at_kill} activity \
+         executions ({done_at_kill} instances complete), w4 started. Activity executions: {executed} for {activities} activities: {} instances ran each activity \
          exactly once, {} instances had an activity run again ({repeated} activities, at most {most_runs} runs of \
          one), each of them run by the killed worker. Executions per worker: w1 {}, w2 {}, w3 {}, w4 {}",
         expected.len(),
