@@ -8,7 +8,13 @@
 //! The scaling scenarios (`--scenario scale`, see [`scale`]): `large-fanout`,
 //! `long-history` and `idle`.
 //!
+//! `--store sqlite` (a fresh file per scenario) or `--store postgres://…` (a fresh
+//! schema per scenario in that database, see [`hub`]). By default the worker runs in
+//! the bench process; `--workers N` runs N worker processes instead (PostgreSQL only)
+//! and the bench process only starts instances and waits for them.
+//!
 //! `cargo run --release --bin keel-bench -- --scenario all --store sqlite`
+//! `cargo run --release --bin keel-bench -- --scenario throughput --store postgres://postgres@127.0.0.1/postgres --workers 2`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,26 +24,38 @@ use keel::{ActivityContext, ActivityError, Client, OrchestrationContext, Orchest
 use keel_store::Store;
 use serde_json::json;
 
+use crate::hub::{FreshHub, HubSpec, WorkerProcesses};
+
+mod hub;
 mod scale;
 
 const WAIT: Duration = Duration::from_secs(600);
 
 struct Args {
     scenarios: Vec<String>,
+    /// How results name the store: `sqlite` or `postgres`.
     store: String,
+    hub: HubSpec,
     durability: keel_sqlite::Durability,
+    /// Worker processes; 0 runs the worker in the bench process.
+    workers: usize,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
+fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     let mut scenario = "all".to_string();
     let mut store = "sqlite".to_string();
     let mut durability = keel_sqlite::Durability::Process;
-    let mut args = std::env::args().skip(1);
+    let mut workers = 0;
+    let mut args = arguments.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--scenario" => scenario = value()?,
             "--store" => store = value()?,
+            "--workers" => {
+                workers = value()?.parse().context("--workers takes a number of worker processes")?;
+                anyhow::ensure!(workers > 0, "--workers takes at least 1");
+            }
             "--durability" => {
                 durability = match value()?.as_str() {
                     "process" => keel_sqlite::Durability::Process,
@@ -48,7 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale] \
-                     [--store sqlite] [--durability process|full]"
+                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N]"
                 );
                 std::process::exit(0);
             }
@@ -66,10 +84,24 @@ fn parse_args() -> anyhow::Result<Args> {
     } else {
         bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle or scale");
     };
-    if store != "sqlite" {
-        bail!("unknown store '{store}': this build benchmarks sqlite");
+    let hub = if store == "sqlite" {
+        HubSpec::Sqlite(durability)
+    } else if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+        HubSpec::Postgres(store)
+    } else {
+        bail!("unknown store '{store}': use sqlite or a postgres:// URL");
+    };
+    if workers > 0 {
+        anyhow::ensure!(
+            matches!(hub, HubSpec::Postgres(_)),
+            "--workers needs a store that worker processes share: use --store postgres://…"
+        );
+        anyhow::ensure!(
+            scenarios.iter().all(|scenario| all.contains(&scenario.as_str())),
+            "--workers runs the scenarios chain, fanout, throughput and latency"
+        );
     }
-    Ok(Args { scenarios, store, durability })
+    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers })
 }
 
 async fn noop(_ctx: ActivityContext, input: serde_json::Value) -> Result<serde_json::Value, ActivityError> {
@@ -91,50 +123,80 @@ async fn fan_out(ctx: OrchestrationContext) -> Result<usize, OrchestrationError>
     Ok(results.into_iter().filter(Result::is_ok).count())
 }
 
-/// A fresh task hub in a temporary directory, with a running worker.
+/// A worker hosting the standard scenarios' functions.
+fn standard_worker(store: Arc<dyn Store>) -> Worker {
+    Worker::builder(store).orchestrator("Chain", chain).orchestrator("FanOut", fan_out).activity("Noop", noop).build()
+}
+
+/// A fresh task hub with its workers.
 struct Bench {
-    _dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
-    worker: keel::WorkerHandle,
+    hub: FreshHub,
+    workers: Workers,
     client: Client,
+}
+
+enum Workers {
+    InProcess(keel::WorkerHandle),
+    Processes(WorkerProcesses),
 }
 
 impl Bench {
     /// A fresh task hub with a worker hosting the standard scenarios' functions.
-    async fn new(durability: keel_sqlite::Durability) -> anyhow::Result<Bench> {
-        Bench::with_worker(durability, |store| {
-            Worker::builder(store)
-                .orchestrator("Chain", chain)
-                .orchestrator("FanOut", fan_out)
-                .activity("Noop", noop)
-                .build()
-                .start()
-        })
-        .await
+    async fn new(hub: &HubSpec) -> anyhow::Result<Bench> {
+        Bench::with_worker(hub, |store| standard_worker(store).start()).await
     }
 
     /// A fresh task hub with the worker `start` makes.
     async fn with_worker(
-        durability: keel_sqlite::Durability,
+        hub: &HubSpec,
         start: impl FnOnce(Arc<dyn Store>) -> keel::WorkerHandle,
     ) -> anyhow::Result<Bench> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("bench.db");
-        let store: Arc<dyn Store> =
-            Arc::new(keel_sqlite::SqliteStore::open(&path, keel_sqlite::SqliteOptions { durability })?);
-        let worker = start(store.clone());
+        let hub = hub.create().await?;
+        let worker = start(hub.store.clone());
         let client = worker.client();
-        Ok(Bench { _dir: dir, store, worker, client })
+        Ok(Bench { hub, workers: Workers::InProcess(worker), client })
     }
 
-    async fn finish(self) {
-        self.worker.shutdown(Duration::from_secs(5)).await;
-        drop(self.store);
+    /// The hub and workers `--store` and `--workers` ask for.
+    async fn for_scenario(args: &Args) -> anyhow::Result<Bench> {
+        if args.workers == 0 {
+            return Bench::new(&args.hub).await;
+        }
+        let hub = args.hub.create().await?;
+        let workers = WorkerProcesses::start(args.workers, &hub.url)?;
+        let client = Client::new(hub.store.clone());
+        Ok(Bench { hub, workers: Workers::Processes(workers), client })
+    }
+
+    /// Stops the workers and deletes the hub; returns the worker processes' largest
+    /// peak memory (`None` for a worker in this process).
+    async fn finish(self) -> Option<f64> {
+        let worker_rss = match self.workers {
+            Workers::InProcess(worker) => {
+                worker.shutdown(Duration::from_secs(5)).await;
+                None
+            }
+            Workers::Processes(processes) => {
+                let rss = processes.peak_rss_mib();
+                processes.stop().await;
+                Some(round2(rss))
+            }
+        };
+        drop(self.client);
+        if let Err(error) = self.hub.delete().await {
+            eprintln!("could not delete the bench's task hub: {error:#}");
+        }
+        worker_rss
     }
 }
 
 fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    peak_rss_mib_of("/proc/self/status")
+}
+
+/// The peak resident memory (VmHWM) a `/proc/PID/status` file reports, in MiB.
+fn peak_rss_mib_of(status_path: &str) -> f64 {
+    let status = std::fs::read_to_string(status_path).unwrap_or_default();
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
@@ -154,34 +216,35 @@ fn round2(value: f64) -> f64 {
 }
 
 async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
-    let bench = Bench::new(args.durability).await?;
+    let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
     let id = bench.client.start_new("Chain", &100u32).await?;
     let done = bench.client.wait_for_completion(&id, WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(done.output.as_deref() == Some("100"), "chain ended wrong: {done:?}");
-    bench.finish().await;
+    let worker_rss = bench.finish().await;
     Ok(json!({"scenario": "chain", "store": args.store, "activities": 100, "wall_ms": round2(wall),
         "ms_per_activity": round2(wall / 100.0), "activities_per_s": round2(100.0 / (wall / 1000.0)),
-        "peak_rss_mib": round2(peak_rss_mib())}))
+        "peak_rss_mib": round2(peak_rss_mib()), "worker_peak_rss_mib": worker_rss}))
 }
 
 async fn run_fanout(args: &Args) -> anyhow::Result<serde_json::Value> {
-    let bench = Bench::new(args.durability).await?;
+    let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
     let id = bench.client.start_new("FanOut", &1000u32).await?;
     let done = bench.client.wait_for_completion(&id, WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(done.output.as_deref() == Some("1000"), "fan-out ended wrong: {done:?}");
-    bench.finish().await;
+    let worker_rss = bench.finish().await;
     Ok(json!({"scenario": "fanout", "store": args.store, "activities": 1000, "wall_ms": round2(wall),
-        "activities_per_s": round2(1000.0 / (wall / 1000.0)), "peak_rss_mib": round2(peak_rss_mib())}))
+        "activities_per_s": round2(1000.0 / (wall / 1000.0)), "peak_rss_mib": round2(peak_rss_mib()),
+        "worker_peak_rss_mib": worker_rss}))
 }
 
 async fn run_throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
     const INSTANCES: usize = 1000;
     const LENGTH: u32 = 5;
-    let bench = Bench::new(args.durability).await?;
+    let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
     let mut starts = Vec::with_capacity(INSTANCES);
     for n in 0..INSTANCES {
@@ -204,18 +267,18 @@ async fn run_throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
     }
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     latencies.sort_by(f64::total_cmp);
-    bench.finish().await;
+    let worker_rss = bench.finish().await;
     let activities = INSTANCES as f64 * f64::from(LENGTH);
     Ok(json!({"scenario": "throughput", "store": args.store, "instances": INSTANCES, "activities": activities,
         "wall_ms": round2(wall), "activities_per_s": round2(activities / (wall / 1000.0)),
         "orchestrations_per_s": round2(INSTANCES as f64 / (wall / 1000.0)),
         "p50_ms": percentile(&latencies, 50.0), "p99_ms": percentile(&latencies, 99.0),
-        "peak_rss_mib": round2(peak_rss_mib())}))
+        "peak_rss_mib": round2(peak_rss_mib()), "worker_peak_rss_mib": worker_rss}))
 }
 
 async fn run_latency(args: &Args) -> anyhow::Result<serde_json::Value> {
     const INSTANCES: usize = 200;
-    let bench = Bench::new(args.durability).await?;
+    let bench = Bench::for_scenario(args).await?;
     let mut latencies = Vec::with_capacity(INSTANCES);
     let started = Instant::now();
     for _ in 0..INSTANCES {
@@ -227,15 +290,22 @@ async fn run_latency(args: &Args) -> anyhow::Result<serde_json::Value> {
     }
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     latencies.sort_by(f64::total_cmp);
-    bench.finish().await;
+    let worker_rss = bench.finish().await;
     Ok(json!({"scenario": "latency", "store": args.store, "instances": INSTANCES, "wall_ms": round2(wall),
         "p50_ms": round2(percentile(&latencies, 50.0)), "p95_ms": round2(percentile(&latencies, 95.0)),
-        "p99_ms": round2(percentile(&latencies, 99.0)), "peak_rss_mib": round2(peak_rss_mib())}))
+        "p99_ms": round2(percentile(&latencies, 99.0)), "peak_rss_mib": round2(peak_rss_mib()),
+        "worker_peak_rss_mib": worker_rss}))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, store_flag, url] = arguments.as_slice() {
+        if flag == "--worker-process" && store_flag == "--store" {
+            return hub::serve(url).await;
+        }
+    }
+    let args = parse_args(arguments)?;
     let durability = match args.durability {
         keel_sqlite::Durability::Process => "process",
         keel_sqlite::Durability::Full => "full",
@@ -246,13 +316,16 @@ async fn main() -> anyhow::Result<()> {
             "fanout" => vec![run_fanout(&args).await?],
             "throughput" => vec![run_throughput(&args).await?],
             "latency" => vec![run_latency(&args).await?],
-            "large-fanout" => scale::run_large_fanout(&args.store, args.durability).await?,
-            "long-history" => vec![scale::run_long_history(&args.store, args.durability).await?],
-            "idle" => vec![scale::run_idle(&args.store, args.durability).await?],
+            "large-fanout" => scale::run_large_fanout(&args.store, &args.hub).await?,
+            "long-history" => vec![scale::run_long_history(&args.store, &args.hub).await?],
+            "idle" => vec![scale::run_idle(&args.store, &args.hub).await?],
             other => unreachable!("scenario {other} was validated"),
         };
         for mut result in results {
-            result["durability"] = json!(durability);
+            if matches!(args.hub, HubSpec::Sqlite(_)) {
+                result["durability"] = json!(durability);
+            }
+            result["worker_processes"] = json!(args.workers);
             println!("{result}");
         }
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, Worker};
 use serde_json::json;
 
+use crate::hub::HubSpec;
 use crate::{peak_rss_mib, round2, Bench, WAIT};
 
 /// Sizes of the large fan-out, run one after another on fresh task hubs.
@@ -39,13 +40,10 @@ async fn noop(_ctx: ActivityContext, input: serde_json::Value) -> Result<serde_j
     Ok(input)
 }
 
-pub(crate) async fn run_large_fanout(
-    bench_store: &str,
-    durability: keel_sqlite::Durability,
-) -> anyhow::Result<Vec<serde_json::Value>> {
+pub(crate) async fn run_large_fanout(bench_store: &str, hub: &HubSpec) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut rows = Vec::new();
     for size in LARGE_FAN_OUT_SIZES {
-        let bench = Bench::new(durability).await?;
+        let bench = Bench::new(hub).await?;
         let started = Instant::now();
         let id = bench.client.start_new("FanOut", &size).await?;
         let done = bench.client.wait_for_completion(&id, WAIT).await?;
@@ -62,11 +60,8 @@ pub(crate) async fn run_large_fanout(
     Ok(rows)
 }
 
-pub(crate) async fn run_long_history(
-    bench_store: &str,
-    durability: keel_sqlite::Durability,
-) -> anyhow::Result<serde_json::Value> {
-    let bench = Bench::with_worker(durability, |store| {
+pub(crate) async fn run_long_history(bench_store: &str, hub: &HubSpec) -> anyhow::Result<serde_json::Value> {
+    let bench = Bench::with_worker(hub, |store| {
         Worker::builder(store).orchestrator("TimedChain", timed_chain).activity("Noop", noop).build().start()
     })
     .await?;
@@ -101,11 +96,8 @@ fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 1000 / ticks_per_second)
 }
 
-pub(crate) async fn run_idle(
-    bench_store: &str,
-    durability: keel_sqlite::Durability,
-) -> anyhow::Result<serde_json::Value> {
-    let bench = Bench::new(durability).await?;
+pub(crate) async fn run_idle(bench_store: &str, hub: &HubSpec) -> anyhow::Result<serde_json::Value> {
+    let bench = Bench::new(hub).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // let start-up settle
     let cpu_before = cpu_time();
     let started = Instant::now();
