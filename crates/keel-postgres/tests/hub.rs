@@ -329,3 +329,101 @@ async fn lost_connections_fail_retryably_and_are_replaced() {
     drop(other);
     store.delete_task_hub().await.expect("delete");
 }
+
+/// A batch in which one episode creates a sub-orchestration whose id is held by a
+/// terminal instance that is itself committed in the same batch: the child replaces
+/// it whole, in either order, and none of the replaced instance's writes survive.
+#[tokio::test]
+async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
+    let Some(url) = common::postgres_url("a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole") else {
+        return;
+    };
+    for parent_first in [true, false] {
+        let store = common::fresh_store(&url).await;
+        // "done" finished, then got a late event; "parent" is new.
+        store.create_instance(new_instance("done")).await.expect("create done");
+        let item = store.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("done");
+        let finish = keel_store::EpisodeCommit {
+            lock: item.lock.clone(),
+            consumed: item.messages.iter().map(|m| m.id).collect(),
+            replace_history: None,
+            history: vec![item.messages[0].message.event.clone()],
+            state: Some(keel_store::InstanceUpdate {
+                status: RuntimeStatus::Completed,
+                input: None,
+                output: Some("1".into()),
+                failure: None,
+                custom_status: None,
+            }),
+            activities: Vec::new(),
+            messages: Vec::new(),
+            new_instances: Vec::new(),
+        };
+        assert!(store.commit_episodes(vec![finish], at(0)).await.expect("commit")[0].is_ok());
+        let late = keel_core::history::HistoryEvent::new(
+            at(1),
+            keel_core::history::EventKind::EventRaised { name: "late".into(), input: None },
+        );
+        let message =
+            keel_store::Message { instance_id: "done".into(), execution_id: None, event: late, visible_at: at(1) };
+        store.enqueue_message(message, true).await.expect("a late event");
+        store.create_instance(new_instance("parent")).await.expect("create parent");
+
+        let items = store.fetch_orchestration_items(10, LEASE, at(1)).await.expect("fetch");
+        assert_eq!(items.len(), 2, "both have work");
+        let done = items.iter().find(|item| item.lock.instance_id == "done").expect("done");
+        let parent = items.iter().find(|item| item.lock.instance_id == "parent").expect("parent");
+        let done_commit = keel_store::EpisodeCommit {
+            lock: done.lock.clone(),
+            consumed: done.messages.iter().map(|m| m.id).collect(),
+            replace_history: None,
+            history: vec![done.messages[0].message.event.clone()],
+            state: None,
+            activities: vec![keel_store::NewActivity {
+                instance_id: "done".into(),
+                execution_id: done.instance.execution_id.clone(),
+                task_id: 7,
+                name: "Stray".into(),
+                input: None,
+            }],
+            messages: Vec::new(),
+            new_instances: Vec::new(),
+        };
+        let child = NewInstance {
+            execution_id: "done-as-a-child".into(),
+            parent: Some(keel_core::history::ParentInstance {
+                instance_id: "parent".into(),
+                execution_id: parent.instance.execution_id.clone(),
+                name: "Flow".into(),
+                task_scheduled_id: 0,
+            }),
+            ..new_instance("done")
+        };
+        let parent_commit = keel_store::EpisodeCommit {
+            lock: parent.lock.clone(),
+            consumed: parent.messages.iter().map(|m| m.id).collect(),
+            replace_history: None,
+            history: vec![parent.messages[0].message.event.clone()],
+            state: None,
+            activities: Vec::new(),
+            messages: Vec::new(),
+            new_instances: vec![child.clone()],
+        };
+        let batch = if parent_first { vec![parent_commit, done_commit] } else { vec![done_commit, parent_commit] };
+        let results = store.commit_episodes(batch, at(2)).await.expect("commit");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+        let record = store.get_instance("done").await.expect("get").expect("done exists");
+        assert_eq!(record.execution_id, "done-as-a-child", "replaced by the child (parent first: {parent_first})");
+        assert_eq!(record.status, RuntimeStatus::Pending);
+        assert_eq!(record.history_len, 0);
+        assert!(store.read_history("done").await.expect("history").is_empty(), "no history of the old instance");
+        assert!(store.fetch_activity_items(10, LEASE, at(2)).await.expect("fetch").is_empty(), "no stray activity");
+        let items = store.fetch_orchestration_items(10, LEASE, at(2)).await.expect("fetch");
+        let done = items.iter().find(|item| item.lock.instance_id == "done").expect("the child has work");
+        let events: Vec<_> = done.messages.iter().map(|m| &m.message.event).collect();
+        assert_eq!(events, [&child.execution_started_event()], "only the child's start is in its inbox");
+        assert_eq!(store.read_history("parent").await.expect("history").len(), 1, "the parent committed");
+        store.delete_task_hub().await.expect("delete");
+    }
+}
