@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,10 +25,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `keel serve --port 0` with extra arguments.
+    /// Starts `keel serve --port 0` on a SQLite task hub in a temp dir, with extra arguments.
     pub fn start(extra_args: &[&str]) -> Server {
+        Server::start_on(None, extra_args)
+    }
+
+    /// Starts `keel serve --port 0` on the task hub `store` (a SQLite file in a temp dir
+    /// when `None`), with extra arguments.
+    pub fn start_on(store: Option<&str>, extra_args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let store = format!("sqlite://{}", dir.path().join("hub.db").display());
+        let store = match store {
+            Some(store) => store.to_string(),
+            None => format!("sqlite://{}", dir.path().join("hub.db").display()),
+        };
         let log = std::fs::File::create(dir.path().join("host.log")).expect("a log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
             .args(["serve", "--port", "0", "--store", &store])
@@ -73,10 +82,6 @@ impl Server {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    pub fn store_path(&self) -> PathBuf {
-        self.dir.path().join("hub.db")
     }
 }
 
