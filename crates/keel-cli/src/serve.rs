@@ -16,7 +16,7 @@ pub struct ServeArgs {
     /// The address to listen on. The default accepts local connections only.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
-    /// The task hub: sqlite://PATH (or any other URL the runtime's store opener takes).
+    /// The task hub: sqlite://PATH or postgres://USER@HOST:PORT/DATABASE[?schema=HUB].
     #[arg(long, env = "KEEL_STORE", default_value = keel::store::DEFAULT_STORE_URL)]
     store: String,
     /// Require this key on every API and trigger request (x-functions-key header or code= parameter).
