@@ -78,7 +78,7 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
             _ => {
                 let stale = message.execution_id.as_ref().is_some_and(|id| *id != instance.execution_id);
                 if !stale {
-                    events.push(message.event.clone());
+                    events.push((message.execution_id.is_some(), message.event.clone()));
                 }
             }
         }
@@ -118,7 +118,7 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
     }
     if instance.history_len == 0 && start.is_none() {
         // Not started yet (a scheduled start): only termination can happen now.
-        let termination = events.iter().find_map(|event| match &event.kind {
+        let termination = events.iter().find_map(|(_, event)| match &event.kind {
             EventKind::ExecutionTerminated { reason } => Some(reason.clone()),
             _ => None,
         });
@@ -132,9 +132,15 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
         let retry_at = instance.scheduled_start.filter(|at| *at > now).unwrap_or(now + chrono::Duration::seconds(1));
         return Intake::Settled(Plan::Abandon { retry_at });
     }
+    if start.is_some() {
+        // The first episode of an execution: the events a remote continue-as-new
+        // carried over (sent for this execution) come before the events that arrived
+        // while the previous execution's last episode was in flight.
+        events.sort_by_key(|(for_this_execution, _)| !for_this_execution);
+    }
     let mut new_events = vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)];
     new_events.extend(start);
-    new_events.extend(events);
+    new_events.extend(events.into_iter().map(|(_, event)| event));
     Intake::Run { new_events }
 }
 
@@ -517,4 +523,77 @@ fn plan_rewind(
     commit.history = past;
     commit.history.extend(new_events);
     apply_result(registry, commit, instance, execution, result, 0, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_store::{OrchestrationLock, StoredMessage};
+
+    fn at(millis: i64) -> Timestamp {
+        chrono::DateTime::from_timestamp_millis(millis).unwrap()
+    }
+
+    fn raised(name: &str) -> HistoryEvent {
+        HistoryEvent::new(at(1), EventKind::EventRaised { name: name.into(), input: None })
+    }
+
+    #[test]
+    fn events_carried_over_by_a_remote_continue_as_new_come_before_later_ones() {
+        let instance = InstanceRecord {
+            instance_id: "i".into(),
+            name: "Collect".into(),
+            version: None,
+            execution_id: "next".into(),
+            status: RuntimeStatus::Running,
+            input: None,
+            output: None,
+            custom_status: None,
+            failure: None,
+            parent: None,
+            scheduled_start: None,
+            created_at: at(0),
+            last_updated_at: at(0),
+            completed_at: None,
+            history_len: 0,
+        };
+        let start = HistoryEvent::new(
+            at(1),
+            EventKind::ExecutionStarted {
+                name: "Collect".into(),
+                version: None,
+                input: None,
+                execution_id: "next".into(),
+                parent: None,
+                scheduled_start: None,
+            },
+        );
+        // Arrival order: an event raised while the last episode of the previous
+        // execution was in flight, then what that episode's commit sent.
+        let messages = [(None, raised("late")), (Some("next"), start.clone()), (Some("next"), raised("carried"))];
+        let item = OrchestrationItem {
+            lock: OrchestrationLock { instance_id: "i".into(), token: "t".into() },
+            instance,
+            messages: messages
+                .into_iter()
+                .enumerate()
+                .map(|(id, (execution_id, event))| StoredMessage {
+                    id: id as i64,
+                    message: Message {
+                        instance_id: "i".into(),
+                        execution_id: execution_id.map(str::to_string),
+                        event,
+                        visible_at: at(1),
+                    },
+                })
+                .collect(),
+            delivery_attempts: 1,
+        };
+        let RemoteIntake::Run(episode) = prepare_remote(&item, Vec::new(), at(2)) else { panic!("the episode runs") };
+        let kinds: Vec<&EventKind> = episode.new_events.iter().map(|event| &event.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![&EventKind::OrchestratorStarted, &start.kind, &raised("carried").kind, &raised("late").kind]
+        );
+    }
 }
