@@ -1,0 +1,718 @@
+//! Between Keel's model and the protocol's messages: history events, failure details,
+//! timestamps, statuses, instance states, work items, and a worker's orchestrator
+//! response turned into a [`RemoteOutcome`].
+//!
+//! The two history models map one to one: event ids (the action sequence numbers) and
+//! timestamps pass through unchanged, so what the worker replays is exactly what Keel
+//! stored. Payloads are opaque JSON text on both sides. Two translations are not one to
+//! one and are made here only: a termination reason is plain text in Keel and a JSON
+//! value on the wire ([`reason_to_wire`], [`reason_from_wire`]), and an empty payload
+//! string on the wire means "no payload".
+
+use chrono::DateTime;
+use keel::episode::{RemoteEpisode, RemoteOutcome};
+use keel::{EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp};
+use keel_core::history::ParentInstance;
+use keel_core::{limits, Action, Completion};
+use keel_store::ActivityItem;
+
+use crate::error::{Error, Result};
+use crate::proto;
+use crate::proto::history_event::EventType;
+use crate::proto::orchestrator_action::OrchestratorActionType;
+
+/// Error type of an orchestration that used a feature this server does not offer yet.
+pub const UNSUPPORTED_ERROR_TYPE: &str = "NotSupported";
+
+pub fn timestamp_to_proto(at: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn timestamp_from_proto(at: &prost_types::Timestamp, what: &str) -> Result<Timestamp> {
+    u32::try_from(at.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(at.seconds, nanos))
+        .ok_or_else(|| Error::InvalidArgument(format!("{what} is not a valid timestamp")))
+}
+
+fn optional_timestamp(at: Option<&prost_types::Timestamp>, what: &str) -> Result<Option<Timestamp>> {
+    at.map(|at| timestamp_from_proto(at, what)).transpose()
+}
+
+/// A payload from the wire: an empty string is no payload (it is never valid JSON).
+pub fn payload(value: Option<String>) -> Option<String> {
+    value.filter(|text| !text.is_empty())
+}
+
+/// A termination reason (plain text in Keel) as the JSON value the SDKs expect.
+pub fn reason_to_wire(reason: Option<&str>) -> Option<String> {
+    reason.map(|reason| serde_json::to_string(reason).expect("a string always serializes"))
+}
+
+/// A termination output from the wire as Keel's plain-text reason: a JSON string is
+/// unwrapped, any other text is kept as it is.
+pub fn reason_from_wire(output: Option<String>) -> Option<String> {
+    payload(output).map(|text| serde_json::from_str::<String>(&text).unwrap_or(text))
+}
+
+pub fn status_to_proto(status: RuntimeStatus) -> i32 {
+    status.code()
+}
+
+pub fn status_from_proto(code: i32) -> Result<RuntimeStatus> {
+    RuntimeStatus::from_code(code).ok_or_else(|| Error::InvalidArgument(format!("unknown orchestration status {code}")))
+}
+
+pub fn failure_to_proto(failure: &FailureDetails) -> proto::TaskFailureDetails {
+    proto::TaskFailureDetails {
+        error_type: failure.error_type.clone(),
+        error_message: failure.error_message.clone(),
+        stack_trace: failure.stack_trace.clone(),
+        inner_failure: failure.inner_failure.as_deref().map(|inner| Box::new(failure_to_proto(inner))),
+        is_non_retriable: failure.is_non_retriable,
+        properties: Default::default(),
+    }
+}
+
+pub fn failure_from_proto(failure: &proto::TaskFailureDetails) -> FailureDetails {
+    FailureDetails {
+        error_type: failure.error_type.clone(),
+        error_message: failure.error_message.clone(),
+        stack_trace: failure.stack_trace.clone(),
+        inner_failure: failure.inner_failure.as_deref().map(|inner| Box::new(failure_from_proto(inner))),
+        is_non_retriable: failure.is_non_retriable,
+    }
+}
+
+fn instance_ref(instance_id: &str, execution_id: Option<&str>) -> proto::OrchestrationInstance {
+    proto::OrchestrationInstance {
+        instance_id: instance_id.to_string(),
+        execution_id: execution_id.map(str::to_string),
+    }
+}
+
+/// A history event as the protocol has it. `instance_id` is the instance the history
+/// belongs to (the protocol's `ExecutionStarted` names it, Keel's does not).
+pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::HistoryEvent {
+    let kind = match &event.kind {
+        EventKind::ExecutionStarted { name, version, input, execution_id, parent, scheduled_start } => {
+            EventType::ExecutionStarted(proto::ExecutionStartedEvent {
+                name: name.clone(),
+                version: version.clone(),
+                input: input.clone(),
+                orchestration_instance: Some(instance_ref(instance_id, Some(execution_id))),
+                parent_instance: parent.as_ref().map(|parent| proto::ParentInstanceInfo {
+                    task_scheduled_id: parent.task_scheduled_id,
+                    name: Some(parent.name.clone()),
+                    version: None,
+                    orchestration_instance: Some(instance_ref(&parent.instance_id, Some(&parent.execution_id))),
+                }),
+                scheduled_start_timestamp: scheduled_start.map(timestamp_to_proto),
+                ..Default::default()
+            })
+        }
+        EventKind::ExecutionCompleted { status, result, failure } => {
+            EventType::ExecutionCompleted(proto::ExecutionCompletedEvent {
+                orchestration_status: status_to_proto(*status),
+                result: result.clone(),
+                failure_details: failure.as_ref().map(failure_to_proto),
+            })
+        }
+        EventKind::ExecutionTerminated { reason } => EventType::ExecutionTerminated(proto::ExecutionTerminatedEvent {
+            input: reason_to_wire(reason.as_deref()),
+            recurse: false,
+        }),
+        EventKind::TaskScheduled { name, input } => EventType::TaskScheduled(proto::TaskScheduledEvent {
+            name: name.clone(),
+            input: input.clone(),
+            ..Default::default()
+        }),
+        EventKind::TaskCompleted { task_scheduled_id, result } => EventType::TaskCompleted(proto::TaskCompletedEvent {
+            task_scheduled_id: *task_scheduled_id,
+            result: result.clone(),
+        }),
+        EventKind::TaskFailed { task_scheduled_id, failure } => EventType::TaskFailed(proto::TaskFailedEvent {
+            task_scheduled_id: *task_scheduled_id,
+            failure_details: Some(failure_to_proto(failure)),
+        }),
+        EventKind::SubOrchestrationInstanceCreated { name, instance_id, input } => {
+            EventType::SubOrchestrationInstanceCreated(proto::SubOrchestrationInstanceCreatedEvent {
+                instance_id: instance_id.clone(),
+                name: name.clone(),
+                input: input.clone(),
+                ..Default::default()
+            })
+        }
+        EventKind::SubOrchestrationInstanceCompleted { task_scheduled_id, result } => {
+            EventType::SubOrchestrationInstanceCompleted(proto::SubOrchestrationInstanceCompletedEvent {
+                task_scheduled_id: *task_scheduled_id,
+                result: result.clone(),
+            })
+        }
+        EventKind::SubOrchestrationInstanceFailed { task_scheduled_id, failure } => {
+            EventType::SubOrchestrationInstanceFailed(proto::SubOrchestrationInstanceFailedEvent {
+                task_scheduled_id: *task_scheduled_id,
+                failure_details: Some(failure_to_proto(failure)),
+            })
+        }
+        EventKind::TimerCreated { fire_at } => {
+            EventType::TimerCreated(proto::TimerCreatedEvent { fire_at: Some(timestamp_to_proto(*fire_at)) })
+        }
+        EventKind::TimerFired { timer_id, fire_at } => EventType::TimerFired(proto::TimerFiredEvent {
+            fire_at: Some(timestamp_to_proto(*fire_at)),
+            timer_id: *timer_id,
+        }),
+        EventKind::OrchestratorStarted => EventType::OrchestratorStarted(proto::OrchestratorStartedEvent {}),
+        EventKind::EventSent { instance_id, name, input } => EventType::EventSent(proto::EventSentEvent {
+            instance_id: instance_id.clone(),
+            name: name.clone(),
+            input: input.clone(),
+        }),
+        EventKind::EventRaised { name, input } => {
+            EventType::EventRaised(proto::EventRaisedEvent { name: name.clone(), input: input.clone() })
+        }
+        EventKind::ContinueAsNew { input } => {
+            EventType::ContinueAsNew(proto::ContinueAsNewEvent { input: input.clone() })
+        }
+        EventKind::ExecutionSuspended { reason } => {
+            EventType::ExecutionSuspended(proto::ExecutionSuspendedEvent { input: reason.clone() })
+        }
+        EventKind::ExecutionResumed { reason } => {
+            EventType::ExecutionResumed(proto::ExecutionResumedEvent { input: reason.clone() })
+        }
+        EventKind::ExecutionRewound { reason } => {
+            EventType::ExecutionRewound(proto::ExecutionRewoundEvent { reason: reason.clone(), ..Default::default() })
+        }
+    };
+    proto::HistoryEvent {
+        event_id: event.event_id,
+        timestamp: Some(timestamp_to_proto(event.timestamp)),
+        event_type: Some(kind),
+    }
+}
+
+/// An event from the wire as a Keel event; `now` stands in for a missing timestamp.
+/// Event types Keel has no counterpart for (entities, history state, generic) are refused.
+pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<HistoryEvent> {
+    let timestamp = optional_timestamp(event.timestamp.as_ref(), "the event timestamp")?.unwrap_or(now);
+    let required_time = |at: Option<&prost_types::Timestamp>, what: &str| {
+        at.ok_or_else(|| Error::InvalidArgument(format!("{what} is missing")))
+            .and_then(|at| timestamp_from_proto(at, what))
+    };
+    let required_failure = |failure: Option<&proto::TaskFailureDetails>| {
+        failure.map(failure_from_proto).ok_or_else(|| Error::InvalidArgument("failure details are missing".into()))
+    };
+    let kind = match event.event_type.as_ref() {
+        None => return Err(Error::InvalidArgument("a history event has no event type".into())),
+        Some(EventType::ExecutionStarted(started)) => EventKind::ExecutionStarted {
+            name: started.name.clone(),
+            version: started.version.clone(),
+            input: payload(started.input.clone()),
+            execution_id: started
+                .orchestration_instance
+                .as_ref()
+                .and_then(|instance| instance.execution_id.clone())
+                .unwrap_or_default(),
+            parent: started.parent_instance.as_ref().map(|parent| {
+                let instance = parent.orchestration_instance.clone().unwrap_or_default();
+                ParentInstance {
+                    instance_id: instance.instance_id,
+                    execution_id: instance.execution_id.unwrap_or_default(),
+                    name: parent.name.clone().unwrap_or_default(),
+                    task_scheduled_id: parent.task_scheduled_id,
+                }
+            }),
+            scheduled_start: optional_timestamp(started.scheduled_start_timestamp.as_ref(), "scheduledStartTimestamp")?,
+        },
+        Some(EventType::ExecutionCompleted(completed)) => EventKind::ExecutionCompleted {
+            status: status_from_proto(completed.orchestration_status)?,
+            result: payload(completed.result.clone()),
+            failure: completed.failure_details.as_ref().map(failure_from_proto),
+        },
+        Some(EventType::ExecutionTerminated(terminated)) => {
+            EventKind::ExecutionTerminated { reason: reason_from_wire(terminated.input.clone()) }
+        }
+        Some(EventType::TaskScheduled(scheduled)) => {
+            EventKind::TaskScheduled { name: scheduled.name.clone(), input: payload(scheduled.input.clone()) }
+        }
+        Some(EventType::TaskCompleted(completed)) => EventKind::TaskCompleted {
+            task_scheduled_id: completed.task_scheduled_id,
+            result: payload(completed.result.clone()),
+        },
+        Some(EventType::TaskFailed(failed)) => EventKind::TaskFailed {
+            task_scheduled_id: failed.task_scheduled_id,
+            failure: required_failure(failed.failure_details.as_ref())?,
+        },
+        Some(EventType::SubOrchestrationInstanceCreated(created)) => EventKind::SubOrchestrationInstanceCreated {
+            name: created.name.clone(),
+            instance_id: created.instance_id.clone(),
+            input: payload(created.input.clone()),
+        },
+        Some(EventType::SubOrchestrationInstanceCompleted(completed)) => EventKind::SubOrchestrationInstanceCompleted {
+            task_scheduled_id: completed.task_scheduled_id,
+            result: payload(completed.result.clone()),
+        },
+        Some(EventType::SubOrchestrationInstanceFailed(failed)) => EventKind::SubOrchestrationInstanceFailed {
+            task_scheduled_id: failed.task_scheduled_id,
+            failure: required_failure(failed.failure_details.as_ref())?,
+        },
+        Some(EventType::TimerCreated(created)) => {
+            EventKind::TimerCreated { fire_at: required_time(created.fire_at.as_ref(), "the timer's fireAt")? }
+        }
+        Some(EventType::TimerFired(fired)) => EventKind::TimerFired {
+            timer_id: fired.timer_id,
+            fire_at: required_time(fired.fire_at.as_ref(), "the timer's fireAt")?,
+        },
+        Some(EventType::OrchestratorStarted(_)) => EventKind::OrchestratorStarted,
+        Some(EventType::EventSent(sent)) => EventKind::EventSent {
+            instance_id: sent.instance_id.clone(),
+            name: sent.name.clone(),
+            input: payload(sent.input.clone()),
+        },
+        Some(EventType::EventRaised(raised)) => {
+            EventKind::EventRaised { name: raised.name.clone(), input: payload(raised.input.clone()) }
+        }
+        Some(EventType::ContinueAsNew(continued)) => {
+            EventKind::ContinueAsNew { input: payload(continued.input.clone()) }
+        }
+        Some(EventType::ExecutionSuspended(suspended)) => {
+            EventKind::ExecutionSuspended { reason: payload(suspended.input.clone()) }
+        }
+        Some(EventType::ExecutionResumed(resumed)) => {
+            EventKind::ExecutionResumed { reason: payload(resumed.input.clone()) }
+        }
+        Some(EventType::ExecutionRewound(rewound)) => {
+            EventKind::ExecutionRewound { reason: payload(rewound.reason.clone()) }
+        }
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "history events of type {} are not supported",
+                event_type_name(other)
+            )))
+        }
+    };
+    Ok(HistoryEvent { event_id: event.event_id, timestamp, kind })
+}
+
+fn event_type_name(kind: &EventType) -> &'static str {
+    match kind {
+        EventType::GenericEvent(_) => "genericEvent",
+        EventType::HistoryState(_) => "historyState",
+        EventType::OrchestratorCompleted(_) => "orchestratorCompleted",
+        EventType::EntityOperationSignaled(_)
+        | EventType::EntityOperationCalled(_)
+        | EventType::EntityOperationCompleted(_)
+        | EventType::EntityOperationFailed(_)
+        | EventType::EntityLockRequested(_)
+        | EventType::EntityLockGranted(_)
+        | EventType::EntityUnlockSent(_) => "entity",
+        _ => "this",
+    }
+}
+
+/// True for the events a worker may see. `ContinueAsNew` is Keel's own bookkeeping: the
+/// Python worker has no handler for it and would fail the orchestration.
+fn is_for_workers(event: &HistoryEvent) -> bool {
+    !matches!(event.kind, EventKind::ContinueAsNew { .. })
+}
+
+/// The work item that hands an episode to a worker.
+pub fn orchestrator_request(episode: &RemoteEpisode) -> proto::OrchestratorRequest {
+    let instance_id = &episode.instance.instance_id;
+    let convert = |events: &[HistoryEvent]| {
+        events.iter().filter(|event| is_for_workers(event)).map(|event| event_to_proto(instance_id, event)).collect()
+    };
+    proto::OrchestratorRequest {
+        instance_id: instance_id.clone(),
+        execution_id: Some(episode.instance.execution_id.clone()),
+        past_events: convert(&episode.past_events),
+        new_events: convert(&episode.new_events),
+        ..Default::default()
+    }
+}
+
+/// The work item that hands an activity to a worker.
+pub fn activity_request(item: &ActivityItem) -> proto::ActivityRequest {
+    proto::ActivityRequest {
+        name: item.name.clone(),
+        input: item.input.clone(),
+        orchestration_instance: Some(instance_ref(&item.instance_id, Some(&item.execution_id))),
+        task_id: item.task_id,
+        ..Default::default()
+    }
+}
+
+/// An instance's state as `GetInstance` and `QueryInstances` report it; inputs and
+/// outputs only when asked for.
+pub fn orchestration_state(status: &InstanceStatus, with_payloads: bool) -> proto::OrchestrationState {
+    proto::OrchestrationState {
+        instance_id: status.instance_id.clone(),
+        name: status.name.clone(),
+        version: status.version.clone(),
+        orchestration_status: status_to_proto(status.status),
+        scheduled_start_timestamp: status.scheduled_start.map(timestamp_to_proto),
+        created_timestamp: Some(timestamp_to_proto(status.created_at)),
+        last_updated_timestamp: Some(timestamp_to_proto(status.last_updated_at)),
+        input: if with_payloads { status.input.clone() } else { None },
+        output: if with_payloads { status.output.clone() } else { None },
+        custom_status: status.custom_status.clone(),
+        failure_details: status.failure.as_ref().map(failure_to_proto),
+        execution_id: Some(status.execution_id.clone()),
+        completed_timestamp: status.completed_at.map(timestamp_to_proto),
+        parent_instance_id: status.parent.as_ref().map(|parent| parent.instance_id.clone()),
+        tags: Default::default(),
+    }
+}
+
+/// A message to another instance that a worker's actions call for, beyond what
+/// [`RemoteOutcome`] carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Termination {
+    pub instance_id: String,
+    pub reason: Option<String>,
+}
+
+/// What a worker's `OrchestratorResponse` decided, checked. A malformed response is an
+/// error (nothing of it is applied); an action Keel does not support yet (entities,
+/// worker-built rewinds) or a payload over the limit fails the orchestration instead.
+pub fn outcome_from_response(
+    response: &proto::OrchestratorResponse,
+    parent_instance_id: &str,
+    now: Timestamp,
+) -> Result<(RemoteOutcome, Vec<Termination>)> {
+    let mut actions = Vec::new();
+    let mut terminations = Vec::new();
+    let mut completion = None;
+    let mut refusal: Option<FailureDetails> = None;
+    for action in &response.actions {
+        let id = action.id;
+        let Some(kind) = action.orchestrator_action_type.as_ref() else {
+            return Err(Error::InvalidArgument(format!("action {id} has no action type")));
+        };
+        match kind {
+            OrchestratorActionType::ScheduleTask(task) => {
+                limits::check_name("activity", &task.name).map_err(Error::InvalidArgument)?;
+                let input = payload(task.input.clone());
+                refusal = refusal.or_else(|| payload_failure_of("the activity input", input.as_deref()));
+                actions.push(Action::ScheduleTask { id, name: task.name.clone(), input });
+            }
+            OrchestratorActionType::CreateSubOrchestration(sub) => {
+                limits::check_name("orchestrator", &sub.name).map_err(Error::InvalidArgument)?;
+                let instance_id = if sub.instance_id.is_empty() {
+                    format!("{parent_instance_id}:{id:04x}")
+                } else {
+                    sub.instance_id.clone()
+                };
+                limits::check_instance_id(&instance_id).map_err(Error::InvalidArgument)?;
+                let input = payload(sub.input.clone());
+                refusal = refusal.or_else(|| payload_failure_of("the sub-orchestration input", input.as_deref()));
+                actions.push(Action::CreateSubOrchestration { id, name: sub.name.clone(), instance_id, input });
+            }
+            OrchestratorActionType::CreateTimer(timer) => {
+                let fire_at = timer
+                    .fire_at
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidArgument(format!("timer action {id} has no fireAt")))?;
+                actions.push(Action::CreateTimer { id, fire_at: timestamp_from_proto(fire_at, "the timer's fireAt")? });
+            }
+            OrchestratorActionType::SendEvent(send) => {
+                let instance_id =
+                    send.instance.as_ref().map(|instance| instance.instance_id.clone()).unwrap_or_default();
+                if instance_id.is_empty() {
+                    return Err(Error::InvalidArgument(format!("send-event action {id} names no instance")));
+                }
+                limits::check_name("event", &send.name).map_err(Error::InvalidArgument)?;
+                let input = payload(send.data.clone());
+                refusal = refusal.or_else(|| payload_failure_of("the event data", input.as_deref()));
+                actions.push(Action::SendEvent { id, instance_id, name: send.name.clone(), input });
+            }
+            OrchestratorActionType::TerminateOrchestration(terminate) => {
+                if terminate.instance_id.is_empty() {
+                    return Err(Error::InvalidArgument(format!("terminate action {id} names no instance")));
+                }
+                terminations.push(Termination {
+                    instance_id: terminate.instance_id.clone(),
+                    reason: reason_from_wire(terminate.reason.clone()),
+                });
+            }
+            OrchestratorActionType::CompleteOrchestration(complete) => {
+                if completion.is_some() {
+                    return Err(Error::InvalidArgument("the response completes the orchestration twice".into()));
+                }
+                completion = Some(completion_from_proto(complete, now)?);
+            }
+            OrchestratorActionType::SendEntityMessage(_) => {
+                refusal = refusal.or_else(|| {
+                    Some(FailureDetails::new(
+                        UNSUPPORTED_ERROR_TYPE,
+                        "durable entities are not supported by this Keel server yet",
+                    ))
+                });
+            }
+            OrchestratorActionType::RewindOrchestration(_) => {
+                refusal = refusal.or_else(|| {
+                    Some(FailureDetails::new(
+                        UNSUPPORTED_ERROR_TYPE,
+                        "rewinds are run by Keel; a worker-built rewind history is not accepted",
+                    ))
+                });
+            }
+        }
+    }
+    let custom_status = payload(response.custom_status.clone());
+    refusal = refusal.or_else(|| payload_failure_of("the custom status", custom_status.as_deref()));
+    if let Some(failure) = refusal {
+        completion = Some(Completion::Failed { failure });
+    }
+    Ok((RemoteOutcome { actions, completion, custom_status }, terminations))
+}
+
+/// A payload over the limit fails the orchestration (as it does for Rust orchestrators).
+fn payload_failure_of(what: &str, text: Option<&str>) -> Option<FailureDetails> {
+    limits::check_payload(what, text).err().map(|message| FailureDetails::new("PayloadTooLarge", message))
+}
+
+fn completion_from_proto(complete: &proto::CompleteOrchestrationAction, now: Timestamp) -> Result<Completion> {
+    let result = payload(complete.result.clone());
+    match status_from_proto(complete.orchestration_status)? {
+        RuntimeStatus::Completed => Ok(Completion::Completed { output: result }),
+        RuntimeStatus::Failed => {
+            let failure = complete.failure_details.as_ref().map(failure_from_proto).unwrap_or_else(|| {
+                FailureDetails::new(
+                    "OrchestrationFailed",
+                    payload(complete.details.clone()).unwrap_or_else(|| "the orchestration failed".to_string()),
+                )
+            });
+            Ok(Completion::Failed { failure })
+        }
+        RuntimeStatus::Terminated => Ok(Completion::Terminated { reason: reason_from_wire(result) }),
+        RuntimeStatus::ContinuedAsNew => {
+            let carryover_events = complete
+                .carryover_events
+                .iter()
+                .map(|event| event_from_proto(event, now))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Completion::ContinuedAsNew { input: result, carryover_events })
+        }
+        other => Err(Error::InvalidArgument(format!("an orchestration cannot complete with status {other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::OrchestratorAction;
+
+    fn at(millis: i64) -> Timestamp {
+        DateTime::from_timestamp_millis(millis).unwrap()
+    }
+
+    /// One event of every Keel kind, with the ids and timestamps a history would hold.
+    fn every_kind() -> Vec<HistoryEvent> {
+        let failure = FailureDetails {
+            error_type: "builtins.ValueError".into(),
+            error_message: "kaboom".into(),
+            stack_trace: Some("  File x".into()),
+            inner_failure: Some(Box::new(FailureDetails::new("Inner", "cause"))),
+            is_non_retriable: true,
+        };
+        let kinds = vec![
+            EventKind::OrchestratorStarted,
+            EventKind::ExecutionStarted {
+                name: "Orch".into(),
+                version: Some("1.0".into()),
+                input: Some("\"in\"".into()),
+                execution_id: "e1".into(),
+                parent: Some(ParentInstance {
+                    instance_id: "p".into(),
+                    execution_id: "pe".into(),
+                    name: "Parent".into(),
+                    task_scheduled_id: 3,
+                }),
+                scheduled_start: Some(at(5_000)),
+            },
+            EventKind::TaskScheduled { name: "A".into(), input: Some("1".into()) },
+            EventKind::TaskCompleted { task_scheduled_id: 1, result: Some("2".into()) },
+            EventKind::TaskFailed { task_scheduled_id: 1, failure: failure.clone() },
+            EventKind::SubOrchestrationInstanceCreated { name: "S".into(), instance_id: "c".into(), input: None },
+            EventKind::SubOrchestrationInstanceCompleted { task_scheduled_id: 2, result: None },
+            EventKind::SubOrchestrationInstanceFailed { task_scheduled_id: 2, failure },
+            EventKind::TimerCreated { fire_at: at(9_000) },
+            EventKind::TimerFired { timer_id: 4, fire_at: at(9_000) },
+            EventKind::EventSent { instance_id: "o".into(), name: "E".into(), input: Some("{}".into()) },
+            EventKind::EventRaised { name: "E".into(), input: Some("[1]".into()) },
+            EventKind::ExecutionSuspended { reason: Some("pause".into()) },
+            EventKind::ExecutionResumed { reason: None },
+            EventKind::ExecutionTerminated { reason: Some("enough".into()) },
+            EventKind::ExecutionRewound { reason: Some("again".into()) },
+            EventKind::ContinueAsNew { input: Some("7".into()) },
+            EventKind::ExecutionCompleted {
+                status: RuntimeStatus::Completed,
+                result: Some("\"ok\"".into()),
+                failure: None,
+            },
+        ];
+        kinds
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| HistoryEvent::with_id(i as i32 - 1, at(1_000 + i as i64), kind))
+            .collect()
+    }
+
+    #[test]
+    fn every_event_kind_survives_the_wire_unchanged() {
+        for event in every_kind() {
+            let wire = event_to_proto("i", &event);
+            assert_eq!(wire.event_id, event.event_id);
+            let back = event_from_proto(&wire, at(0)).unwrap();
+            assert_eq!(back, event, "{}", event.kind.type_name());
+        }
+    }
+
+    #[test]
+    fn execution_started_names_the_instance_and_its_parent() {
+        let event = &every_kind()[1];
+        let Some(EventType::ExecutionStarted(started)) = event_to_proto("child", event).event_type else { panic!() };
+        assert_eq!(started.orchestration_instance.unwrap(), instance_ref("child", Some("e1")));
+        let parent = started.parent_instance.unwrap();
+        assert_eq!(parent.task_scheduled_id, 3);
+        assert_eq!(parent.orchestration_instance.unwrap(), instance_ref("p", Some("pe")));
+    }
+
+    #[test]
+    fn termination_reasons_are_json_on_the_wire() {
+        assert_eq!(reason_to_wire(Some("stop now")).as_deref(), Some("\"stop now\""));
+        assert_eq!(reason_from_wire(Some("\"stop now\"".into())).as_deref(), Some("stop now"));
+        assert_eq!(reason_from_wire(Some("{\"a\":1}".into())).as_deref(), Some("{\"a\":1}"));
+        assert_eq!(reason_from_wire(Some(String::new())), None);
+    }
+
+    #[test]
+    fn workers_never_see_continue_as_new_events() {
+        let episode_events = every_kind();
+        assert!(episode_events.iter().any(|event| !is_for_workers(event)));
+        assert!(episode_events
+            .iter()
+            .filter(|event| is_for_workers(event))
+            .all(|event| { !matches!(event_to_proto("i", event).event_type, Some(EventType::ContinueAsNew(_))) }));
+    }
+
+    fn response(actions: Vec<OrchestratorActionType>) -> proto::OrchestratorResponse {
+        proto::OrchestratorResponse {
+            instance_id: "i".into(),
+            actions: actions
+                .into_iter()
+                .enumerate()
+                .map(|(i, kind)| OrchestratorAction { id: i as i32 + 1, orchestrator_action_type: Some(kind) })
+                .collect(),
+            custom_status: Some("\"busy\"".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn actions_become_keel_actions_with_the_workers_ids() {
+        let (outcome, terminations) = outcome_from_response(
+            &response(vec![
+                OrchestratorActionType::ScheduleTask(proto::ScheduleTaskAction {
+                    name: "A".into(),
+                    input: Some("1".into()),
+                    ..Default::default()
+                }),
+                OrchestratorActionType::CreateTimer(proto::CreateTimerAction {
+                    fire_at: Some(timestamp_to_proto(at(2_000))),
+                }),
+                OrchestratorActionType::CreateSubOrchestration(proto::CreateSubOrchestrationAction {
+                    name: "S".into(),
+                    ..Default::default()
+                }),
+                OrchestratorActionType::SendEvent(proto::SendEventAction {
+                    instance: Some(instance_ref("other", None)),
+                    name: "E".into(),
+                    data: Some(String::new()),
+                }),
+                OrchestratorActionType::TerminateOrchestration(proto::TerminateOrchestrationAction {
+                    instance_id: "victim".into(),
+                    reason: Some("\"why\"".into()),
+                    recurse: false,
+                }),
+            ]),
+            "i",
+            at(0),
+        )
+        .unwrap();
+        assert_eq!(
+            outcome.actions,
+            vec![
+                Action::ScheduleTask { id: 1, name: "A".into(), input: Some("1".into()) },
+                Action::CreateTimer { id: 2, fire_at: at(2_000) },
+                Action::CreateSubOrchestration { id: 3, name: "S".into(), instance_id: "i:0003".into(), input: None },
+                Action::SendEvent { id: 4, instance_id: "other".into(), name: "E".into(), input: None },
+            ]
+        );
+        assert_eq!(terminations, vec![Termination { instance_id: "victim".into(), reason: Some("why".into()) }]);
+        assert_eq!(outcome.custom_status.as_deref(), Some("\"busy\""));
+        assert_eq!(outcome.completion, None);
+    }
+
+    #[test]
+    fn completions_map_by_status() {
+        let complete = |status: i32, result: Option<&str>, failure: Option<proto::TaskFailureDetails>| {
+            let response =
+                response(vec![OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                    orchestration_status: status,
+                    result: result.map(str::to_string),
+                    failure_details: failure,
+                    carryover_events: vec![event_to_proto(
+                        "i",
+                        &HistoryEvent::new(at(3), EventKind::EventRaised { name: "E".into(), input: None }),
+                    )],
+                    ..Default::default()
+                })]);
+            outcome_from_response(&response, "i", at(0)).map(|(outcome, _)| outcome.completion.unwrap())
+        };
+        assert_eq!(complete(1, Some("5"), None).unwrap(), Completion::Completed { output: Some("5".into()) });
+        let failure = FailureDetails::new("builtins.ValueError", "no");
+        assert_eq!(complete(3, Some(""), Some(failure_to_proto(&failure))).unwrap(), Completion::Failed { failure });
+        assert_eq!(complete(5, Some("\"bye\""), None).unwrap(), Completion::Terminated { reason: Some("bye".into()) });
+        assert_eq!(
+            complete(2, Some("8"), None).unwrap(),
+            Completion::ContinuedAsNew {
+                input: Some("8".into()),
+                carryover_events: vec![HistoryEvent::new(
+                    at(3),
+                    EventKind::EventRaised { name: "E".into(), input: None }
+                )],
+            }
+        );
+        assert!(matches!(complete(0, None, None), Err(Error::InvalidArgument(_))), "RUNNING is no completion");
+        assert!(matches!(complete(42, None, None), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn malformed_responses_are_refused_and_unsupported_ones_fail_the_orchestration() {
+        let no_type = proto::OrchestratorResponse {
+            actions: vec![OrchestratorAction { id: 1, orchestrator_action_type: None }],
+            ..Default::default()
+        };
+        assert!(matches!(outcome_from_response(&no_type, "i", at(0)), Err(Error::InvalidArgument(_))));
+        let no_fire_at =
+            response(vec![OrchestratorActionType::CreateTimer(proto::CreateTimerAction { fire_at: None })]);
+        assert!(matches!(outcome_from_response(&no_fire_at, "i", at(0)), Err(Error::InvalidArgument(_))));
+        let entity = response(vec![OrchestratorActionType::SendEntityMessage(proto::SendEntityMessageAction {
+            entity_message_type: None,
+        })]);
+        let (outcome, _) = outcome_from_response(&entity, "i", at(0)).unwrap();
+        let Some(Completion::Failed { failure }) = outcome.completion else { panic!("{outcome:?}") };
+        assert_eq!(failure.error_type, UNSUPPORTED_ERROR_TYPE);
+        let big = "1".repeat(limits::MAX_PAYLOAD_BYTES + 1);
+        let too_large = response(vec![OrchestratorActionType::ScheduleTask(proto::ScheduleTaskAction {
+            name: "A".into(),
+            input: Some(big),
+            ..Default::default()
+        })]);
+        let (outcome, _) = outcome_from_response(&too_large, "i", at(0)).unwrap();
+        let Some(Completion::Failed { failure }) = outcome.completion else { panic!() };
+        assert_eq!(failure.error_type, "PayloadTooLarge");
+    }
+}

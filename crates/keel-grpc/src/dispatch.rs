@@ -1,0 +1,597 @@
+//! Work for remote workers: [`GrpcRemoteWorkers`] takes the episodes and activity items
+//! that the in-process worker does not host (it is a [`keel::RemoteWorkers`]) and hands
+//! each to exactly one connected `GetWorkItems` stream, round-robin, within the
+//! concurrency each worker asked for and the work-item filters it set.
+//!
+//! A handed-out item is *in flight* under a completion token that is unique per
+//! dispatch (a per-process nonce and a counter, so tokens of a previous server process
+//! never match). It stays in flight until the worker completes or abandons it; when its
+//! stream drops, it goes back to the task hub at once. Items that no stream can take
+//! wait here in order (they stay locked in the store; activity leases are renewed by
+//! the server), so that an orchestration started before any worker connects simply
+//! waits for one.
+//!
+//! Nothing here touches the store: what must be written (give-backs, poisoned
+//! activities) becomes a [`Job`] that the server carries out.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use keel::episode::RemoteEpisode;
+use keel::RemoteWorkers;
+use keel_store::{ActivityItem, ActivityLock};
+use tokio::sync::mpsc;
+
+use crate::convert;
+use crate::proto;
+use crate::proto::work_item::Request;
+
+/// Most items waiting for a worker; beyond that, offers are refused (the in-process
+/// worker gives them back to the store and offers them again later).
+pub const MAX_WAITING_ITEMS: usize = 10_000;
+
+/// A unit of work for a remote worker.
+#[derive(Debug)]
+pub enum Work {
+    Orchestration(Box<RemoteEpisode>),
+    Activity(Box<ActivityItem>),
+}
+
+impl Work {
+    fn to_work_item(&self, token: String) -> proto::WorkItem {
+        let request = match self {
+            Work::Orchestration(episode) => Request::OrchestratorRequest(convert::orchestrator_request(episode)),
+            Work::Activity(item) => Request::ActivityRequest(convert::activity_request(item)),
+        };
+        proto::WorkItem { request: Some(request), completion_token: token }
+    }
+
+    /// True if `other` is a newer delivery of the same work (the store handed it out
+    /// again after a lease expired).
+    fn same_work(&self, other: &Work) -> bool {
+        match (self, other) {
+            (Work::Orchestration(a), Work::Orchestration(b)) => a.instance.instance_id == b.instance.instance_id,
+            (Work::Activity(a), Work::Activity(b)) => a.lock.id == b.lock.id,
+            _ => false,
+        }
+    }
+}
+
+/// A store write the server must make on the dispatcher's behalf.
+#[derive(Debug)]
+pub enum Job {
+    /// Give the item back to the task hub, to be delivered again after `retry_after`.
+    GiveBack { work: Work, retry_after: Duration },
+    /// An activity that kept failing to finish: record it as failed without running it.
+    Poison(Box<ActivityItem>),
+}
+
+/// Which work a stream takes: everything, or what its filters name.
+#[derive(Debug, Default)]
+struct Filters {
+    filters: Option<proto::WorkItemFilters>,
+}
+
+impl Filters {
+    fn accepts(&self, work: &Work) -> bool {
+        let Some(filters) = &self.filters else { return true };
+        match work {
+            Work::Orchestration(episode) => filters.orchestrations.iter().any(|filter| {
+                filter.name == episode.instance.name
+                    && (filter.versions.is_empty()
+                        || filter.versions.iter().any(|v| *v == episode.instance.version.clone().unwrap_or_default()))
+            }),
+            // Keel keeps no activity versions: an activity filter matches by name.
+            Work::Activity(item) => filters.activities.iter().any(|filter| filter.name == item.name),
+        }
+    }
+}
+
+struct Stream {
+    id: u64,
+    sender: mpsc::UnboundedSender<proto::WorkItem>,
+    filters: Filters,
+    max_orchestrations: usize,
+    max_activities: usize,
+    orchestrations: usize,
+    activities: usize,
+}
+
+impl Stream {
+    fn has_room_for(&self, work: &Work) -> bool {
+        match work {
+            Work::Orchestration(_) => self.orchestrations < self.max_orchestrations,
+            Work::Activity(_) => self.activities < self.max_activities,
+        }
+    }
+
+    fn count(&mut self, work: &Work, delta: isize) {
+        let counter = match work {
+            Work::Orchestration(_) => &mut self.orchestrations,
+            Work::Activity(_) => &mut self.activities,
+        };
+        *counter = counter.saturating_add_signed(delta);
+    }
+}
+
+struct InFlight {
+    stream: u64,
+    work: Work,
+}
+
+#[derive(Default)]
+struct State {
+    streams: Vec<Stream>,
+    cursor: usize,
+    next_stream_id: u64,
+    next_token: u64,
+    waiting: VecDeque<Work>,
+    in_flight: HashMap<String, InFlight>,
+}
+
+/// The remote workers connected over gRPC, as the in-process worker sees them. Create
+/// one, give it to the worker (`WorkerBuilder::remote_workers`) and to [`crate::serve`].
+pub struct GrpcRemoteWorkers {
+    state: Mutex<State>,
+    closed: AtomicBool,
+    nonce: String,
+    jobs: mpsc::UnboundedSender<Job>,
+    job_receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
+}
+
+impl std::fmt::Debug for GrpcRemoteWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("GrpcRemoteWorkers")
+            .field("streams", &state.streams.len())
+            .field("waiting", &state.waiting.len())
+            .field("in_flight", &state.in_flight.len())
+            .finish()
+    }
+}
+
+impl GrpcRemoteWorkers {
+    pub fn new() -> Arc<GrpcRemoteWorkers> {
+        let (jobs, job_receiver) = mpsc::unbounded_channel();
+        Arc::new(GrpcRemoteWorkers {
+            state: Mutex::new(State::default()),
+            closed: AtomicBool::new(false),
+            nonce: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            jobs,
+            job_receiver: Mutex::new(Some(job_receiver)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How many `GetWorkItems` streams are connected.
+    pub fn connected_workers(&self) -> usize {
+        self.lock().streams.len()
+    }
+
+    /// How many items are with workers, and how many wait for one.
+    pub fn load(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.in_flight.len(), state.waiting.len())
+    }
+
+    /// Registers a `GetWorkItems` stream; the receiver gets its work items.
+    pub(crate) fn connect(
+        self: &Arc<Self>,
+        request: &proto::GetWorkItemsRequest,
+    ) -> (u64, mpsc::UnboundedReceiver<proto::WorkItem>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let limit = |max: i32| usize::try_from(max).ok().filter(|max| *max > 0).unwrap_or(usize::MAX);
+        let mut state = self.lock();
+        let id = state.next_stream_id;
+        state.next_stream_id += 1;
+        if !self.closed.load(Ordering::SeqCst) {
+            state.streams.push(Stream {
+                id,
+                sender,
+                filters: Filters { filters: request.work_item_filters.clone() },
+                max_orchestrations: limit(request.max_concurrent_orchestration_work_items),
+                max_activities: limit(request.max_concurrent_activity_work_items),
+                orchestrations: 0,
+                activities: 0,
+            });
+            self.pump(&mut state);
+        }
+        tracing::info!(stream = id, workers = state.streams.len(), "a remote worker connected");
+        (id, receiver)
+    }
+
+    /// Forgets a stream that ended; the work in flight on it goes back to the task hub.
+    pub(crate) fn disconnect(&self, id: u64) {
+        let mut state = self.lock();
+        state.streams.retain(|stream| stream.id != id);
+        let tokens: Vec<String> =
+            state.in_flight.iter().filter(|(_, flight)| flight.stream == id).map(|(token, _)| token.clone()).collect();
+        for token in &tokens {
+            if let Some(flight) = state.in_flight.remove(token) {
+                let _ = self.jobs.send(Job::GiveBack { work: flight.work, retry_after: Duration::ZERO });
+            }
+        }
+        tracing::info!(
+            stream = id,
+            returned = tokens.len(),
+            workers = state.streams.len(),
+            "a remote worker disconnected"
+        );
+    }
+
+    /// Takes the item in flight under `token` (for its completion or abandonment).
+    pub(crate) fn settle(&self, token: &str) -> Option<Work> {
+        let mut state = self.lock();
+        let flight = state.in_flight.remove(token)?;
+        if let Some(stream) = state.streams.iter_mut().find(|stream| stream.id == flight.stream) {
+            stream.count(&flight.work, -1);
+        }
+        self.pump(&mut state);
+        Some(flight.work)
+    }
+
+    /// Has the server give `work` back to the task hub.
+    pub(crate) fn give_back(&self, work: Work, retry_after: Duration) {
+        let _ = self.jobs.send(Job::GiveBack { work, retry_after });
+    }
+
+    /// The leases of the activity items held here (waiting or in flight), to renew.
+    pub(crate) fn activity_locks(&self) -> Vec<ActivityLock> {
+        let state = self.lock();
+        let waiting = state.waiting.iter();
+        let flying = state.in_flight.values().map(|flight| &flight.work);
+        waiting
+            .chain(flying)
+            .filter_map(|work| match work {
+                Work::Activity(item) => Some(item.lock.clone()),
+                Work::Orchestration(_) => None,
+            })
+            .collect()
+    }
+
+    /// Drops an activity item whose lease went to someone else.
+    pub(crate) fn forget_activity(&self, lock: &ActivityLock) {
+        let mut state = self.lock();
+        let is_it = |work: &Work| matches!(work, Work::Activity(item) if item.lock == *lock);
+        state.waiting.retain(|work| !is_it(work));
+        let token = state.in_flight.iter().find(|(_, flight)| is_it(&flight.work)).map(|(token, _)| token.clone());
+        if let Some(token) = token {
+            drop(state);
+            self.settle(&token);
+        }
+    }
+
+    /// Stops taking work: the streams end (gracefully, so workers reconnect), later
+    /// offers are refused, and everything held is returned for giving back.
+    pub(crate) fn close(&self) -> Vec<Work> {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut state = self.lock();
+        state.streams.clear();
+        let mut held: Vec<Work> = state.waiting.drain(..).collect();
+        held.extend(state.in_flight.drain().map(|(_, flight)| flight.work));
+        held
+    }
+
+    /// The store jobs; only the first caller (the server) gets them.
+    pub(crate) fn take_jobs(&self) -> Option<mpsc::UnboundedReceiver<Job>> {
+        self.job_receiver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+
+    /// Hands `work` to a stream that takes it and has room, round-robin.
+    fn try_dispatch(&self, state: &mut State, work: Work) -> Result<(), Work> {
+        let count = state.streams.len();
+        for offset in 0..count {
+            let index = (state.cursor + offset) % count;
+            let stream = &state.streams[index];
+            if !stream.filters.accepts(&work) || !stream.has_room_for(&work) {
+                continue;
+            }
+            state.next_token += 1;
+            let token = format!("{}.{}", self.nonce, state.next_token);
+            if stream.sender.send(work.to_work_item(token.clone())).is_err() {
+                continue; // the stream is going away; its guard forgets it
+            }
+            let stream = &mut state.streams[index];
+            stream.count(&work, 1);
+            let stream = stream.id;
+            state.cursor = index + 1;
+            state.in_flight.insert(token, InFlight { stream, work });
+            return Ok(());
+        }
+        Err(work)
+    }
+
+    /// Hands waiting work to streams with room, oldest first.
+    fn pump(&self, state: &mut State) {
+        let mut still_waiting = VecDeque::with_capacity(state.waiting.len());
+        while let Some(work) = state.waiting.pop_front() {
+            if let Err(work) = self.try_dispatch(state, work) {
+                still_waiting.push_back(work);
+            }
+            let room = state
+                .streams
+                .iter()
+                .any(|s| s.orchestrations < s.max_orchestrations || s.activities < s.max_activities);
+            if !room {
+                break;
+            }
+        }
+        still_waiting.append(&mut state.waiting);
+        state.waiting = still_waiting;
+    }
+
+    fn offer(&self, work: Work) -> Result<(), Work> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(work);
+        }
+        let mut state = self.lock();
+        if let Some(older) = state.waiting.iter_mut().find(|waiting| waiting.same_work(&work)) {
+            *older = work; // a newer delivery of the same work: its lease is the valid one
+            return Ok(());
+        }
+        match self.try_dispatch(&mut state, work) {
+            Ok(()) => Ok(()),
+            Err(work) if state.waiting.len() >= MAX_WAITING_ITEMS => Err(work),
+            Err(work) => {
+                state.waiting.push_back(work);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl RemoteWorkers for GrpcRemoteWorkers {
+    fn offer_orchestration(&self, episode: Box<RemoteEpisode>) -> Result<(), Box<RemoteEpisode>> {
+        self.offer(Work::Orchestration(episode)).map_err(|work| match work {
+            Work::Orchestration(episode) => episode,
+            Work::Activity(_) => unreachable!("an offered episode comes back as itself"),
+        })
+    }
+
+    fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>> {
+        if item.delivery_attempts > keel_core::limits::MAX_DELIVERY_ATTEMPTS {
+            let _ = self.jobs.send(Job::Poison(item));
+            return Ok(());
+        }
+        self.offer(Work::Activity(item)).map_err(|work| match work {
+            Work::Activity(item) => item,
+            Work::Orchestration(_) => unreachable!("an offered activity comes back as itself"),
+        })
+    }
+}
+
+/// The response stream of one `GetWorkItems` call: the items dispatched to it, and a
+/// `HealthPing` every `ping_interval` so that the worker knows the stream is alive.
+/// Dropping it (the worker went away) gives its in-flight work back.
+pub(crate) struct WorkItemStream {
+    items: mpsc::UnboundedReceiver<proto::WorkItem>,
+    ping: tokio::time::Interval,
+    remote: Arc<GrpcRemoteWorkers>,
+    id: u64,
+}
+
+impl WorkItemStream {
+    pub(crate) fn open(
+        remote: Arc<GrpcRemoteWorkers>,
+        request: &proto::GetWorkItemsRequest,
+        ping_interval: Duration,
+    ) -> WorkItemStream {
+        let (id, items) = remote.connect(request);
+        let mut ping = tokio::time::interval(ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        WorkItemStream { items, ping, remote, id }
+    }
+}
+
+impl futures_util::Stream for WorkItemStream {
+    type Item = Result<proto::WorkItem, tonic::Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.items.poll_recv(cx) {
+            Poll::Ready(Some(item)) => return Poll::Ready(Some(Ok(item))),
+            // The server closed the dispatcher: end the stream with OK, so that the
+            // worker reconnects (to this server's successor).
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        match self.ping.poll_tick(cx) {
+            Poll::Ready(_) => Poll::Ready(Some(Ok(proto::WorkItem {
+                request: Some(Request::HealthPing(proto::HealthPing {})),
+                completion_token: String::new(),
+            }))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for WorkItemStream {
+    fn drop(&mut self) {
+        self.remote.disconnect(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel::episode::{prepare_remote, RemoteIntake};
+    use keel::{EventKind, HistoryEvent, RuntimeStatus};
+    use keel_store::{InstanceRecord, Message, OrchestrationItem, OrchestrationLock, StoredMessage};
+
+    fn now() -> keel::Timestamp {
+        chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap()
+    }
+
+    fn episode(instance_id: &str, name: &str, token: &str) -> Box<RemoteEpisode> {
+        let instance = InstanceRecord {
+            instance_id: instance_id.into(),
+            name: name.into(),
+            version: None,
+            execution_id: "e".into(),
+            status: RuntimeStatus::Pending,
+            input: None,
+            output: None,
+            custom_status: None,
+            failure: None,
+            parent: None,
+            scheduled_start: None,
+            created_at: now(),
+            last_updated_at: now(),
+            completed_at: None,
+            history_len: 0,
+        };
+        let start = HistoryEvent::new(
+            now(),
+            EventKind::ExecutionStarted {
+                name: name.into(),
+                version: None,
+                input: None,
+                execution_id: "e".into(),
+                parent: None,
+                scheduled_start: None,
+            },
+        );
+        let item = OrchestrationItem {
+            lock: OrchestrationLock { instance_id: instance_id.into(), token: token.into() },
+            instance,
+            messages: vec![StoredMessage {
+                id: 1,
+                message: Message {
+                    instance_id: instance_id.into(),
+                    execution_id: Some("e".into()),
+                    event: start,
+                    visible_at: now(),
+                },
+            }],
+            delivery_attempts: 1,
+        };
+        match prepare_remote(&item, Vec::new(), now()) {
+            RemoteIntake::Run(episode) => episode,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn activity(id: i64, name: &str, attempts: u32) -> Box<ActivityItem> {
+        Box::new(ActivityItem {
+            lock: ActivityLock { id, token: format!("t{id}") },
+            instance_id: "i".into(),
+            execution_id: "e".into(),
+            task_id: 1,
+            name: name.into(),
+            input: None,
+            delivery_attempts: attempts,
+        })
+    }
+
+    fn request(max: i32) -> proto::GetWorkItemsRequest {
+        proto::GetWorkItemsRequest {
+            max_concurrent_orchestration_work_items: max,
+            max_concurrent_activity_work_items: max,
+            ..Default::default()
+        }
+    }
+
+    fn tokens(receiver: &mut mpsc::UnboundedReceiver<proto::WorkItem>) -> Vec<String> {
+        std::iter::from_fn(|| receiver.try_recv().ok()).map(|item| item.completion_token).collect()
+    }
+
+    #[test]
+    fn work_waits_for_a_worker_and_goes_to_exactly_one_stream_round_robin() {
+        let remote = GrpcRemoteWorkers::new();
+        remote.offer_orchestration(episode("a", "Orch", "l1")).unwrap();
+        assert_eq!(remote.load(), (0, 1), "no worker yet: the episode waits");
+        let (_, mut first) = remote.connect(&request(0));
+        let (_, mut second) = remote.connect(&request(0));
+        assert_eq!(tokens(&mut first).len(), 1, "the waiting episode goes to the first worker");
+        for i in 0..4 {
+            remote.offer_activity(activity(i, "Act", 1)).unwrap();
+        }
+        let (a, b) = (tokens(&mut first), tokens(&mut second));
+        assert_eq!((a.len(), b.len()), (2, 2), "round-robin");
+        let mut all: Vec<&String> = a.iter().chain(&b).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 4, "every token is unique");
+        assert_eq!(remote.load(), (5, 0));
+    }
+
+    #[test]
+    fn a_stream_gets_no_more_than_it_asked_for() {
+        let remote = GrpcRemoteWorkers::new();
+        let (_, mut stream) = remote.connect(&request(1));
+        remote.offer_activity(activity(1, "Act", 1)).unwrap();
+        remote.offer_activity(activity(2, "Act", 1)).unwrap();
+        let sent = tokens(&mut stream);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(remote.load(), (1, 1));
+        let Some(Work::Activity(done)) = remote.settle(&sent[0]) else { panic!() };
+        assert_eq!(done.lock.id, 1);
+        assert_eq!(tokens(&mut stream).len(), 1, "the waiting item follows once there is room");
+        assert!(remote.settle(&sent[0]).is_none(), "a token settles once");
+    }
+
+    #[test]
+    fn filters_route_work_to_the_workers_that_host_it() {
+        let remote = GrpcRemoteWorkers::new();
+        let mut only_b = request(0);
+        only_b.work_item_filters = Some(proto::WorkItemFilters {
+            orchestrations: vec![proto::OrchestrationFilter { name: "B".into(), versions: vec![] }],
+            activities: vec![],
+            entities: vec![],
+        });
+        let (_, mut stream) = remote.connect(&only_b);
+        remote.offer_orchestration(episode("1", "A", "l")).unwrap();
+        remote.offer_activity(activity(1, "Act", 1)).unwrap();
+        assert!(tokens(&mut stream).is_empty());
+        remote.offer_orchestration(episode("2", "B", "l")).unwrap();
+        assert_eq!(tokens(&mut stream).len(), 1);
+        assert_eq!(remote.load(), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stream_gives_its_work_back_and_a_newer_delivery_replaces_a_waiting_one() {
+        let remote = GrpcRemoteWorkers::new();
+        let mut jobs = remote.take_jobs().unwrap();
+        assert!(remote.take_jobs().is_none());
+        remote.offer_orchestration(episode("x", "Orch", "old-lease")).unwrap();
+        remote.offer_orchestration(episode("x", "Orch", "new-lease")).unwrap();
+        assert_eq!(remote.load(), (0, 1));
+        let stream = WorkItemStream::open(remote.clone(), &request(0), Duration::from_secs(30));
+        assert_eq!(remote.load(), (1, 0));
+        drop(stream);
+        assert_eq!(remote.connected_workers(), 0);
+        let Some(Job::GiveBack { work: Work::Orchestration(episode), retry_after }) = jobs.recv().await else {
+            panic!()
+        };
+        assert_eq!(episode.lock.token, "new-lease");
+        assert_eq!(retry_after, Duration::ZERO);
+        remote.offer_activity(activity(9, "Act", keel_core::limits::MAX_DELIVERY_ATTEMPTS + 1)).unwrap();
+        assert!(matches!(jobs.recv().await, Some(Job::Poison(item)) if item.lock.id == 9));
+    }
+
+    #[tokio::test]
+    async fn streams_ping_and_end_when_the_dispatcher_closes() {
+        use futures_util::StreamExt;
+        let remote = GrpcRemoteWorkers::new();
+        let mut stream = WorkItemStream::open(remote.clone(), &request(0), Duration::from_millis(10));
+        for _ in 0..2 {
+            let item = stream.next().await.unwrap().unwrap();
+            assert!(matches!(item.request, Some(Request::HealthPing(_))));
+        }
+        remote.offer_activity(activity(1, "Act", 1)).unwrap();
+        let held = remote.close();
+        assert_eq!(held.len(), 1, "in-flight work is returned at close");
+        let mut rest = Vec::new();
+        while let Some(item) = stream.next().await {
+            rest.push(item.unwrap());
+        }
+        assert!(rest.iter().any(|item| matches!(item.request, Some(Request::ActivityRequest(_)))));
+        assert!(remote.offer_activity(activity(2, "Act", 1)).is_err(), "a closed dispatcher takes nothing");
+    }
+}

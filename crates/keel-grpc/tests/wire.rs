@@ -1,0 +1,318 @@
+//! The protocol on the wire, driven by the generated Rust client standing where an SDK
+//! worker would: the full round trip of an orchestration with an activity, completion
+//! tokens, a dropped stream giving its work back, a Rust orchestrator in the same task
+//! hub, and the API key. (The real Python SDK runs against `keel serve` in
+//! `tests/python`.)
+
+use std::time::Duration;
+
+use keel::{OrchestrationContext, OrchestrationError, Worker, WorkerHandle};
+use keel_grpc::proto::history_event::EventType;
+use keel_grpc::proto::orchestrator_action::OrchestratorActionType;
+use keel_grpc::proto::task_hub_sidecar_service_client::TaskHubSidecarServiceClient;
+use keel_grpc::proto::work_item::Request;
+use keel_grpc::proto::{self, WorkItem};
+use keel_grpc::{GrpcRemoteWorkers, Options};
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Hub {
+    client: TaskHubSidecarServiceClient<Channel>,
+    worker: Option<WorkerHandle>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), keel_grpc::Error>>,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn rust_greeting(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
+    let name: String = ctx.input()?;
+    Ok(format!("Hello from Rust, {name}"))
+}
+
+impl Hub {
+    async fn start(api_key: Option<&str>) -> Hub {
+        let dir = tempfile::tempdir().unwrap();
+        let store = keel::store::open(&format!("sqlite://{}", dir.path().join("hub.db").display())).await.unwrap();
+        let remote = GrpcRemoteWorkers::new();
+        let worker =
+            Worker::builder(store.clone()).orchestrator("RustGreeting", rust_greeting).remote_workers(remote.clone());
+        let worker = worker.build().start();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let options =
+            Options { api_key: api_key.map(str::to_string), health_ping_interval: Duration::from_millis(200) };
+        let server = tokio::spawn(keel_grpc::serve(listener, store, remote, options, async {
+            let _ = stopped.await;
+        }));
+        let client = TaskHubSidecarServiceClient::connect(address.clone()).await.unwrap();
+        Hub { client, worker: Some(worker), stop: Some(stop), server, address, _dir: dir }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.await.unwrap().unwrap();
+        self.worker.take().unwrap().shutdown(WAIT).await;
+    }
+
+    async fn start_instance(&mut self, name: &str, input: &str) -> String {
+        let request = proto::CreateInstanceRequest {
+            instance_id: String::new(),
+            name: name.into(),
+            input: Some(input.into()),
+            ..Default::default()
+        };
+        self.client.start_instance(request).await.unwrap().into_inner().instance_id
+    }
+
+    async fn work_items(&mut self) -> Streaming<WorkItem> {
+        let request = proto::GetWorkItemsRequest {
+            max_concurrent_orchestration_work_items: 10,
+            max_concurrent_activity_work_items: 10,
+            ..Default::default()
+        };
+        self.client.get_work_items(request).await.unwrap().into_inner()
+    }
+
+    async fn wait_for_completion(&mut self, instance_id: &str) -> proto::OrchestrationState {
+        let mut request = tonic::Request::new(proto::GetInstanceRequest {
+            instance_id: instance_id.into(),
+            get_inputs_and_outputs: true,
+        });
+        request.set_timeout(WAIT);
+        let response = self.client.wait_for_instance_completion(request).await.unwrap().into_inner();
+        assert!(response.exists);
+        response.orchestration_state.unwrap()
+    }
+}
+
+/// The next work item that is not a health ping.
+async fn next_work(stream: &mut Streaming<WorkItem>) -> WorkItem {
+    loop {
+        let item = tokio::time::timeout(WAIT, stream.message()).await.expect("a work item in time").unwrap().unwrap();
+        if !matches!(item.request, Some(Request::HealthPing(_))) {
+            return item;
+        }
+    }
+}
+
+fn orchestrator_request(item: &WorkItem) -> &proto::OrchestratorRequest {
+    match &item.request {
+        Some(Request::OrchestratorRequest(request)) => request,
+        other => panic!("expected an orchestrator request, got {other:?}"),
+    }
+}
+
+fn kinds(events: &[proto::HistoryEvent]) -> Vec<&'static str> {
+    events
+        .iter()
+        .map(|event| match event.event_type.as_ref().unwrap() {
+            EventType::OrchestratorStarted(_) => "OrchestratorStarted",
+            EventType::ExecutionStarted(_) => "ExecutionStarted",
+            EventType::TaskScheduled(_) => "TaskScheduled",
+            EventType::TaskCompleted(_) => "TaskCompleted",
+            _ => "other",
+        })
+        .collect()
+}
+
+fn action(id: i32, kind: OrchestratorActionType) -> proto::OrchestratorAction {
+    proto::OrchestratorAction { id, orchestrator_action_type: Some(kind) }
+}
+
+#[tokio::test]
+async fn an_orchestration_with_an_activity_round_trips_over_the_wire() {
+    let mut hub = Hub::start(None).await;
+    let mut stream = hub.work_items().await;
+    let instance_id = hub.start_instance("Remote", "\"world\"").await;
+
+    // First episode: [OrchestratorStarted, ExecutionStarted] → schedule an activity.
+    let item = next_work(&mut stream).await;
+    let request = orchestrator_request(&item);
+    assert_eq!(request.instance_id, instance_id);
+    assert!(request.past_events.is_empty());
+    assert_eq!(kinds(&request.new_events), ["OrchestratorStarted", "ExecutionStarted"]);
+    let response = proto::OrchestratorResponse {
+        instance_id: instance_id.clone(),
+        actions: vec![action(
+            1,
+            OrchestratorActionType::ScheduleTask(proto::ScheduleTaskAction {
+                name: "Greet".into(),
+                input: Some("\"world\"".into()),
+                ..Default::default()
+            }),
+        )],
+        custom_status: Some("\"greeting\"".into()),
+        completion_token: item.completion_token.clone(),
+        ..Default::default()
+    };
+    hub.client.complete_orchestrator_task(response.clone()).await.unwrap();
+    let stale = hub.client.complete_orchestrator_task(response).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::NotFound, "a token is settled once");
+
+    // The activity.
+    let item = next_work(&mut stream).await;
+    let Some(Request::ActivityRequest(activity)) = &item.request else { panic!("{item:?}") };
+    assert_eq!((activity.name.as_str(), activity.task_id), ("Greet", 1));
+    assert_eq!(activity.orchestration_instance.as_ref().unwrap().instance_id, instance_id);
+    let wrong_task = proto::ActivityResponse {
+        instance_id: instance_id.clone(),
+        task_id: 7,
+        result: Some("\"x\"".into()),
+        completion_token: item.completion_token.clone(),
+        failure_details: None,
+    };
+    let refused = hub.client.complete_activity_task(wrong_task).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // The refused item went back to the task hub and comes again under a new token.
+    let item = next_work(&mut stream).await;
+    let Some(Request::ActivityRequest(_)) = &item.request else { panic!("{item:?}") };
+    hub.client
+        .complete_activity_task(proto::ActivityResponse {
+            instance_id: instance_id.clone(),
+            task_id: 1,
+            result: Some("\"Hello world\"".into()),
+            completion_token: item.completion_token.clone(),
+            failure_details: None,
+        })
+        .await
+        .unwrap();
+
+    // Second episode: the committed history is replayed, the result is new.
+    let item = next_work(&mut stream).await;
+    let request = orchestrator_request(&item);
+    assert_eq!(kinds(&request.past_events), ["OrchestratorStarted", "ExecutionStarted", "TaskScheduled"]);
+    assert_eq!(request.past_events[2].event_id, 1, "event ids are the action ids");
+    assert_eq!(kinds(&request.new_events), ["OrchestratorStarted", "TaskCompleted"]);
+    hub.client
+        .complete_orchestrator_task(proto::OrchestratorResponse {
+            instance_id: instance_id.clone(),
+            actions: vec![action(
+                2,
+                OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                    orchestration_status: proto::OrchestrationStatus::Completed as i32,
+                    result: Some("\"Hello world\"".into()),
+                    ..Default::default()
+                }),
+            )],
+            custom_status: Some("\"done\"".into()),
+            completion_token: item.completion_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let state = hub.wait_for_completion(&instance_id).await;
+    assert_eq!(state.orchestration_status, proto::OrchestrationStatus::Completed as i32);
+    assert_eq!(state.output.as_deref(), Some("\"Hello world\""));
+    assert_eq!(state.custom_status.as_deref(), Some("\"done\""));
+    assert!(state.completed_timestamp.is_some());
+
+    // A Rust orchestrator in the same task hub never reaches the remote worker.
+    let rust = hub.start_instance("RustGreeting", "\"Ada\"").await;
+    let state = hub.wait_for_completion(&rust).await;
+    assert_eq!(state.output.as_deref(), Some("\"Hello from Rust, Ada\""));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn work_on_a_dropped_stream_goes_to_the_next_worker() {
+    let mut hub = Hub::start(None).await;
+    let mut first = hub.work_items().await;
+    let instance_id = hub.start_instance("Remote", "1").await;
+    let lost = next_work(&mut first).await;
+    assert_eq!(orchestrator_request(&lost).instance_id, instance_id);
+    drop(first);
+
+    let mut second = hub.work_items().await;
+    let again = next_work(&mut second).await;
+    let request = orchestrator_request(&again);
+    assert_eq!(request.instance_id, instance_id);
+    assert_ne!(again.completion_token, lost.completion_token);
+    let complete = |token: &str| proto::OrchestratorResponse {
+        instance_id: instance_id.clone(),
+        actions: vec![action(
+            1,
+            OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                orchestration_status: proto::OrchestrationStatus::Completed as i32,
+                result: Some("2".into()),
+                ..Default::default()
+            }),
+        )],
+        completion_token: token.to_string(),
+        ..Default::default()
+    };
+    let late = hub.client.complete_orchestrator_task(complete(&lost.completion_token)).await.unwrap_err();
+    assert_eq!(late.code(), tonic::Code::NotFound, "the dropped stream's token is void");
+    hub.client.complete_orchestrator_task(complete(&again.completion_token)).await.unwrap();
+    assert_eq!(hub.wait_for_completion(&instance_id).await.output.as_deref(), Some("2"));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_requests_get_status_codes() {
+    let mut hub = Hub::start(None).await;
+    let unknown = hub
+        .client
+        .get_instance(proto::GetInstanceRequest { instance_id: "nobody".into(), get_inputs_and_outputs: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unknown.exists);
+    let code = |result: Result<tonic::Response<proto::RaiseEventResponse>, tonic::Status>| result.unwrap_err().code();
+    let raise = proto::RaiseEventRequest { instance_id: "nobody".into(), name: "E".into(), input: None };
+    assert_eq!(code(hub.client.raise_event(raise).await), tonic::Code::NotFound);
+
+    let mut stream = hub.work_items().await;
+    let instance_id = hub.start_instance("Remote", "null").await;
+    let item = next_work(&mut stream).await;
+    let malformed = proto::OrchestratorResponse {
+        instance_id: instance_id.clone(),
+        actions: vec![proto::OrchestratorAction { id: 1, orchestrator_action_type: None }],
+        completion_token: item.completion_token.clone(),
+        ..Default::default()
+    };
+    let refused = hub.client.complete_orchestrator_task(malformed).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // Nothing of it was applied; the episode comes again.
+    let item = next_work(&mut stream).await;
+    assert_eq!(kinds(&orchestrator_request(&item).new_events), ["OrchestratorStarted", "ExecutionStarted"]);
+    hub.client
+        .abandon_task_orchestrator_work_item(proto::AbandonOrchestrationTaskRequest {
+            completion_token: item.completion_token.clone(),
+        })
+        .await
+        .unwrap();
+    let item = next_work(&mut stream).await;
+    assert_eq!(orchestrator_request(&item).instance_id, instance_id, "an abandoned item is delivered again");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_key_is_required_when_set() {
+    let mut hub = Hub::start(Some("s3cret")).await;
+    let denied = hub.client.hello(()).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+    let mut request = tonic::Request::new(());
+    request.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+    hub.client.hello(request).await.unwrap();
+    let channel = Channel::from_shared(hub.address.clone()).unwrap().connect().await.unwrap();
+    let mut keyed = TaskHubSidecarServiceClient::with_interceptor(channel, |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+        Ok(request)
+    });
+    let started = keyed
+        .start_instance(proto::CreateInstanceRequest {
+            instance_id: "keyed".into(),
+            name: "RustGreeting".into(),
+            input: Some("\"key\"".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.into_inner().instance_id, "keyed");
+    hub.stop().await;
+}
