@@ -13,6 +13,9 @@ pub struct ServeArgs {
     /// The HTTP port; 0 picks a free one (the address is printed).
     #[arg(long, default_value_t = 7071)]
     port: u16,
+    /// The gRPC port for the Durable Task SDKs (Python, JavaScript, …); 0 picks a free one (the address is printed).
+    #[arg(long, default_value_t = keel_grpc::DEFAULT_PORT)]
+    grpc_port: u16,
     /// The address to listen on. The default accepts local connections only.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
@@ -45,7 +48,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         api: ApiSettings { api_key: api_key.clone(), max_body_bytes: args.max_body_bytes, ..ApiSettings::default() },
         ..HostConfig::default()
     };
-    let host = Host::start(keel_samples::app(), config).await?;
+    // Orchestrators and activities the sample app does not host go to the workers
+    // connected over gRPC.
+    let remote = keel_grpc::GrpcRemoteWorkers::new();
+    let app = keel_samples::app().functions({
+        let remote = remote.clone();
+        move |worker| worker.remote_workers(remote)
+    });
+    let grpc_address = SocketAddr::new(args.host, args.grpc_port);
+    let grpc_listener = tokio::net::TcpListener::bind(grpc_address)
+        .await
+        .map_err(|error| anyhow::anyhow!("could not listen for gRPC on {grpc_address}: {error}"))?;
+    let grpc_address = grpc_listener.local_addr()?;
+    let host = Host::start(app, config).await?;
     let address = host.local_addr();
     let names = host.client().orchestrator_names();
     let mut stdout = std::io::stdout().lock();
@@ -54,13 +69,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     writeln!(stdout, "  management API:  http://{address}{}", keel_http::MANAGEMENT_BASE_PATH)?;
     writeln!(stdout, "  start:           POST http://{address}/api/orchestrators/{{name}}")?;
     writeln!(stdout, "  orchestrators:   {}", names.join(", "))?;
+    writeln!(stdout, "  gRPC (Durable Task SDKs): {grpc_address}")?;
     if api_key.is_some() {
         writeln!(stdout, "  API key:         required (x-functions-key header or code= parameter)")?;
     }
     stdout.flush()?;
     drop(stdout);
-    tracing::info!(%address, store = %args.store, "host started");
-    host.run_until(keel_http::host::shutdown_signal()).await?;
+    tracing::info!(%address, %grpc_address, store = %args.store, "host started");
+    let (stop, mut stopping) = tokio::sync::watch::channel(false);
+    let grpc = tokio::spawn(keel_grpc::serve(
+        grpc_listener,
+        host.client().store().clone(),
+        remote,
+        keel_grpc::Options { api_key: api_key.clone(), ..keel_grpc::Options::default() },
+        async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        },
+    ));
+    host.run_until(async move {
+        keel_http::host::shutdown_signal().await;
+        let _ = stop.send(true);
+    })
+    .await?;
+    grpc.await??;
     Ok(())
 }
 

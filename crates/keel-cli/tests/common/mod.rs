@@ -40,7 +40,7 @@ impl Server {
         };
         let log = std::fs::File::create(dir.path().join("host.log")).expect("a log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-            .args(["serve", "--port", "0", "--store", &store])
+            .args(["serve", "--port", "0", "--grpc-port", "0", "--store", &store])
             .args(extra_args)
             .env_remove("KEEL_API_KEY")
             .env_remove("KEEL_STORE")
