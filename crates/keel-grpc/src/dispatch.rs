@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use keel::episode::RemoteEpisode;
 use keel::RemoteWorkers;
-use keel_store::{ActivityItem, ActivityLock};
+use keel_store::{ActivityItem, ActivityLock, OrchestrationLock};
 use tokio::sync::mpsc;
 
 use crate::convert;
@@ -242,18 +242,21 @@ impl GrpcRemoteWorkers {
         let _ = self.jobs.send(Job::GiveBack { work, retry_after });
     }
 
-    /// The leases of the activity items held here (waiting or in flight), to renew.
-    pub(crate) fn activity_locks(&self) -> Vec<ActivityLock> {
+    /// The leases of the work held here (waiting or in flight), to renew: activity
+    /// items and the instances whose episodes wait for a worker.
+    pub(crate) fn held_locks(&self) -> (Vec<ActivityLock>, Vec<OrchestrationLock>) {
         let state = self.lock();
         let waiting = state.waiting.iter();
         let flying = state.in_flight.values().map(|flight| &flight.work);
-        waiting
-            .chain(flying)
-            .filter_map(|work| match work {
-                Work::Activity(item) => Some(item.lock.clone()),
-                Work::Orchestration(_) => None,
-            })
-            .collect()
+        let mut activities = Vec::new();
+        let mut orchestrations = Vec::new();
+        for work in waiting.chain(flying) {
+            match work {
+                Work::Activity(item) => activities.push(item.lock.clone()),
+                Work::Orchestration(episode) => orchestrations.push(episode.lock.clone()),
+            }
+        }
+        (activities, orchestrations)
     }
 
     /// Drops an activity item whose lease went to someone else.
@@ -422,7 +425,7 @@ mod tests {
     use super::*;
     use keel::episode::{prepare_remote, RemoteIntake};
     use keel::{EventKind, HistoryEvent, RuntimeStatus};
-    use keel_store::{InstanceRecord, Message, OrchestrationItem, OrchestrationLock, StoredMessage};
+    use keel_store::{InstanceRecord, Message, OrchestrationItem, StoredMessage};
 
     fn now() -> keel::Timestamp {
         chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap()

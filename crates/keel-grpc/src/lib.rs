@@ -56,11 +56,12 @@ pub const DEFAULT_PORT: u16 = 4001;
 /// orchestrator work item. (The Python SDK itself receives at most 4 MiB.)
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// How long an activity held for a remote worker stays leased; renewed while held.
-const ACTIVITY_LEASE: Duration = Duration::from_secs(60);
+/// How long work held for a remote worker (an activity item, an instance's episode)
+/// stays leased; renewed while held.
+const HELD_WORK_LEASE: Duration = Duration::from_secs(60);
 
-/// How often the leases of held activities are renewed.
-const ACTIVITY_RENEW_EVERY: Duration = Duration::from_secs(10);
+/// How often the leases of held work are renewed.
+const HELD_WORK_RENEW_EVERY: Duration = Duration::from_secs(10);
 
 /// Settings of the gRPC server.
 #[derive(Clone, Debug)]
@@ -142,7 +143,7 @@ async fn keep_store(
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<dispatch::Job>,
     mut stopping: watch::Receiver<bool>,
 ) -> tokio::sync::mpsc::UnboundedReceiver<dispatch::Job> {
-    let mut renew = tokio::time::interval(ACTIVITY_RENEW_EVERY);
+    let mut renew = tokio::time::interval(HELD_WORK_RENEW_EVERY);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -152,12 +153,20 @@ async fn keep_store(
             },
             _ = renew.tick() => {
                 let now = now();
-                for lock in remote.activity_locks() {
-                    if let Err(error) = store.renew_activity_lease(&lock, ACTIVITY_LEASE, now).await {
+                let (activities, orchestrations) = remote.held_locks();
+                for lock in activities {
+                    if let Err(error) = store.renew_activity_lease(&lock, HELD_WORK_LEASE, now).await {
                         tracing::debug!(%error, "an activity held for a remote worker lost its lease");
                         if matches!(error, keel_store::Error::LeaseLost) {
                             remote.forget_activity(&lock);
                         }
+                    }
+                }
+                // An episode held for a worker keeps its instance locked, so that waiting
+                // for a worker is not mistaken for a crashed worker (poison).
+                for lock in orchestrations {
+                    if let Err(error) = store.renew_orchestration_lease(&lock, HELD_WORK_LEASE, now).await {
+                        tracing::debug!(instance_id = %lock.instance_id, %error, "an episode held for a remote worker lost its lease");
                     }
                 }
             }

@@ -234,6 +234,10 @@ impl Store for PostgresStore {
         Ok(results)
     }
 
+    async fn renew_orchestration_lease(&self, lock: &OrchestrationLock, lease: Duration, now: Timestamp) -> Result<()> {
+        Ok(worker::renew_orchestration_lease(&self.connection().await?, lock, lease, now).await?)
+    }
+
     async fn renew_activity_lease(&self, lock: &ActivityLock, lease: Duration, now: Timestamp) -> Result<()> {
         Ok(worker::renew_activity_lease(&self.connection().await?, lock, lease, now).await?)
     }

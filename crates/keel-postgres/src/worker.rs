@@ -556,6 +556,24 @@ pub(crate) async fn complete_activities(
 
 const RENEW_ACTIVITY_LEASE: &str = "UPDATE activities SET visible_at = $3 WHERE id = $1 AND lock_token = $2";
 
+pub(crate) async fn renew_orchestration_lease(
+    connection: &PooledConnection,
+    lock: &OrchestrationLock,
+    lease: Duration,
+    now: Timestamp,
+) -> Result<(), Failure> {
+    let renewed = connection
+        .execute(
+            "UPDATE instances SET locked_until = $3 WHERE instance_id = $1 AND lock_token = $2",
+            &[&lock.instance_id, &lock.token, &lease_end_millis(now, lease)],
+        )
+        .await?;
+    if renewed == 0 {
+        return Err(Failure::Contract(Error::LeaseLost));
+    }
+    Ok(())
+}
+
 pub(crate) async fn renew_activity_lease(
     connection: &PooledConnection,
     lock: &ActivityLock,

@@ -194,6 +194,11 @@ impl Store for SqliteStore {
         Ok(results)
     }
 
+    async fn renew_orchestration_lease(&self, lock: &OrchestrationLock, lease: Duration, now: Timestamp) -> Result<()> {
+        let lock = lock.clone();
+        self.database.write(move |connection| worker::renew_orchestration_lease(connection, &lock, lease, now)).await
+    }
+
     async fn renew_activity_lease(&self, lock: &ActivityLock, lease: Duration, now: Timestamp) -> Result<()> {
         let lock = lock.clone();
         self.database.write(move |transaction| worker::renew_activity_lease(transaction, &lock, lease, now)).await

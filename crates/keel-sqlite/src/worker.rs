@@ -314,6 +314,21 @@ pub(crate) fn abandon_orchestration_item(
     Ok(())
 }
 
+pub(crate) fn renew_orchestration_lease(
+    connection: &Connection,
+    lock: &OrchestrationLock,
+    lease: Duration,
+    now: Timestamp,
+) -> Result<(), Failure> {
+    let renewed = connection
+        .prepare_cached("UPDATE instances SET locked_until = ?3 WHERE instance_id = ?1 AND lock_token = ?2")?
+        .execute(params![lock.instance_id, lock.token, lease_end_millis(now, lease)])?;
+    if renewed == 0 {
+        return Err(Failure::Contract(Error::LeaseLost));
+    }
+    Ok(())
+}
+
 pub(crate) fn fetch_activity_items(
     connection: &Connection,
     max: usize,

@@ -71,6 +71,7 @@ conformance_tests!(
     a_stale_commit_fails_alone_in_a_batch,
     oversized_payloads_are_refused,
     a_rewind_makes_a_failed_instance_pending,
+    orchestration_leases_can_be_renewed,
 );
 
 #[tokio::test]

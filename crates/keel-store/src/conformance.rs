@@ -80,6 +80,7 @@ checks!(
     a_stale_commit_fails_alone_in_a_batch,
     oversized_payloads_are_refused,
     a_rewind_makes_a_failed_instance_pending,
+    orchestration_leases_can_be_renewed,
 );
 
 // ---- helpers ----
@@ -716,6 +717,21 @@ pub async fn abandoned_orchestrations_come_back(store: &dyn Store) {
         .expect("enqueue_message");
     let third = fetch_only(store, "a", secs(12)).await;
     assert_eq!(third.delivery_attempts, 1, "a commit (with no new state) resets the delivery count");
+}
+
+/// Renewing an instance's lock keeps it from other workers past the original lease;
+/// a stale lock cannot be renewed.
+pub async fn orchestration_leases_can_be_renewed(store: &dyn Store) {
+    store.create_instance(new_instance("a", "Flow", secs(0))).await.expect("create_instance");
+    let first = fetch_only(store, "a", secs(0)).await; // leased until 30 s
+    store.renew_orchestration_lease(&first.lock, LEASE, secs(20)).await.expect("renew"); // until 50 s
+    assert_no_orchestration_work(store, secs(40), "the renewed lease still holds").await;
+    let second = fetch_only(store, "a", secs(51)).await;
+    assert_ne!(second.lock.token, first.lock.token, "a new holder, a new token");
+    let result = store.renew_orchestration_lease(&first.lock, LEASE, secs(52)).await;
+    assert!(matches!(result, Err(Error::LeaseLost)), "renewing a stale lock: {result:?}");
+    store.renew_orchestration_lease(&second.lock, LEASE, secs(52)).await.expect("the holder renews");
+    assert_no_orchestration_work(store, secs(70), "renewed by the new holder").await;
 }
 
 /// A commit with `replace_history` (continue-as-new) drops the old history and starts

@@ -322,6 +322,10 @@ pub trait Store: Send + Sync + 'static {
     /// `retry_at`.
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()>;
 
+    /// Extends an instance's lock (work held for a remote worker that has not taken it
+    /// yet); [`Error::LeaseLost`] if another worker took the instance.
+    async fn renew_orchestration_lease(&self, lock: &OrchestrationLock, lease: Duration, now: Timestamp) -> Result<()>;
+
     /// Leases up to `max` visible activity items that are not leased (or whose lease
     /// expired), for `lease`.
     async fn fetch_activity_items(&self, max: usize, lease: Duration, now: Timestamp) -> Result<Vec<ActivityItem>>;
