@@ -116,19 +116,25 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
         let history_len = instance.history_len + commit.history.len() as u64;
         return settle(commit, history_len);
     }
+    let termination = events.iter().find_map(|(_, event)| match &event.kind {
+        EventKind::ExecutionTerminated { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    if let Some(reason) = termination {
+        // Termination needs no orchestrator code: it ends the execution here, whether it
+        // has started, is suspended, or runs on a remote worker that is not connected.
+        let mut commit = empty_commit(item);
+        commit.history.push(HistoryEvent::new(now, EventKind::OrchestratorStarted));
+        commit.history.extend(start);
+        commit.history.extend(events.into_iter().map(|(_, event)| event));
+        let completion = Completion::Terminated { reason };
+        commit.history.push(completion.to_history_event(now));
+        finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
+        let history_len = instance.history_len + commit.history.len() as u64;
+        return settle(commit, history_len);
+    }
     if instance.history_len == 0 && start.is_none() {
-        // Not started yet (a scheduled start): only termination can happen now.
-        let termination = events.iter().find_map(|(_, event)| match &event.kind {
-            EventKind::ExecutionTerminated { reason } => Some(reason.clone()),
-            _ => None,
-        });
-        if let Some(reason) = termination {
-            let mut commit = empty_commit(item);
-            let completion = Completion::Terminated { reason };
-            commit.history = vec![completion.to_history_event(now)];
-            finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
-            return settle(commit, 1);
-        }
+        // Not started yet (a scheduled start): nothing is due before then.
         let retry_at = instance.scheduled_start.filter(|at| *at > now).unwrap_or(now + chrono::Duration::seconds(1));
         return Intake::Settled(Plan::Abandon { retry_at });
     }

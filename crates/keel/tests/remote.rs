@@ -107,3 +107,31 @@ async fn unhosted_orchestrators_and_activities_run_on_remote_workers() {
     assert!(remote.episodes.load(Ordering::SeqCst) >= 8, "every episode ran remotely");
     worker.shutdown(WAIT).await;
 }
+
+/// Remote workers that are never connected: they take nothing.
+struct NoRemote;
+
+impl RemoteWorkers for NoRemote {
+    fn offer_orchestration(&self, episode: Box<RemoteEpisode>) -> Result<(), Box<RemoteEpisode>> {
+        Err(episode)
+    }
+
+    fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>> {
+        Err(item)
+    }
+}
+
+#[tokio::test]
+async fn terminate_ends_an_instance_whose_worker_never_came() {
+    let (store, _dir) = temp_store().await;
+    let worker = worker(&store).remote_workers(Arc::new(NoRemote)).build().start();
+    let client = keel::Client::new(store.clone());
+    let id = client.start_new("HostedElsewhere", &()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(client.get_status(&id).await.unwrap().unwrap().status, RuntimeStatus::Pending);
+    client.terminate(&id, Some("nobody runs it")).await.unwrap();
+    let done = client.wait_for_completion(&id, WAIT).await.unwrap();
+    assert_eq!(done.status, RuntimeStatus::Terminated);
+    assert_eq!(done.output.as_deref(), Some("\"nobody runs it\""));
+    worker.shutdown(WAIT).await;
+}
