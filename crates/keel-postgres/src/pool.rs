@@ -21,6 +21,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::failure::{backend_error, unavailable, Failure};
+use crate::pipeline::Pipeline;
 
 /// How long an operation waits for a free connection before failing (retryably).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,7 +84,8 @@ impl Pool {
         Ok(Connection { client, statements: Mutex::new(HashMap::new()) })
     }
 
-    /// Makes a connection outside the pool (the notification listener's).
+    /// How the pool connects; the notification listener connects the same way, outside
+    /// the pool.
     pub(crate) fn config(&self) -> &tokio_postgres::Config {
         &self.config
     }
@@ -176,20 +178,7 @@ impl PooledConnection {
         assert!(self.in_transaction, "finish ends a transaction that begin opened");
         match outcome {
             Ok(value) => {
-                let committed = match wakeups {
-                    Some(payload) => {
-                        let notify = self.statement(NOTIFY).await.map_err(|error| backend_error(&error))?;
-                        let channel = self.pool.channel.as_str();
-                        let client = self.client();
-                        futures_util::future::try_join(
-                            client.execute(&notify, &[&channel, &payload]),
-                            client.batch_execute("COMMIT"),
-                        )
-                        .await
-                        .map(|_| ())
-                    }
-                    None => self.client().batch_execute("COMMIT").await,
-                };
+                let committed = self.commit(wakeups).await;
                 committed.map_err(|error| backend_error(&error))?;
                 self.in_transaction = false;
                 Ok(value)
@@ -203,6 +192,20 @@ impl PooledConnection {
         }
     }
 
+    /// `COMMIT`, preceded by a `NOTIFY` of `wakeups` in the same round trip.
+    async fn commit(&self, wakeups: Option<&str>) -> Result<(), tokio_postgres::Error> {
+        let commit = self.statement(COMMIT).await?;
+        let Some(payload) = wakeups else {
+            return self.client().execute(&commit, &[]).await.map(drop);
+        };
+        let notify = self.statement(NOTIFY).await?;
+        let channel = self.channel();
+        let mut pipeline = Pipeline::new(self.client());
+        pipeline.push(&notify, vec![&channel, &payload]);
+        pipeline.push(&commit, Vec::new());
+        pipeline.run().await.map(drop)
+    }
+
     /// The task hub's notification channel.
     pub(crate) fn channel(&self) -> &str {
         &self.pool.channel
@@ -210,7 +213,9 @@ impl PooledConnection {
 }
 
 /// Sends a wake-up to every process listening on the task hub (delivered at commit).
-pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+const COMMIT: &str = "COMMIT";
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {

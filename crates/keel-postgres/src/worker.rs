@@ -103,21 +103,36 @@ pub(crate) async fn fetch_orchestration_items(
         inboxes.entry(instance_id).or_default().push(stored);
     }
 
-    // An instance whose messages are gone was deleted (purged or replaced) since it was
-    // locked: there is nothing to deliver.
-    Ok(locked
-        .into_iter()
-        .filter_map(|(_, instance, delivery_attempts)| {
-            let messages = inboxes.remove(&instance.instance_id)?;
-            Some(OrchestrationItem {
+    let mut items = Vec::with_capacity(locked.len());
+    let mut without_messages = Vec::new();
+    for (_, instance, delivery_attempts) in locked {
+        match inboxes.remove(&instance.instance_id) {
+            Some(messages) => items.push(OrchestrationItem {
                 lock: OrchestrationLock { instance_id: instance.instance_id.clone(), token: token.clone() },
                 instance,
                 messages,
                 delivery_attempts,
-            })
-        })
-        .collect())
+            }),
+            None => without_messages.push(instance.instance_id),
+        }
+    }
+    if !without_messages.is_empty() {
+        // The lock statement chose these from a snapshot taken before another worker's
+        // commit consumed their messages (or a purge deleted them), and locked them once
+        // that commit had released them. Nothing to deliver: give them back at once
+        // rather than at the end of the lease.
+        connection.query(RELEASE_WITHOUT_MESSAGES, &[&without_messages, &token, &connection.channel()]).await?;
+    }
+    Ok(items)
 }
+
+/// Undoes the locks of `$1` taken with token `$2` (their count included) and announces
+/// them on channel `$3`, in case a message arrived meanwhile.
+const RELEASE_WITHOUT_MESSAGES: &str = "WITH released AS ( \
+         UPDATE instances SET lock_token = NULL, locked_until = NULL, lock_count = lock_count - 1 \
+         WHERE instance_id = ANY($1) AND lock_token = $2 RETURNING instance_id \
+     ) \
+     SELECT instance_id, pg_notify($3, 'o') FROM released";
 
 /// Releases the leases of a batch and writes each instance's new state, in one
 /// statement; returns the instances whose lease held, with their new history length.
@@ -556,6 +571,9 @@ pub(crate) async fn complete_activities(
 
 const RENEW_ACTIVITY_LEASE: &str = "UPDATE activities SET visible_at = $3 WHERE id = $1 AND lock_token = $2";
 
+const RENEW_ORCHESTRATION_LEASE: &str =
+    "UPDATE instances SET locked_until = $3 WHERE instance_id = $1 AND lock_token = $2";
+
 pub(crate) async fn renew_orchestration_lease(
     connection: &PooledConnection,
     lock: &OrchestrationLock,
@@ -563,10 +581,7 @@ pub(crate) async fn renew_orchestration_lease(
     now: Timestamp,
 ) -> Result<(), Failure> {
     let renewed = connection
-        .execute(
-            "UPDATE instances SET locked_until = $3 WHERE instance_id = $1 AND lock_token = $2",
-            &[&lock.instance_id, &lock.token, &lease_end_millis(now, lease)],
-        )
+        .execute(RENEW_ORCHESTRATION_LEASE, &[&lock.instance_id, &lock.token, &lease_end_millis(now, lease)])
         .await?;
     if renewed == 0 {
         return Err(Failure::Contract(Error::LeaseLost));
