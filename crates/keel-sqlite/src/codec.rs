@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::DateTime;
-use keel_core::history::{EventKind, RuntimeStatus, Timestamp};
+use keel_core::history::{RuntimeStatus, Timestamp};
 use keel_store::InstanceRecord;
 use rusqlite::Row;
 use serde::de::DeserializeOwned;
@@ -73,31 +73,6 @@ pub(crate) fn instance_from_row(row: &Row<'_>) -> Result<InstanceRecord, Failure
         history_len: u64::try_from(history_len)
             .map_err(|_| Failure::corrupt(format!("negative history length {history_len}")))?,
     })
-}
-
-/// The user payload an event carries (input, result or reason), the part that
-/// [`keel_core::limits::check_payload`] limits.
-pub(crate) fn event_payload(kind: &EventKind) -> Option<&str> {
-    match kind {
-        EventKind::ExecutionStarted { input, .. }
-        | EventKind::TaskScheduled { input, .. }
-        | EventKind::SubOrchestrationInstanceCreated { input, .. }
-        | EventKind::EventSent { input, .. }
-        | EventKind::EventRaised { input, .. }
-        | EventKind::ContinueAsNew { input } => input.as_deref(),
-        EventKind::ExecutionCompleted { result, .. }
-        | EventKind::TaskCompleted { result, .. }
-        | EventKind::SubOrchestrationInstanceCompleted { result, .. } => result.as_deref(),
-        EventKind::ExecutionTerminated { reason }
-        | EventKind::ExecutionSuspended { reason }
-        | EventKind::ExecutionResumed { reason }
-        | EventKind::ExecutionRewound { reason } => reason.as_deref(),
-        EventKind::TaskFailed { .. }
-        | EventKind::SubOrchestrationInstanceFailed { .. }
-        | EventKind::TimerCreated { .. }
-        | EventKind::TimerFired { .. }
-        | EventKind::OrchestratorStarted => None,
-    }
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus> {
-        check_payload("event data", codec::event_payload(&message.event.kind)).map_err(Error::Invalid)?;
+        check_payload("event data", message.event.kind.payload()).map_err(Error::Invalid)?;
         let status = self
             .database
             .write(move |transaction| client::enqueue_message(transaction, &message, accept_terminal))
