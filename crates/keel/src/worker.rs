@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::activity::{Activity, ActivityContext, ActivityError};
 use crate::client::Client;
@@ -380,48 +381,58 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         let mut commits = Vec::with_capacity(items.len());
         let mut keep = Vec::with_capacity(items.len());
         for item in items {
-            if let Some(remote) =
-                shared.remote.as_ref().filter(|_| shared.registry.orchestrator(&item.instance.name).is_none())
-            {
-                if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
-                    keep.push((item.instance.instance_id.clone(), None));
-                    commits.push(commit);
+            // Every log line of an episode names the instance and the orchestrator.
+            let span = tracing::info_span!(
+                "episode",
+                instance_id = %item.instance.instance_id,
+                orchestration = %item.instance.name
+            );
+            async {
+                if let Some(remote) =
+                    shared.remote.as_ref().filter(|_| shared.registry.orchestrator(&item.instance.name).is_none())
+                {
+                    if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
+                        keep.push((item.instance.instance_id.clone(), None));
+                        commits.push(commit);
+                    }
+                    return;
                 }
-                continue;
-            }
-            let resume = match cache.take(&item.instance) {
-                Some(execution) => Resume { execution: Some(execution), past: Vec::new() },
-                None => match read_past(store, &item).await {
-                    Ok(past) => Resume { execution: None, past },
-                    Err(error) => {
-                        tracing::warn!(instance_id = %item.instance.instance_id, %error, "reading history failed");
+                let resume = match cache.take(&item.instance) {
+                    Some(execution) => Resume { execution: Some(execution), past: Vec::new() },
+                    None => match read_past(store, &item).await {
+                        Ok(past) => Resume { execution: None, past },
+                        Err(error) => {
+                            tracing::warn!(%error, "reading history failed");
+                            abandon(store, &item, now).await;
+                            return;
+                        }
+                    },
+                };
+                let planned =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, &item, resume, now)));
+                match planned {
+                    Ok(Plan::Commit { commit, execution, history_len }) => {
+                        let execution_id =
+                            commit.replace_history.clone().unwrap_or_else(|| item.instance.execution_id.clone());
+                        keep.push((
+                            item.instance.instance_id.clone(),
+                            execution.map(|execution| CachedExecution { execution, execution_id, history_len }),
+                        ));
+                        commits.push(*commit);
+                    }
+                    Ok(Plan::Abandon { retry_at }) => {
+                        if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
+                            tracing::warn!(%error, "giving back work failed");
+                        }
+                    }
+                    Err(_) => {
+                        tracing::error!("an episode panicked outside orchestrator code");
                         abandon(store, &item, now).await;
-                        continue;
                     }
-                },
-            };
-            let planned =
-                std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, &item, resume, now)));
-            match planned {
-                Ok(Plan::Commit { commit, execution, history_len }) => {
-                    let execution_id =
-                        commit.replace_history.clone().unwrap_or_else(|| item.instance.execution_id.clone());
-                    keep.push((
-                        item.instance.instance_id.clone(),
-                        execution.map(|execution| CachedExecution { execution, execution_id, history_len }),
-                    ));
-                    commits.push(*commit);
-                }
-                Ok(Plan::Abandon { retry_at }) => {
-                    if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
-                        tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
-                    }
-                }
-                Err(_) => {
-                    tracing::error!(instance_id = %item.instance.instance_id, "an episode panicked outside orchestrator code");
-                    abandon(store, &item, now).await;
                 }
             }
+            .instrument(span)
+            .await;
         }
         if commits.is_empty() {
             continue;
@@ -560,7 +571,13 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             let shared = shared.clone();
             let done = done.clone();
             running.spawn(async move {
-                let completion = run_activity(&shared, item).await;
+                let span = tracing::info_span!(
+                    "activity",
+                    instance_id = %item.instance_id,
+                    activity = %item.name,
+                    task_id = item.task_id
+                );
+                let completion = run_activity(&shared, item).instrument(span).await;
                 let _ = done.send(completion);
                 drop(permit);
             });
