@@ -299,13 +299,13 @@ impl OrchestrationContext {
             return;
         }
         let instance_id = state.instance_id.as_str();
-        let orchestration = state.name.as_str();
+        let function = state.name.as_str();
         match level {
-            tracing::Level::ERROR => tracing::error!(instance_id, orchestration, "{message}"),
-            tracing::Level::WARN => tracing::warn!(instance_id, orchestration, "{message}"),
-            tracing::Level::INFO => tracing::info!(instance_id, orchestration, "{message}"),
-            tracing::Level::DEBUG => tracing::debug!(instance_id, orchestration, "{message}"),
-            tracing::Level::TRACE => tracing::trace!(instance_id, orchestration, "{message}"),
+            tracing::Level::ERROR => tracing::error!(instance_id, function, "{message}"),
+            tracing::Level::WARN => tracing::warn!(instance_id, function, "{message}"),
+            tracing::Level::INFO => tracing::info!(instance_id, function, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(instance_id, function, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(instance_id, function, "{message}"),
         }
     }
 

@@ -385,7 +385,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             let span = tracing::info_span!(
                 "episode",
                 instance_id = %item.instance.instance_id,
-                orchestration = %item.instance.name
+                function = %item.instance.name
             );
             async {
                 if let Some(remote) =
@@ -574,7 +574,7 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                 let span = tracing::info_span!(
                     "activity",
                     instance_id = %item.instance_id,
-                    activity = %item.name,
+                    function = %item.name,
                     task_id = item.task_id
                 );
                 let completion = run_activity(&shared, item).instrument(span).await;
