@@ -149,7 +149,7 @@ impl Client {
         if let Some(at) = options.scheduled_start {
             self.store.notifications().orchestration_work_due(at);
         }
-        tracing::debug!(%instance_id, orchestration = name, "started");
+        tracing::debug!(%instance_id, function = name, "started");
         Ok(instance_id)
     }
 
