@@ -38,7 +38,12 @@ pub struct PostgresOptions {
 }
 
 impl PostgresOptions {
-    /// Reads a `postgres://` or `postgresql://` URL (see the module documentation).
+    /// Reads `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?schema=NAME&pool_size=N&…]`
+    /// (or `postgresql://`). `schema` names the task hub (default [`DEFAULT_SCHEMA`]);
+    /// `pool_size` caps the store's connections (default [`DEFAULT_POOL_SIZE`]; the
+    /// notification listener takes one more); any other parameter is PostgreSQL's own
+    /// (`connect_timeout`, `application_name`, `options`, …). The password never
+    /// appears in errors.
     pub fn from_url(url: &str) -> Result<PostgresOptions, Error> {
         let invalid = |why: String| Error::Invalid(format!("store URL '{}': {why}", redact(url)));
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -79,6 +84,7 @@ impl PostgresOptions {
         &self.schema
     }
 
+    /// The most connections the store opens (besides its notification listener).
     pub fn pool_size(&self) -> usize {
         self.pool_size
     }
