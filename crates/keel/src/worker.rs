@@ -21,7 +21,7 @@ use keel_core::{limits, Orchestrator};
 use keel_store::{ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, Store};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -517,7 +517,9 @@ const ACTIVITY_COMMIT_BATCH: usize = 1000;
 async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, in_flight: Arc<InFlight>) {
     let store = shared.store.clone();
     let slots = Arc::new(Semaphore::new(shared.options.max_concurrent_activities));
-    let (done, mut results) = mpsc::unbounded_channel::<ActivityCompletion>();
+    // A finished activity keeps its slot until its result is recorded: finished but
+    // unrecorded results (which run again after a crash) are bounded by the slots.
+    let (done, mut results) = mpsc::unbounded_channel::<(ActivityCompletion, OwnedSemaphorePermit)>();
     let mut running = JoinSet::new();
     let committer = {
         let store = store.clone();
@@ -525,11 +527,13 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while results.recv_many(&mut batch, ACTIVITY_COMMIT_BATCH).await > 0 {
-                let ids: Vec<i64> = batch.iter().map(|completion| completion.lock.id).collect();
-                commit_activity_results(store.as_ref(), std::mem::take(&mut batch)).await;
+                let (completions, slots): (Vec<_>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
+                let ids: Vec<i64> = completions.iter().map(|completion| completion.lock.id).collect();
+                commit_activity_results(store.as_ref(), completions).await;
                 for id in ids {
                     in_flight.remove(id);
                 }
+                drop(slots);
             }
         })
     };
@@ -538,7 +542,7 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         let free = slots.available_permits();
         if free == 0 {
             tokio::select! {
-                _ = running.join_next() => {}
+                _ = slots.acquire() => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -578,8 +582,7 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                     task_id = item.task_id
                 );
                 let completion = run_activity(&shared, item).instrument(span).await;
-                let _ = done.send(completion);
-                drop(permit);
+                let _ = done.send((completion, permit));
             });
         }
     }
