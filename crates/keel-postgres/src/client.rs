@@ -257,7 +257,7 @@ pub(crate) async fn read_history(
     instance_id: &str,
 ) -> Result<Vec<HistoryEvent>, Failure> {
     let rows = connection.query(READ_HISTORY, &[&instance_id]).await?;
-    rows.iter().map(|row| from_json("history.event", row.try_get(0)?)).collect()
+    rows.iter().map(|row| Ok(from_json("history.event", row.try_get(0)?)?)).collect()
 }
 
 pub(crate) async fn query_instances(

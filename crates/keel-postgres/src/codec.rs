@@ -2,16 +2,11 @@
 //! since the Unix epoch, statuses by name, structured values (failure details, parent,
 //! history events) as JSON text.
 
-use std::time::Duration;
-
-use chrono::DateTime;
-use keel_core::history::{RuntimeStatus, Timestamp};
 use keel_store::InstanceRecord;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio_postgres::Row;
 
 use crate::failure::Failure;
+pub(crate) use keel_store::stored::{from_json, lease_end_millis, millis, status_from_text, timestamp, to_json};
 
 /// The columns [`instance_from_row`] reads, in its order. A macro, so that the
 /// statements can be built with `concat!` and stay `&'static str`.
@@ -25,35 +20,6 @@ pub(crate) use instance_columns;
 
 /// How many columns [`instance_columns`] names; a query may return more after them.
 pub(crate) const INSTANCE_COLUMN_COUNT: usize = 15;
-
-/// A timestamp as stored: milliseconds since the epoch.
-pub(crate) fn millis(at: Timestamp) -> i64 {
-    at.timestamp_millis()
-}
-
-pub(crate) fn timestamp(epoch_millis: i64) -> Result<Timestamp, Failure> {
-    DateTime::from_timestamp_millis(epoch_millis)
-        .ok_or_else(|| Failure::corrupt(format!("timestamp {epoch_millis} ms is out of range")))
-}
-
-/// When a lease taken at `now` for `lease` runs out, in stored milliseconds.
-pub(crate) fn lease_end_millis(now: Timestamp, lease: Duration) -> i64 {
-    let lease_millis = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-    millis(now).saturating_add(lease_millis)
-}
-
-pub(crate) fn status_from_text(text: &str) -> Result<RuntimeStatus, Failure> {
-    text.parse().map_err(Failure::corrupt)
-}
-
-pub(crate) fn to_json(value: &impl Serialize) -> Result<String, Failure> {
-    serde_json::to_string(value).map_err(|error| Failure::corrupt(format!("cannot encode: {error}")))
-}
-
-/// Decodes JSON read from the column `what` (named in the error).
-pub(crate) fn from_json<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, Failure> {
-    serde_json::from_str(text).map_err(|error| Failure::corrupt(format!("{what}: {error}")))
-}
 
 /// A count or attempt number as stored (INTEGER) as the contract's `u32`.
 pub(crate) fn count(what: &str, stored: i32) -> Result<u32, Failure> {
@@ -86,23 +52,4 @@ pub(crate) fn instance_from_row(row: &Row) -> Result<InstanceRecord, Failure> {
         history_len: u64::try_from(history_len)
             .map_err(|_| Failure::corrupt(format!("negative history length {history_len}")))?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_round_trip_at_millisecond_precision() {
-        let at = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
-        assert_eq!(timestamp(millis(at)).ok(), Some(at));
-        assert!(timestamp(i64::MAX).is_err(), "an out-of-range value is reported as corrupt");
-    }
-
-    #[test]
-    fn lease_ends_saturate_instead_of_overflowing() {
-        let now = DateTime::from_timestamp_millis(1_000).unwrap();
-        assert_eq!(lease_end_millis(now, Duration::from_secs(2)), 3_000);
-        assert_eq!(lease_end_millis(now, Duration::MAX), i64::MAX);
-    }
 }

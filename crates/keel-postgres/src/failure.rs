@@ -23,7 +23,7 @@ pub(crate) enum Failure {
 impl Failure {
     /// Data in the task hub that this code cannot decode.
     pub(crate) fn corrupt(what: impl std::fmt::Display) -> Failure {
-        Failure::Contract(Error::Backend { message: format!("corrupt data in the task hub: {what}"), retryable: false })
+        Failure::Contract(keel_store::stored::corrupt(what))
     }
 }
 

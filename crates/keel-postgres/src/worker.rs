@@ -632,5 +632,5 @@ const NEXT_WAKEUP: &str = "SELECT least( \
 
 pub(crate) async fn next_wakeup(connection: &PooledConnection, now: Timestamp) -> Result<Option<Timestamp>, Failure> {
     let earliest: Option<i64> = connection.query_one(NEXT_WAKEUP, &[&millis(now)]).await?.try_get(0)?;
-    earliest.map(timestamp).transpose()
+    Ok(earliest.map(timestamp).transpose()?)
 }

@@ -25,7 +25,7 @@ pub(crate) fn instance_status(connection: &Connection, instance_id: &str) -> Res
         .prepare_cached("SELECT status FROM instances WHERE instance_id = ?1")?
         .query_row([instance_id], |row| row.get(0))
         .optional()?;
-    status.map(|text| status_from_text(&text)).transpose()
+    Ok(status.map(|text| status_from_text(&text)).transpose()?)
 }
 
 /// Inserts a new instance (status `Pending`) and its `ExecutionStarted` message,

@@ -437,5 +437,5 @@ pub(crate) fn next_wakeup(connection: &Connection, now: Timestamp) -> Result<Opt
              )",
         )?
         .query_row([millis(now)], |row| row.get(0))?;
-    earliest.map(timestamp).transpose()
+    Ok(earliest.map(timestamp).transpose()?)
 }

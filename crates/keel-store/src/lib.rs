@@ -23,6 +23,7 @@ use keel_core::history::{FailureDetails, HistoryEvent, ParentInstance, RuntimeSt
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod notifications;
+pub mod stored;
 
 pub use notifications::Notifications;
 
