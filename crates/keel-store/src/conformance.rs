@@ -2,8 +2,9 @@
 //!
 //! Each check is a `pub async fn` that takes a fresh, empty store and asserts one area of
 //! the contract; [`run_all`] runs every check, each on a new store. A backend can also
-//! run them one by one (one test per check reads better when one fails); the names are
-//! in [`CHECK_NAMES`], so a backend's test can make sure it runs them all.
+//! run them one by one (one test per check reads better when one fails):
+//! [`for_each_check!`](crate::for_each_check) hands every check's name to a macro of the
+//! backend's, so its tests cover each check without listing them.
 //!
 //! Time is simulated: every check passes `now` values counted from [`T0`] and never
 //! sleeps. Timestamps have millisecond precision, which is what stores keep.
@@ -40,6 +41,39 @@ fn secs(seconds: i64) -> Timestamp {
     at(seconds * 1000)
 }
 
+/// Calls the macro `$callback` with the name of every check, in order:
+/// `keel_store::for_each_check!(my_tests);` where `my_tests!` turns each name into a
+/// test of the backend. A new check thus reaches every backend's tests by itself.
+#[macro_export]
+macro_rules! for_each_check {
+    ($callback:ident) => {
+        $callback!(
+            create_and_get,
+            create_refuses_a_live_duplicate,
+            create_replaces_a_terminal_instance,
+            enqueue_checks_the_target,
+            fetch_leases_an_instance,
+            fetch_respects_max_and_arrival_order,
+            commit_applies_everything_at_once,
+            future_messages_wait_until_visible,
+            activities_are_leased_and_completed,
+            activity_leases_expire_renew_and_abandon,
+            abandoned_orchestrations_come_back,
+            replace_history_starts_a_new_execution,
+            new_instances_create_children_once,
+            messages_to_unknown_instances_are_dropped,
+            queries_filter_instances,
+            queries_page_through_every_instance_once,
+            purge_instance_removes_everything,
+            purge_instances_by_filter,
+            a_stale_commit_fails_alone_in_a_batch,
+            oversized_payloads_are_refused,
+            a_rewind_makes_a_failed_instance_pending,
+            orchestration_leases_can_be_renewed,
+        );
+    };
+}
+
 macro_rules! checks {
     ($($check:ident),* $(,)?) => {
         /// The names of every check, in the order [`run_all`] runs them.
@@ -58,30 +92,7 @@ macro_rules! checks {
     };
 }
 
-checks!(
-    create_and_get,
-    create_refuses_a_live_duplicate,
-    create_replaces_a_terminal_instance,
-    enqueue_checks_the_target,
-    fetch_leases_an_instance,
-    fetch_respects_max_and_arrival_order,
-    commit_applies_everything_at_once,
-    future_messages_wait_until_visible,
-    activities_are_leased_and_completed,
-    activity_leases_expire_renew_and_abandon,
-    abandoned_orchestrations_come_back,
-    replace_history_starts_a_new_execution,
-    new_instances_create_children_once,
-    messages_to_unknown_instances_are_dropped,
-    queries_filter_instances,
-    queries_page_through_every_instance_once,
-    purge_instance_removes_everything,
-    purge_instances_by_filter,
-    a_stale_commit_fails_alone_in_a_batch,
-    oversized_payloads_are_refused,
-    a_rewind_makes_a_failed_instance_pending,
-    orchestration_leases_can_be_renewed,
-);
+for_each_check!(checks);
 
 // ---- helpers ----
 
