@@ -427,6 +427,8 @@ async fn bad_requests_get_a_json_4xx_and_write_nothing() {
         (http().post(server.api("/orchestrators/NoSuchThing")).body("{}"), 400, "unknown function"),
         (http().post(server.api("/orchestrators/HelloCities/bad%23id")), 400, "invalid id character"),
         (http().post(server.api("/orchestrators/HelloCities/bad%5Cid")), 400, "invalid id character"),
+        (http().post(server.api("/orchestrators/HelloCities/bad%FFid")), 400, "an id that is not UTF-8"),
+        (http().get(server.api("/instances/bad%FFid")), 400, "an id that is not UTF-8"),
         (
             http().post(server.api("/orchestrators/HelloCities")).body(format!("\"{}\"", "x".repeat(4096))),
             413,

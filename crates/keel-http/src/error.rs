@@ -4,7 +4,7 @@
 //! into it, and [`ApiError::into_response`] maps
 //! each variant to its status code and a JSON body `{"error": KIND, "message": TEXT}`.
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -82,6 +82,12 @@ impl IntoResponse for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> ApiError {
         ApiError::BadRequest(format!("the query string could not be read: {}", rejection.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> ApiError {
+        ApiError::BadRequest(format!("the path could not be read: {}", rejection.body_text()))
     }
 }
 

@@ -6,7 +6,6 @@
 //! Keel adds one route: `GET …/orchestrators` lists the orchestrator names the host
 //! runs (the dashboard's start form uses it).
 
-use axum::extract::Path;
 use axum::http::header::{HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +16,7 @@ use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
 use crate::payload::{status_object, StatusView};
-use crate::request::{record_instance, Body, Params};
+use crate::request::{record_instance, Body, Params, PathParams};
 use crate::trigger::{start_new, start_with_id, wait_parameters, DurableClient};
 use crate::MANAGEMENT_BASE_PATH;
 
@@ -60,7 +59,7 @@ async fn list_orchestrators(durable: DurableClient) -> Json<Vec<String>> {
 /// while it runs, 404 for unknown ids.
 async fn get_status(
     durable: DurableClient,
-    Path(instance_id): Path<String>,
+    PathParams(instance_id): PathParams<String>,
     params: Params,
     uri: Uri,
 ) -> ApiResult<Response> {
@@ -130,7 +129,7 @@ async fn list_instances(durable: DurableClient, params: Params, headers: HeaderM
 /// `DELETE /instances/{id}`: 200 `{"instancesDeleted":1}`; 404 when there is no
 /// finished instance with that id (a running one is not purged, as in Durable
 /// Functions where purging it deletes nothing).
-async fn purge_instance(durable: DurableClient, Path(instance_id): Path<String>) -> ApiResult<Response> {
+async fn purge_instance(durable: DurableClient, PathParams(instance_id): PathParams<String>) -> ApiResult<Response> {
     record_instance(&instance_id, None);
     match durable.client().purge(&instance_id).await {
         Ok(true) => {
@@ -168,7 +167,7 @@ async fn purge_instances(durable: DurableClient, params: Params) -> ApiResult<Re
 /// application/json`; 202, 400, 404, or 410 when the instance has finished.
 async fn raise_event(
     durable: DurableClient,
-    Path((instance_id, event_name)): Path<(String, String)>,
+    PathParams((instance_id, event_name)): PathParams<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<StatusCode> {
@@ -189,28 +188,44 @@ async fn raise_event(
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn terminate(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+async fn terminate(
+    durable: DurableClient,
+    PathParams(instance_id): PathParams<String>,
+    params: Params,
+) -> ApiResult<StatusCode> {
     record_instance(&instance_id, None);
     durable.client().terminate(&instance_id, params.get("reason")).await?;
     tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "termination requested");
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn suspend(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+async fn suspend(
+    durable: DurableClient,
+    PathParams(instance_id): PathParams<String>,
+    params: Params,
+) -> ApiResult<StatusCode> {
     record_instance(&instance_id, None);
     durable.client().suspend(&instance_id, params.get("reason")).await?;
     tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "suspension requested");
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn resume(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+async fn resume(
+    durable: DurableClient,
+    PathParams(instance_id): PathParams<String>,
+    params: Params,
+) -> ApiResult<StatusCode> {
     record_instance(&instance_id, None);
     durable.client().resume(&instance_id, params.get("reason")).await?;
     tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "resumption requested");
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn rewind(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<StatusCode> {
+async fn rewind(
+    durable: DurableClient,
+    PathParams(instance_id): PathParams<String>,
+    params: Params,
+) -> ApiResult<StatusCode> {
     record_instance(&instance_id, None);
     durable.client().rewind(&instance_id, params.get("reason")).await?;
     tracing::info!(instance_id = %instance_id, reason = params.get("reason"), "rewind requested");
@@ -220,7 +235,11 @@ async fn rewind(durable: DurableClient, Path(instance_id): Path<String>, params:
 /// `POST /instances/{id}/restart[?restartWithNewInstanceId=false]`: the check-status
 /// response of the new instance (or its outcome, with `timeout` and
 /// `pollingInterval`); 400 when there is no instance with that id.
-async fn restart(durable: DurableClient, Path(instance_id): Path<String>, params: Params) -> ApiResult<Response> {
+async fn restart(
+    durable: DurableClient,
+    PathParams(instance_id): PathParams<String>,
+    params: Params,
+) -> ApiResult<Response> {
     record_instance(&instance_id, None);
     let new_instance_id = params.bool("restartWithNewInstanceId", true)?;
     let wait = wait_parameters(&params)?;

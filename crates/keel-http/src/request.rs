@@ -17,6 +17,19 @@ use tracing::Instrument;
 use crate::error::{ApiError, ApiResult};
 use crate::HostContext;
 
+/// Path parameters. A path that does not decode (bad percent-encoding) is answered like
+/// every other bad request: 400 with a JSON error body.
+pub(crate) struct PathParams<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<PathParams<T>> {
+        let axum::extract::Path(value) = axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(PathParams(value))
+    }
+}
+
 /// The query string as name/value pairs.
 pub(crate) struct Params(Vec<(String, String)>);
 

@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::FromRequestParts;
 use axum::http::header::{HeaderValue, HOST, LOCATION, RETRY_AFTER};
 use axum::http::request::Parts;
 use axum::http::{Extensions, HeaderMap, StatusCode};
@@ -31,7 +31,7 @@ use keel::{Client, ClientError, InstanceStatus, RuntimeStatus, StartOptions};
 
 use crate::error::{ApiError, ApiResult};
 use crate::payload::{payload_value, status_object, HttpManagementPayload, StatusView};
-use crate::request::{record_instance, Body, Params};
+use crate::request::{record_instance, Body, Params, PathParams};
 use crate::HostContext;
 
 /// `Retry-After` of a check-status response, in seconds (as Durable Functions sends).
@@ -235,7 +235,7 @@ pub(crate) fn wait_parameters(params: &Params) -> ApiResult<Option<(Duration, Du
 
 pub(crate) async fn start_new(
     durable: DurableClient,
-    Path(name): Path<String>,
+    PathParams(name): PathParams<String>,
     params: Params,
     body: Body,
 ) -> ApiResult<Response> {
@@ -244,7 +244,7 @@ pub(crate) async fn start_new(
 
 pub(crate) async fn start_with_id(
     durable: DurableClient,
-    Path((name, instance_id)): Path<(String, String)>,
+    PathParams((name, instance_id)): PathParams<(String, String)>,
     params: Params,
     body: Body,
 ) -> ApiResult<Response> {
@@ -253,7 +253,7 @@ pub(crate) async fn start_with_id(
 
 async fn start_and_wait(
     durable: DurableClient,
-    Path(name): Path<String>,
+    PathParams(name): PathParams<String>,
     params: Params,
     body: Body,
 ) -> ApiResult<Response> {
