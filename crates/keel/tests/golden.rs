@@ -90,12 +90,8 @@ async fn write_golden_hub() {
         let options = StartOptions { instance_id: Some(id.into()), ..StartOptions::default() };
         client.start_with("Golden", &name, options).await.unwrap();
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
     for id in ["golden-done", "golden-waiting"] {
-        while client.get_status(id).await.unwrap().unwrap().custom_status.is_none() {
-            assert!(tokio::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        common::wait_for_state(&client, id, "a custom status", |state| state.custom_status.is_some()).await;
     }
     client.raise_event("golden-done", "Approval", &true).await.unwrap();
     client.wait_for_completion("golden-done", WAIT).await.unwrap();

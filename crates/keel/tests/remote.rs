@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{temp_store, worker, WAIT};
+use common::{temp_store, wait_for_state, worker, WAIT};
 use keel::episode::{RemoteEpisode, RemoteOutcome};
 use keel::{EventKind, HistoryEvent, OrchestrationContext, OrchestrationError, RemoteWorkers, RuntimeStatus};
 use keel_core::replay::{orchestrator, Execution, Orchestrator};
@@ -90,15 +90,10 @@ async fn unhosted_orchestrators_and_activities_run_on_remote_workers() {
     let worker = worker(&store).remote_workers(remote.clone()).build().start();
     let client = keel::Client::new(store.clone());
     let id = client.start_new("Countdown", &3u32).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = client.get_status(&id).await.unwrap().unwrap();
-        if status.input.as_deref() == Some("0") && status.status == RuntimeStatus::Running {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the countdown never reached 0: {status:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_state(&client, &id, "its last execution", |state| {
+        state.input.as_deref() == Some("0") && state.status == RuntimeStatus::Running
+    })
+    .await;
     client.raise_event(&id, "Word", &"go").await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Completed, "{done:?}");

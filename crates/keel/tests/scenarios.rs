@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{temp_store, worker, WAIT};
+use common::{temp_store, wait_for_history, wait_for_state, worker, WAIT};
 use keel::{
     ActivityContext, ActivityError, ClientError, EventKind, InstanceQuery, OrchestrationContext, OrchestrationError,
     PurgeFilter, RetryPolicy, RuntimeStatus, StartOptions,
@@ -158,14 +158,18 @@ async fn approval(ctx: OrchestrationContext) -> Result<String, OrchestrationErro
     }
 }
 
-#[tokio::test]
-async fn human_interaction_approval_arrives_before_the_deadline() {
-    let (store, _dir) = temp_store().await;
-    let worker = worker(&store)
+fn approval_worker(store: &Arc<dyn keel_store::Store>) -> keel::WorkerHandle {
+    worker(store)
         .orchestrator("Approval", approval)
         .activity("Escalate", |_ctx: ActivityContext, ()| async { Ok::<_, ActivityError>("escalated".to_string()) })
         .build()
-        .start();
+        .start()
+}
+
+#[tokio::test]
+async fn human_interaction_approval_arrives_before_the_deadline() {
+    let (store, _dir) = temp_store().await;
+    let worker = approval_worker(&store);
     let client = worker.client();
     let id = client.start_new("Approval", &60_000u64).await.unwrap();
     client.wait_for_start(&id, WAIT).await.unwrap();
@@ -179,11 +183,7 @@ async fn human_interaction_approval_arrives_before_the_deadline() {
 #[tokio::test]
 async fn human_interaction_times_out_and_escalates() {
     let (store, _dir) = temp_store().await;
-    let worker = worker(&store)
-        .orchestrator("Approval", approval)
-        .activity("Escalate", |_ctx: ActivityContext, ()| async { Ok::<_, ActivityError>("escalated".to_string()) })
-        .build()
-        .start();
+    let worker = approval_worker(&store);
     let client = worker.client();
     let id = client.start_new("Approval", &300u64).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
@@ -395,7 +395,7 @@ async fn suspend_resume_and_terminate() {
     let id = client.start_new("Wait", &()).await.unwrap();
     client.wait_for_start(&id, WAIT).await.unwrap();
     client.suspend(&id, Some("maintenance")).await.unwrap();
-    wait_for_status(&client, &id, RuntimeStatus::Suspended).await;
+    wait_for_state(&client, &id, "Suspended", |state| state.status == RuntimeStatus::Suspended).await;
     client.raise_event(&id, "Value", &41u32).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -415,18 +415,6 @@ async fn suspend_resume_and_terminate() {
     assert_eq!(terminated.output.as_deref(), Some("\"no longer needed\""));
     assert!(matches!(client.terminate(&other, None).await, Err(ClientError::InvalidState { .. })));
     worker.shutdown(WAIT).await;
-}
-
-async fn wait_for_status(client: &keel::Client, id: &str, wanted: RuntimeStatus) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = client.get_status(id).await.unwrap().unwrap().status;
-        if status == wanted {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{id} never became {wanted}; it is {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -537,11 +525,7 @@ async fn changed_orchestrator_code_is_detected_as_non_determinism() {
         .start();
     let client = first.client();
     let id = client.start_new("Versioned", &()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !client.get_history(&id).await.unwrap().iter().any(|e| matches!(e.kind, EventKind::TaskCompleted { .. })) {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_history(&client, &id, "TaskCompleted", |kind| matches!(kind, EventKind::TaskCompleted { .. })).await;
     first.shutdown(WAIT).await;
 
     let second = worker(&store)
@@ -635,11 +619,7 @@ async fn graceful_shutdown_finishes_running_activities() {
     let first = build(runs.clone()).build().start();
     let client = first.client();
     let id = client.start_new("Slow", &()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !client.get_history(&id).await.unwrap().iter().any(|e| matches!(e.kind, EventKind::TaskScheduled { .. })) {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_history(&client, &id, "TaskScheduled", |kind| matches!(kind, EventKind::TaskScheduled { .. })).await;
     tokio::time::sleep(Duration::from_millis(100)).await; // the activity is running now
     first.shutdown(WAIT).await;
     let second = build(runs.clone()).build().start();
@@ -664,14 +644,7 @@ async fn custom_status_and_guids_are_recorded() {
         .start();
     let client = worker.client();
     let id = client.start_new("Status", &()).await.unwrap();
-    let started = client.wait_for_start(&id, WAIT).await.unwrap();
-    let mut status = started;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while status.custom_status.is_none() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        status = client.get_status(&id).await.unwrap().unwrap();
-    }
+    let status = wait_for_state(&client, &id, "a custom status", |state| state.custom_status.is_some()).await;
     assert_eq!(status.custom_status.as_deref(), Some("{\"stage\":\"waiting\"}"));
     client.raise_event(&id, "Go", &()).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
@@ -714,11 +687,7 @@ async fn work_that_keeps_crashing_its_workers_is_failed_as_poison() {
     // An activity item: a worker whose activity hangs gives it back at shutdown.
     let calls = client.start_new("Calls", &()).await.unwrap();
     let hanging = build(true).build().start();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !client.get_history(&calls).await.unwrap().iter().any(|e| matches!(e.kind, EventKind::TaskScheduled { .. })) {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_history(&client, &calls, "TaskScheduled", |kind| matches!(kind, EventKind::TaskScheduled { .. })).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     hanging.shutdown(Duration::ZERO).await;
     let mut taken = 0;

@@ -33,3 +33,37 @@ pub fn worker(store: &Arc<dyn Store>) -> WorkerBuilder {
 
 /// Long enough for anything a test waits for; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (polling, at most [`WAIT`]) until the instance's state satisfies `holds`;
+/// returns that state.
+pub async fn wait_for_state(
+    client: &keel::Client,
+    instance_id: &str,
+    what: &str,
+    holds: impl Fn(&keel::InstanceStatus) -> bool,
+) -> keel::InstanceStatus {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let state = client.get_status(instance_id).await.unwrap().expect("the instance exists");
+        if holds(&state) {
+            return state;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{instance_id} never got to {what}: {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (polling, at most [`WAIT`]) until the instance's history holds an event that
+/// satisfies `holds`.
+pub async fn wait_for_history(
+    client: &keel::Client,
+    instance_id: &str,
+    what: &str,
+    holds: impl Fn(&keel::EventKind) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !client.get_history(instance_id).await.unwrap().iter().any(|event| holds(&event.kind)) {
+        assert!(tokio::time::Instant::now() < deadline, "the history of {instance_id} never got {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
