@@ -47,9 +47,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
-use keel_core::limits::{check_instance_id, check_name, check_payload};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, InstancePage, InstanceQuery, InstanceRecord,
+    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, InstancePage, InstanceQuery, InstanceRecord,
     Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
 };
 
@@ -128,10 +127,7 @@ impl Store for PostgresStore {
     }
 
     async fn create_instance(&self, instance: NewInstance) -> Result<()> {
-        check_instance_id(&instance.instance_id)
-            .and_then(|()| check_name("orchestrator", &instance.name))
-            .and_then(|()| check_payload("input", instance.input.as_deref()))
-            .map_err(Error::Invalid)?;
+        instance.check()?;
         let mut connection = self.connection().await?;
         if !client::create_fresh_instance(&connection, &instance).await? {
             // The id is taken: replace the holder if it is terminal, in a transaction.
@@ -144,7 +140,7 @@ impl Store for PostgresStore {
     }
 
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus> {
-        check_payload("event data", message.event.kind.payload()).map_err(Error::Invalid)?;
+        message.check()?;
         let mut connection = self.connection().await?;
         connection.begin().await?;
         let outcome = client::enqueue_message(&connection, &message, accept_terminal).await;

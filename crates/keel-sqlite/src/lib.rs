@@ -34,9 +34,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
-use keel_core::limits::{check_instance_id, check_name, check_payload};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, InstancePage, InstanceQuery, InstanceRecord,
+    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, InstancePage, InstanceQuery, InstanceRecord,
     Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
 };
 
@@ -91,10 +90,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_instance(&self, instance: NewInstance) -> Result<()> {
-        check_instance_id(&instance.instance_id)
-            .and_then(|()| check_name("orchestrator", &instance.name))
-            .and_then(|()| check_payload("input", instance.input.as_deref()))
-            .map_err(Error::Invalid)?;
+        instance.check()?;
         self.database.write(move |transaction| client::create_instance(transaction, &instance)).await?;
         self.notifications.orchestration_work_added();
         self.notifications.instance_changed();
@@ -102,7 +98,7 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus> {
-        check_payload("event data", message.event.kind.payload()).map_err(Error::Invalid)?;
+        message.check()?;
         let status = self
             .database
             .write(move |transaction| client::enqueue_message(transaction, &message, accept_terminal))

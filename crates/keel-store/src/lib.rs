@@ -69,6 +69,15 @@ pub struct NewInstance {
 }
 
 impl NewInstance {
+    /// Checks the id, the name and the input against Keel's limits; every backend calls
+    /// this before it writes anything.
+    pub fn check(&self) -> Result<()> {
+        keel_core::limits::check_instance_id(&self.instance_id)
+            .and_then(|()| keel_core::limits::check_name("orchestrator", &self.name))
+            .and_then(|()| keel_core::limits::check_payload("input", self.input.as_deref()))
+            .map_err(Error::Invalid)
+    }
+
     /// The `ExecutionStarted` event that starts this instance.
     pub fn execution_started_event(&self) -> HistoryEvent {
         HistoryEvent::new(
@@ -95,6 +104,14 @@ pub struct Message {
     pub event: HistoryEvent,
     /// The message is not delivered before this time (timers, scheduled starts).
     pub visible_at: Timestamp,
+}
+
+impl Message {
+    /// Checks the event's payload against Keel's limits; every backend calls this
+    /// before it writes anything.
+    pub fn check(&self) -> Result<()> {
+        keel_core::limits::check_payload("event data", self.event.kind.payload()).map_err(Error::Invalid)
+    }
 }
 
 /// A message in an inbox, with the id the store gave it.
