@@ -13,6 +13,31 @@ pub enum Action {
     CreateTimer { id: i32, fire_at: Timestamp },
     CreateSubOrchestration { id: i32, name: String, instance_id: String, input: Option<String> },
     SendEvent { id: i32, instance_id: String, name: String, input: Option<String> },
+    /// A one-way operation on the entity with instance id `target`, delivered at
+    /// `scheduled_time` (or at once).
+    SignalEntity {
+        id: i32,
+        request_id: String,
+        target: String,
+        operation: String,
+        input: Option<String>,
+        scheduled_time: Option<Timestamp>,
+    },
+    /// A two-way operation: the entity answers the caller (`parent_instance_id`,
+    /// `parent_execution_id`) under `request_id`.
+    CallEntity {
+        id: i32,
+        request_id: String,
+        target: String,
+        operation: String,
+        input: Option<String>,
+        parent_instance_id: String,
+        parent_execution_id: String,
+    },
+    /// Locks `lock_set` (sorted, distinct entity instance ids) for a critical section.
+    LockEntities { id: i32, critical_section_id: String, lock_set: Vec<String>, parent_instance_id: String },
+    /// Releases a critical section's lock on one entity.
+    UnlockEntity { id: i32, critical_section_id: String, target: String, parent_instance_id: String },
 }
 
 impl Action {
@@ -22,7 +47,11 @@ impl Action {
             Action::ScheduleTask { id, .. }
             | Action::CreateTimer { id, .. }
             | Action::CreateSubOrchestration { id, .. }
-            | Action::SendEvent { id, .. } => *id,
+            | Action::SendEvent { id, .. }
+            | Action::SignalEntity { id, .. }
+            | Action::CallEntity { id, .. }
+            | Action::LockEntities { id, .. }
+            | Action::UnlockEntity { id, .. } => *id,
         }
     }
 
@@ -43,6 +72,40 @@ impl Action {
             Action::SendEvent { instance_id, name, input, .. } => {
                 EventKind::EventSent { instance_id: instance_id.clone(), name: name.clone(), input: input.clone() }
             }
+            Action::SignalEntity { request_id, target, operation, input, scheduled_time, .. } => {
+                EventKind::EntityOperationSignaled {
+                    request_id: request_id.clone(),
+                    operation: operation.clone(),
+                    input: input.clone(),
+                    scheduled_time: *scheduled_time,
+                    target_instance_id: target.clone(),
+                }
+            }
+            Action::CallEntity { request_id, target, operation, input, parent_instance_id, parent_execution_id, .. } => {
+                EventKind::EntityOperationCalled {
+                    request_id: request_id.clone(),
+                    operation: operation.clone(),
+                    input: input.clone(),
+                    parent_instance_id: parent_instance_id.clone(),
+                    parent_execution_id: parent_execution_id.clone(),
+                    target_instance_id: target.clone(),
+                }
+            }
+            Action::LockEntities { critical_section_id, lock_set, parent_instance_id, .. } => {
+                EventKind::EntityLockRequested {
+                    critical_section_id: critical_section_id.clone(),
+                    lock_set: lock_set.clone(),
+                    position: 0,
+                    parent_instance_id: parent_instance_id.clone(),
+                }
+            }
+            Action::UnlockEntity { critical_section_id, target, parent_instance_id, .. } => {
+                EventKind::EntityUnlockSent {
+                    critical_section_id: critical_section_id.clone(),
+                    parent_instance_id: parent_instance_id.clone(),
+                    target_instance_id: target.clone(),
+                }
+            }
         };
         HistoryEvent::with_id(self.id(), now, kind)
     }
@@ -56,6 +119,12 @@ impl Action {
                 format!("SubOrchestrationInstanceCreated \"{name}\"")
             }
             Action::SendEvent { name, .. } => format!("EventSent \"{name}\""),
+            Action::SignalEntity { target, operation, .. } => {
+                format!("EntityOperationSignaled \"{operation}\" on {target}")
+            }
+            Action::CallEntity { target, operation, .. } => format!("EntityOperationCalled \"{operation}\" on {target}"),
+            Action::LockEntities { lock_set, .. } => format!("EntityLockRequested on {}", lock_set.join(", ")),
+            Action::UnlockEntity { target, .. } => format!("EntityUnlockSent to {target}"),
         }
     }
 }

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::action::Action;
+use crate::entity::EntityId;
 use crate::history::{EventKind, FailureDetails, HistoryEvent, ParentInstance, Timestamp};
 use crate::limits;
 use crate::retry::RetryPolicy;
@@ -148,6 +149,20 @@ pub(crate) struct State {
     pub(crate) actions_taken: usize,
     /// A failure raised by a context method (e.g. too many actions); fails the execution.
     pub(crate) fatal: Option<FailureDetails>,
+    /// Entity calls waiting for their answer: request id → sequence number.
+    pub(crate) entity_calls: HashMap<String, i32>,
+    /// Lock requests waiting for their grant: critical section id → sequence number.
+    pub(crate) lock_requests: HashMap<String, i32>,
+    /// The critical section the orchestrator is in or waits for.
+    pub(crate) critical_section: Option<OpenSection>,
+}
+
+/// A critical section of the orchestration: requested, and possibly granted.
+#[derive(Clone, Debug)]
+pub(crate) struct OpenSection {
+    pub(crate) id: String,
+    pub(crate) lock_set: Vec<String>,
+    pub(crate) granted: bool,
 }
 
 impl State {
@@ -173,6 +188,22 @@ impl State {
             guid_counter: 0,
             actions_taken: 0,
             fatal: None,
+            entity_calls: HashMap::new(),
+            lock_requests: HashMap::new(),
+            critical_section: None,
+        }
+    }
+
+    /// Releases the lock of a critical section on every entity of `lock_set`.
+    pub(crate) fn unlock_all(&mut self, critical_section_id: &str, lock_set: &[String]) {
+        let parent_instance_id = self.instance_id.clone();
+        for target in lock_set {
+            self.take_action(|id| Action::UnlockEntity {
+                id,
+                critical_section_id: critical_section_id.to_string(),
+                target: target.clone(),
+                parent_instance_id: parent_instance_id.clone(),
+            });
         }
     }
 
@@ -412,6 +443,14 @@ impl OrchestrationContext {
         input: Option<String>,
     ) -> TaskFuture<T> {
         let mut state = self.lock();
+        if state.critical_section.as_ref().is_some_and(|section| section.granted) {
+            drop(state);
+            return TaskFuture::failed(
+                self.clone(),
+                format!("sub-orchestration '{name}'"),
+                locking_rules_violation("a critical section cannot start sub-orchestrations"),
+            );
+        }
         let parent_id = state.instance_id.clone();
         let id = state.take_action(|id| Action::CreateSubOrchestration {
             id,
@@ -538,6 +577,139 @@ impl OrchestrationContext {
         self.lock().continue_as_new = Some(ContinueAsNewRequest { input, preserve_unprocessed_events });
     }
 
+    /// Sends a one-way operation to an entity (created on its first operation). The
+    /// entity runs it in its turn; the orchestration does not wait for it.
+    pub fn signal_entity(&self, entity: &EntityId, operation: &str, input: &impl Serialize) -> Result<(), TaskError> {
+        self.send_signal(entity, operation, input, None)
+    }
+
+    /// Like [`OrchestrationContext::signal_entity`], delivered at `at`.
+    pub fn signal_entity_at(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: &impl Serialize,
+        at: Timestamp,
+    ) -> Result<(), TaskError> {
+        self.send_signal(entity, operation, input, Some(at))
+    }
+
+    fn send_signal(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: &impl Serialize,
+        scheduled_time: Option<Timestamp>,
+    ) -> Result<(), TaskError> {
+        let task = || format!("signal '{operation}' to entity {entity}");
+        let input = serialize_input(input).map_err(|details| TaskError { task: task(), details })?;
+        limits::check_name("operation", operation)
+            .map_err(|message| TaskError { task: task(), details: FailureDetails::new("InvalidInput", message) })?;
+        let request_id = self.new_guid().to_string();
+        self.lock().take_action(|id| Action::SignalEntity {
+            id,
+            request_id,
+            target: entity.instance_id(),
+            operation: operation.to_string(),
+            input,
+            scheduled_time,
+        });
+        Ok(())
+    }
+
+    /// Calls an operation on an entity and returns a future for its result; a failed
+    /// operation (an error or a panic in it) fails the future with its details. Inside
+    /// a critical section only the locked entities may be called.
+    pub fn call_entity<T: DeserializeOwned>(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: &impl Serialize,
+    ) -> TaskFuture<T> {
+        let task = format!("entity operation '{operation}' on {entity}");
+        let input = match serialize_input(input) {
+            Ok(input) => input,
+            Err(details) => return TaskFuture::failed(self.clone(), task, details),
+        };
+        if let Err(message) = limits::check_name("operation", operation) {
+            return TaskFuture::failed(self.clone(), task, FailureDetails::new("InvalidInput", message));
+        }
+        let target = entity.instance_id();
+        let request_id = self.new_guid().to_string();
+        let mut state = self.lock();
+        if let Some(section) = state.critical_section.as_ref().filter(|section| section.granted) {
+            if !section.lock_set.contains(&target) {
+                drop(state);
+                return TaskFuture::failed(
+                    self.clone(),
+                    task,
+                    locking_rules_violation(&format!(
+                        "a critical section may only call the entities it locked; {entity} is not one of them"
+                    )),
+                );
+            }
+        }
+        let parent_instance_id = state.instance_id.clone();
+        let parent_execution_id = state.execution_id.clone();
+        let id = state.take_action(|id| Action::CallEntity {
+            id,
+            request_id: request_id.clone(),
+            target,
+            operation: operation.to_string(),
+            input,
+            parent_instance_id,
+            parent_execution_id,
+        });
+        state.open_tasks.insert(id, TaskSlot::default());
+        state.entity_calls.insert(request_id, id);
+        drop(state);
+        TaskFuture::new(self.clone(), id, format!("{task} (#{id})"))
+    }
+
+    /// Enters a critical section: locks every entity of `entities` (in a global order,
+    /// so critical sections never deadlock) and resolves to a guard once all are held.
+    /// While it is held, other callers' operations on those entities wait; the
+    /// orchestration may call only them and start no sub-orchestration. Dropping the
+    /// guard (or the end of the orchestration) releases the locks. Critical sections do
+    /// not nest.
+    pub fn lock_entities(&self, entities: &[EntityId]) -> LockFuture {
+        let lock_set: Vec<String> = entities
+            .iter()
+            .map(EntityId::instance_id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let task = format!("lock of {}", lock_set.join(", "));
+        if lock_set.is_empty() {
+            return LockFuture::failed(self.clone(), task, locking_rules_violation("a lock needs at least one entity"));
+        }
+        if self.lock().critical_section.is_some() {
+            return LockFuture::failed(
+                self.clone(),
+                task,
+                locking_rules_violation("critical sections do not nest: release the current one first"),
+            );
+        }
+        let critical_section_id = self.new_guid().to_string();
+        let mut state = self.lock();
+        let parent_instance_id = state.instance_id.clone();
+        let id = state.take_action(|id| Action::LockEntities {
+            id,
+            critical_section_id: critical_section_id.clone(),
+            lock_set: lock_set.clone(),
+            parent_instance_id,
+        });
+        state.open_tasks.insert(id, TaskSlot::default());
+        state.lock_requests.insert(critical_section_id.clone(), id);
+        state.critical_section =
+            Some(OpenSection { id: critical_section_id.clone(), lock_set: lock_set.clone(), granted: false });
+        drop(state);
+        LockFuture {
+            inner: TaskFuture::new(self.clone(), id, format!("{task} (#{id})")),
+            section: Some((critical_section_id, lock_set)),
+        }
+    }
+
     /// Waits for all futures; results in the order given.
     pub fn when_all<F: Future>(&self, futures: impl IntoIterator<Item = F>) -> futures_util::future::JoinAll<F> {
         futures_util::future::join_all(futures)
@@ -548,6 +720,110 @@ impl OrchestrationContext {
         let futures: Vec<F> = futures.into_iter().collect();
         assert!(!futures.is_empty(), "when_any needs at least one future");
         WhenAny { futures }
+    }
+}
+
+/// Error type of a broken critical-section rule (nesting, calling an entity that is
+/// not locked, starting a sub-orchestration inside one).
+pub const LOCKING_RULES_VIOLATION_ERROR_TYPE: &str = "LockingRulesViolation";
+
+fn locking_rules_violation(message: &str) -> FailureDetails {
+    let mut details = FailureDetails::new(LOCKING_RULES_VIOLATION_ERROR_TYPE, message);
+    details.is_non_retriable = true;
+    details
+}
+
+/// The future of [`OrchestrationContext::lock_entities`]: the guard of the critical
+/// section once every lock is held. Dropping it before then gives the locks up as soon
+/// as they are granted.
+#[must_use = "futures do nothing unless awaited"]
+pub struct LockFuture {
+    inner: TaskFuture<()>,
+    /// The critical section id and lock set; `None` for a request that was refused.
+    section: Option<(String, Vec<String>)>,
+}
+
+impl LockFuture {
+    fn failed(context: OrchestrationContext, task: String, details: FailureDetails) -> LockFuture {
+        LockFuture { inner: TaskFuture::failed(context, task, details), section: None }
+    }
+}
+
+impl Future for LockFuture {
+    type Output = Result<CriticalSection, TaskError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let outcome = std::task::ready!(this.inner.poll_outcome(cx));
+        Poll::Ready(match (outcome, this.section.take()) {
+            (TaskOutcome::Completed(_), Some((id, lock_set))) => {
+                let mut state = lock(&this.inner.context.state);
+                if let Some(section) = state.critical_section.as_mut().filter(|section| section.id == id) {
+                    section.granted = true;
+                }
+                drop(state);
+                Ok(CriticalSection { context: this.inner.context.clone(), id, lock_set, released: false })
+            }
+            (TaskOutcome::Completed(_), None) => unreachable!("a refused lock request never completes"),
+            (TaskOutcome::Failed(details), _) => Err(TaskError { task: this.inner.task.clone(), details }),
+        })
+    }
+}
+
+impl Drop for LockFuture {
+    fn drop(&mut self) {
+        if let Some((id, _)) = self.section.take() {
+            // Not granted yet: the grant, when it comes, is answered with unlocks.
+            let mut state = lock(&self.inner.context.state);
+            if state.critical_section.as_ref().is_some_and(|section| section.id == id) {
+                state.critical_section = None;
+            }
+        }
+    }
+}
+
+/// A held critical section. Dropping it (or [`CriticalSection::release`]) unlocks its
+/// entities.
+#[must_use = "the locks are released when the critical section is dropped"]
+pub struct CriticalSection {
+    context: OrchestrationContext,
+    id: String,
+    lock_set: Vec<String>,
+    released: bool,
+}
+
+impl std::fmt::Debug for CriticalSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CriticalSection").field("id", &self.id).field("lock_set", &self.lock_set).finish()
+    }
+}
+
+impl CriticalSection {
+    /// The instance ids of the locked entities, sorted.
+    pub fn lock_set(&self) -> &[String] {
+        &self.lock_set
+    }
+
+    /// Leaves the critical section: every entity is unlocked.
+    pub fn release(mut self) {
+        self.unlock();
+    }
+
+    fn unlock(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let mut state = lock(&self.context.state);
+        if state.critical_section.as_ref().is_some_and(|section| section.id == self.id) {
+            state.critical_section = None;
+        }
+        state.unlock_all(&self.id, &self.lock_set);
+    }
+}
+
+impl Drop for CriticalSection {
+    fn drop(&mut self) {
+        self.unlock();
     }
 }
 

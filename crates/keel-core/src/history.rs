@@ -173,6 +173,59 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A one-way operation on an entity: in the sender's history (an orchestration's
+    /// decision) and as a message in the entity's inbox.
+    EntityOperationSignaled {
+        request_id: String,
+        operation: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scheduled_time: Option<Timestamp>,
+        target_instance_id: String,
+    },
+    /// A two-way operation on an entity from an orchestration, which waits for the
+    /// `EntityOperationCompleted` or `EntityOperationFailed` with the same request id.
+    EntityOperationCalled {
+        request_id: String,
+        operation: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<String>,
+        parent_instance_id: String,
+        parent_execution_id: String,
+        target_instance_id: String,
+    },
+    EntityOperationCompleted {
+        request_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+    },
+    EntityOperationFailed {
+        request_id: String,
+        failure: FailureDetails,
+    },
+    /// A request to lock `lock_set` (sorted entity instance ids) for a critical section.
+    /// It travels from entity to entity: each locks itself and passes it on to the one
+    /// at `position + 1`; the last one grants the lock to the orchestration.
+    EntityLockRequested {
+        critical_section_id: String,
+        lock_set: Vec<String>,
+        position: i32,
+        parent_instance_id: String,
+    },
+    /// Every entity of the critical section is locked. `lock_set` lets an owner that
+    /// no longer waits for the lock (it ended meanwhile) release it at once.
+    EntityLockGranted {
+        critical_section_id: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lock_set: Vec<String>,
+    },
+    /// Releases the lock a critical section holds on one entity.
+    EntityUnlockSent {
+        critical_section_id: String,
+        parent_instance_id: String,
+        target_instance_id: String,
+    },
 }
 
 impl EventKind {
@@ -197,6 +250,13 @@ impl EventKind {
             EventKind::ExecutionSuspended { .. } => "ExecutionSuspended",
             EventKind::ExecutionResumed { .. } => "ExecutionResumed",
             EventKind::ExecutionRewound { .. } => "ExecutionRewound",
+            EventKind::EntityOperationSignaled { .. } => "EntityOperationSignaled",
+            EventKind::EntityOperationCalled { .. } => "EntityOperationCalled",
+            EventKind::EntityOperationCompleted { .. } => "EntityOperationCompleted",
+            EventKind::EntityOperationFailed { .. } => "EntityOperationFailed",
+            EventKind::EntityLockRequested { .. } => "EntityLockRequested",
+            EventKind::EntityLockGranted { .. } => "EntityLockGranted",
+            EventKind::EntityUnlockSent { .. } => "EntityUnlockSent",
         }
     }
 
@@ -209,7 +269,10 @@ impl EventKind {
             | EventKind::SubOrchestrationInstanceCreated { input, .. }
             | EventKind::EventSent { input, .. }
             | EventKind::EventRaised { input, .. }
-            | EventKind::ContinueAsNew { input } => input.as_deref(),
+            | EventKind::ContinueAsNew { input }
+            | EventKind::EntityOperationSignaled { input, .. }
+            | EventKind::EntityOperationCalled { input, .. } => input.as_deref(),
+            EventKind::EntityOperationCompleted { output, .. } => output.as_deref(),
             EventKind::ExecutionCompleted { result, .. }
             | EventKind::TaskCompleted { result, .. }
             | EventKind::SubOrchestrationInstanceCompleted { result, .. } => result.as_deref(),
@@ -221,7 +284,11 @@ impl EventKind {
             | EventKind::SubOrchestrationInstanceFailed { .. }
             | EventKind::TimerCreated { .. }
             | EventKind::TimerFired { .. }
-            | EventKind::OrchestratorStarted => None,
+            | EventKind::OrchestratorStarted
+            | EventKind::EntityOperationFailed { .. }
+            | EventKind::EntityLockRequested { .. }
+            | EventKind::EntityLockGranted { .. }
+            | EventKind::EntityUnlockSent { .. } => None,
         }
     }
 
@@ -233,6 +300,10 @@ impl EventKind {
                 | EventKind::TimerCreated { .. }
                 | EventKind::SubOrchestrationInstanceCreated { .. }
                 | EventKind::EventSent { .. }
+                | EventKind::EntityOperationSignaled { .. }
+                | EventKind::EntityOperationCalled { .. }
+                | EventKind::EntityLockRequested { .. }
+                | EventKind::EntityUnlockSent { .. }
         )
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod action;
 pub mod context;
+pub mod entity;
 pub mod history;
 pub mod limits;
 pub mod replay;

@@ -151,13 +151,15 @@ impl Execution {
         let pending = std::mem::take(&mut state.pending_actions).into_values();
         // A finished execution still sends what it decided (activities, events,
         // sub-orchestrations); its timers can no longer matter. A failed or terminated
-        // one takes no further action.
+        // one takes no further action but the release of its entity locks.
         let actions = match &self.completion {
             None => pending.collect(),
             Some(Completion::Completed { .. } | Completion::ContinuedAsNew { .. }) => {
                 pending.filter(|action| !matches!(action, Action::CreateTimer { .. })).collect()
             }
-            Some(Completion::Failed { .. } | Completion::Terminated { .. }) => Vec::new(),
+            Some(Completion::Failed { .. } | Completion::Terminated { .. }) => {
+                pending.filter(|action| matches!(action, Action::UnlockEntity { .. })).collect()
+            }
         };
         self.completion_reported = self.completion.is_some();
         EpisodeResult {
@@ -187,6 +189,10 @@ impl Execution {
                     | EventKind::TimerCreated { .. }
                     | EventKind::SubOrchestrationInstanceCreated { .. }
                     | EventKind::EventSent { .. }
+                    | EventKind::EntityOperationSignaled { .. }
+                    | EventKind::EntityOperationCalled { .. }
+                    | EventKind::EntityLockRequested { .. }
+                    | EventKind::EntityUnlockSent { .. }
                     | EventKind::ExecutionSuspended { .. }
             )
         {
@@ -215,7 +221,38 @@ impl Execution {
             EventKind::TaskScheduled { .. }
             | EventKind::TimerCreated { .. }
             | EventKind::SubOrchestrationInstanceCreated { .. }
-            | EventKind::EventSent { .. } => self.match_decision(event),
+            | EventKind::EventSent { .. }
+            | EventKind::EntityOperationSignaled { .. }
+            | EventKind::EntityOperationCalled { .. }
+            | EventKind::EntityLockRequested { .. }
+            | EventKind::EntityUnlockSent { .. } => self.match_decision(event),
+            EventKind::EntityOperationCompleted { request_id, output } => {
+                let id = lock(&self.state).entity_calls.remove(request_id);
+                if let Some(id) = id {
+                    self.resolve(id, TaskOutcome::Completed(output.clone()));
+                }
+            }
+            EventKind::EntityOperationFailed { request_id, failure } => {
+                let id = lock(&self.state).entity_calls.remove(request_id);
+                if let Some(id) = id {
+                    self.resolve(id, TaskOutcome::Failed(failure.clone()));
+                }
+            }
+            EventKind::EntityLockGranted { critical_section_id, lock_set } => {
+                let mut state = lock(&self.state);
+                let waiting = state
+                    .lock_requests
+                    .remove(critical_section_id)
+                    .filter(|id| state.open_tasks.contains_key(id));
+                match waiting {
+                    Some(id) => {
+                        drop(state);
+                        self.resolve(id, TaskOutcome::Completed(None));
+                    }
+                    // Nobody waits for this lock any more: give it back at once.
+                    None => state.unlock_all(critical_section_id, lock_set),
+                }
+            }
             EventKind::TaskCompleted { task_scheduled_id, result }
             | EventKind::SubOrchestrationInstanceCompleted { task_scheduled_id, result } => {
                 self.resolve(*task_scheduled_id, TaskOutcome::Completed(result.clone()));
@@ -266,6 +303,21 @@ impl Execution {
                 name.eq_ignore_ascii_case(taken)
             }
             (EventKind::TimerCreated { .. }, Action::CreateTimer { .. }) => true,
+            (
+                EventKind::EntityOperationSignaled { operation, target_instance_id, .. },
+                Action::SignalEntity { operation: taken, target, .. },
+            )
+            | (
+                EventKind::EntityOperationCalled { operation, target_instance_id, .. },
+                Action::CallEntity { operation: taken, target, .. },
+            ) => operation == taken && target_instance_id == target,
+            (EventKind::EntityLockRequested { lock_set, .. }, Action::LockEntities { lock_set: taken, .. }) => {
+                lock_set == taken
+            }
+            (
+                EventKind::EntityUnlockSent { target_instance_id, .. },
+                Action::UnlockEntity { target, .. },
+            ) => target_instance_id == target,
             _ => false,
         };
         match taken {
@@ -280,6 +332,14 @@ impl Execution {
             EventKind::TaskScheduled { name, .. }
             | EventKind::SubOrchestrationInstanceCreated { name, .. }
             | EventKind::EventSent { name, .. } => format!("{} \"{name}\"", event.kind.type_name()),
+            EventKind::EntityOperationSignaled { operation, target_instance_id, .. }
+            | EventKind::EntityOperationCalled { operation, target_instance_id, .. } => {
+                format!("{} \"{operation}\" on {target_instance_id}", event.kind.type_name())
+            }
+            EventKind::EntityLockRequested { lock_set, .. } => {
+                format!("EntityLockRequested on {}", lock_set.join(", "))
+            }
+            EventKind::EntityUnlockSent { target_instance_id, .. } => format!("EntityUnlockSent to {target_instance_id}"),
             other => other.type_name().to_string(),
         };
         let message = format!(

@@ -204,6 +204,42 @@ pub(crate) fn history_events(history: &[HistoryEvent], view: StatusView) -> Vec<
             | EventKind::ExecutionRewound { reason } => {
                 row.insert("Reason".into(), json!(reason));
             }
+            EventKind::EntityOperationSignaled { request_id, operation, input: sent, scheduled_time, target_instance_id } => {
+                row.insert("RequestId".into(), json!(request_id));
+                row.insert("Operation".into(), json!(operation));
+                row.insert("TargetInstanceId".into(), json!(target_instance_id));
+                row.insert("Input".into(), input(sent));
+                if let Some(at) = scheduled_time {
+                    row.insert("ScheduledTime".into(), json!(event_time(*at)));
+                }
+            }
+            EventKind::EntityOperationCalled { request_id, operation, input: sent, target_instance_id, .. } => {
+                row.insert("RequestId".into(), json!(request_id));
+                row.insert("Operation".into(), json!(operation));
+                row.insert("TargetInstanceId".into(), json!(target_instance_id));
+                row.insert("Input".into(), input(sent));
+            }
+            EventKind::EntityOperationCompleted { request_id, output } => {
+                row.insert("RequestId".into(), json!(request_id));
+                if let Some(result) = result(output) {
+                    row.insert("Result".into(), result);
+                }
+            }
+            EventKind::EntityOperationFailed { request_id, failure } => {
+                row.insert("RequestId".into(), json!(request_id));
+                row.insert("FailureDetails".into(), failure_pascal_case(failure));
+            }
+            EventKind::EntityLockRequested { critical_section_id, lock_set, .. } => {
+                row.insert("CriticalSectionId".into(), json!(critical_section_id));
+                row.insert("LockSet".into(), json!(lock_set));
+            }
+            EventKind::EntityLockGranted { critical_section_id, .. } => {
+                row.insert("CriticalSectionId".into(), json!(critical_section_id));
+            }
+            EventKind::EntityUnlockSent { critical_section_id, target_instance_id, .. } => {
+                row.insert("CriticalSectionId".into(), json!(critical_section_id));
+                row.insert("TargetInstanceId".into(), json!(target_instance_id));
+            }
         }
         row.insert("Timestamp".into(), json!(event_time(event.timestamp)));
         rows.push(Value::Object(row));

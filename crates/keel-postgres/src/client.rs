@@ -10,7 +10,7 @@
 
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus};
 use keel_store::{
-    Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
+    EntityQuery, Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
 };
 use tokio_postgres::types::ToSql;
 
@@ -266,6 +266,8 @@ pub(crate) async fn query_instances(
 ) -> Result<InstancePage, Failure> {
     let page_size = if query.page_size == 0 { DEFAULT_PAGE_SIZE } else { query.page_size };
     let mut filter = Filter::default();
+    // Entities (ids starting with '@') are not orchestration instances.
+    filter.conditions.push("NOT starts_with(instance_id, '@')".to_owned());
     if !query.statuses.is_empty() {
         let statuses: Vec<String> = query.statuses.iter().map(|status| status.as_str().to_owned()).collect();
         filter.condition("status = ANY($)", Box::new(statuses));
@@ -282,6 +284,34 @@ pub(crate) async fn query_instances(
     if let Some(after) = &query.continuation {
         filter.condition("instance_id > $", Box::new(after.clone()));
     }
+    page(connection, filter, page_size).await
+}
+
+pub(crate) async fn query_entities(connection: &PooledConnection, query: &EntityQuery) -> Result<InstancePage, Failure> {
+    let page_size = if query.page_size == 0 { DEFAULT_PAGE_SIZE } else { query.page_size };
+    let mut filter = Filter::default();
+    filter.condition("instance_id >= $", Box::new("@".to_owned()));
+    filter.condition("starts_with(instance_id, $)", Box::new("@".to_owned()));
+    if let Some(prefix) = &query.instance_id_prefix {
+        filter.condition("starts_with(instance_id, $)", Box::new(prefix.clone()));
+    }
+    if let Some(from) = query.last_modified_from {
+        filter.condition("last_updated_at >= $", Box::new(millis(from)));
+    }
+    if let Some(to) = query.last_modified_to {
+        filter.condition("last_updated_at < $", Box::new(millis(to)));
+    }
+    if !query.include_transient {
+        filter.conditions.push("output IS NOT NULL".to_owned());
+    }
+    if let Some(after) = &query.continuation {
+        filter.condition("instance_id > $", Box::new(after.clone()));
+    }
+    page(connection, filter, page_size).await
+}
+
+/// One page of the instances that match `filter`, ordered by instance id.
+async fn page(connection: &PooledConnection, filter: Filter, page_size: usize) -> Result<InstancePage, Failure> {
     let limit = i64::try_from(page_size).unwrap_or(i64::MAX);
     let sql = format!(
         "SELECT {} FROM instances WHERE {} ORDER BY instance_id LIMIT {limit}",
@@ -295,6 +325,19 @@ pub(crate) async fn query_instances(
         _ => None,
     };
     Ok(InstancePage { instances, continuation })
+}
+
+/// Deletes an entity row that holds nothing and that no worker holds.
+const REMOVE_EMPTY_ENTITY: &str = "DELETE FROM instances WHERE instance_id = $1 AND starts_with(instance_id, '@') \
+     AND output IS NULL AND input IS NULL AND (locked_until IS NULL OR locked_until <= $2) \
+     AND NOT EXISTS (SELECT 1 FROM messages WHERE instance_id = $1)";
+
+pub(crate) async fn remove_empty_entity(
+    connection: &PooledConnection,
+    instance_id: &str,
+    now: i64,
+) -> Result<bool, Failure> {
+    Ok(connection.execute(REMOVE_EMPTY_ENTITY, &[&instance_id, &now]).await? == 1)
 }
 
 pub(crate) async fn purge_instance(connection: &PooledConnection, instance_id: &str) -> Result<bool, Failure> {

@@ -48,7 +48,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, InstancePage, InstanceQuery, InstanceRecord,
+    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery,
+    InstanceRecord,
     Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
 };
 
@@ -159,6 +160,18 @@ impl Store for PostgresStore {
 
     async fn query_instances(&self, query: &InstanceQuery) -> Result<InstancePage> {
         Ok(client::query_instances(&self.connection().await?, query).await?)
+    }
+
+    async fn query_entities(&self, query: &EntityQuery) -> Result<InstancePage> {
+        Ok(client::query_entities(&self.connection().await?, query).await?)
+    }
+
+    async fn remove_empty_entity(&self, instance_id: &str, now: Timestamp) -> Result<bool> {
+        let removed = client::remove_empty_entity(&self.connection().await?, instance_id, keel_store::stored::millis(now)).await?;
+        if removed {
+            Wakeups::INSTANCE_CHANGED.signal(&self.notifications);
+        }
+        Ok(removed)
     }
 
     async fn purge_instance(&self, instance_id: &str) -> Result<bool> {

@@ -4,7 +4,7 @@
 
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
+    EntityQuery, Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
@@ -67,9 +67,24 @@ pub(crate) fn insert_instance(connection: &Connection, instance: &NewInstance) -
     Ok(Creation::Created)
 }
 
-/// Puts a message into its instance's inbox; `false` (and nothing written) when there
-/// is no such instance.
+/// Creates the row of the entity `instance_id` names, if it is an entity id and has
+/// none yet.
+fn ensure_entity_row(connection: &Connection, instance_id: &str, now: Timestamp) -> Result<(), Failure> {
+    let Some(name) = keel_store::entity_name(instance_id) else {
+        return Ok(());
+    };
+    connection
+        .prepare_cached(
+            "INSERT INTO instances (instance_id, name, execution_id, status, created_at, last_updated_at)              VALUES (?1, ?2, '', ?3, ?4, ?4) ON CONFLICT (instance_id) DO NOTHING",
+        )?
+        .execute(params![instance_id, name, RuntimeStatus::Running.as_str(), millis(now)])?;
+    Ok(())
+}
+
+/// Puts a message into its instance's inbox, creating the entity it is for if needed;
+/// `false` (and nothing written) when there is no such instance.
 pub(crate) fn insert_message(connection: &Connection, message: &Message) -> Result<bool, Failure> {
+    ensure_entity_row(connection, &message.instance_id, message.event.timestamp)?;
     let inserted = connection
         .prepare_cached(
             "INSERT INTO messages (instance_id, execution_id, event, visible_at) \
@@ -99,6 +114,7 @@ pub(crate) fn enqueue_message(
     message: &Message,
     accept_terminal: bool,
 ) -> Result<RuntimeStatus, Failure> {
+    ensure_entity_row(connection, &message.instance_id, message.event.timestamp)?;
     let status = instance_status(connection, &message.instance_id)?
         .ok_or_else(|| Error::NotFound(message.instance_id.clone()))?;
     if status.is_terminal() && !accept_terminal {
@@ -144,6 +160,7 @@ pub(crate) fn read_history(connection: &Connection, instance_id: &str) -> Result
 pub(crate) fn query_instances(connection: &Connection, query: &InstanceQuery) -> Result<InstancePage, Failure> {
     let page_size = if query.page_size == 0 { DEFAULT_PAGE_SIZE } else { query.page_size };
     let mut filter = Filter::default();
+    filter.orchestrations_only();
     filter.statuses(&query.statuses);
     if let Some(prefix) = &query.instance_id_prefix {
         filter.prefix("instance_id", prefix);
@@ -155,6 +172,33 @@ pub(crate) fn query_instances(connection: &Connection, query: &InstanceQuery) ->
     if let Some(after) = &query.continuation {
         filter.condition("instance_id > ?", [Value::Text(after.clone())]);
     }
+    page(connection, filter, page_size)
+}
+
+pub(crate) fn query_entities(connection: &Connection, query: &EntityQuery) -> Result<InstancePage, Failure> {
+    let page_size = if query.page_size == 0 { DEFAULT_PAGE_SIZE } else { query.page_size };
+    let mut filter = Filter::default();
+    filter.prefix("instance_id", "@");
+    if let Some(prefix) = &query.instance_id_prefix {
+        filter.prefix("instance_id", prefix);
+    }
+    if let Some(from) = query.last_modified_from {
+        filter.condition("last_updated_at >= ?", [Value::Integer(millis(from))]);
+    }
+    if let Some(to) = query.last_modified_to {
+        filter.condition("last_updated_at < ?", [Value::Integer(millis(to))]);
+    }
+    if !query.include_transient {
+        filter.condition("output IS NOT NULL", []);
+    }
+    if let Some(after) = &query.continuation {
+        filter.condition("instance_id > ?", [Value::Text(after.clone())]);
+    }
+    page(connection, filter, page_size)
+}
+
+/// One page of instances that match `filter`, ordered by instance id.
+fn page(connection: &Connection, filter: Filter, page_size: usize) -> Result<InstancePage, Failure> {
     let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE {} ORDER BY instance_id LIMIT ?", filter.sql());
     let mut values = filter.values;
     values.push(Value::Integer(i64::try_from(page_size).unwrap_or(i64::MAX)));
@@ -170,6 +214,20 @@ pub(crate) fn query_instances(connection: &Connection, query: &InstanceQuery) ->
         _ => None,
     };
     Ok(InstancePage { instances, continuation })
+}
+
+pub(crate) fn remove_empty_entity(connection: &Connection, instance_id: &str, now: Timestamp) -> Result<bool, Failure> {
+    if keel_store::entity_name(instance_id).is_none() {
+        return Ok(false);
+    }
+    let deleted = connection
+        .prepare_cached(
+            "DELETE FROM instances WHERE instance_id = ?1 AND output IS NULL AND input IS NULL \
+             AND (locked_until IS NULL OR locked_until <= ?2) \
+             AND NOT EXISTS (SELECT 1 FROM messages WHERE instance_id = ?1)",
+        )?
+        .execute(params![instance_id, millis(now)])?;
+    Ok(deleted == 1)
 }
 
 pub(crate) fn purge_instance(connection: &Connection, instance_id: &str) -> Result<bool, Failure> {
@@ -217,6 +275,11 @@ impl Filter {
     fn condition(&mut self, sql: &str, values: impl IntoIterator<Item = Value>) {
         self.conditions.push(sql.to_owned());
         self.values.extend(values);
+    }
+
+    /// Orchestration instances, not entities (whose ids start with `@`).
+    fn orchestrations_only(&mut self) {
+        self.condition("substr(instance_id, 1, 1) <> '@'", []);
     }
 
     /// Any of `statuses`; no condition when empty.

@@ -35,7 +35,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, InstancePage, InstanceQuery, InstanceRecord,
+    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery, InstanceRecord,
     Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
 };
 
@@ -121,6 +121,23 @@ impl Store for SqliteStore {
     async fn query_instances(&self, query: &InstanceQuery) -> Result<InstancePage> {
         let query = query.clone();
         self.database.read(move |connection| client::query_instances(connection, &query)).await
+    }
+
+    async fn query_entities(&self, query: &EntityQuery) -> Result<InstancePage> {
+        let query = query.clone();
+        self.database.read(move |connection| client::query_entities(connection, &query)).await
+    }
+
+    async fn remove_empty_entity(&self, instance_id: &str, now: Timestamp) -> Result<bool> {
+        let instance_id = instance_id.to_owned();
+        let removed = self
+            .database
+            .write(move |transaction| client::remove_empty_entity(transaction, &instance_id, now))
+            .await?;
+        if removed {
+            self.notifications.instance_changed();
+        }
+        Ok(removed)
     }
 
     async fn purge_instance(&self, instance_id: &str) -> Result<bool> {

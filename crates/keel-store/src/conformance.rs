@@ -17,7 +17,7 @@ use keel_core::history::{EventKind, FailureDetails, HistoryEvent, ParentInstance
 use keel_core::limits::MAX_PAYLOAD_BYTES;
 
 use crate::{
-    ActivityCompletion, ActivityItem, EpisodeCommit, Error, InstanceQuery, InstanceRecord, InstanceUpdate, Message,
+    ActivityCompletion, ActivityItem, EntityQuery, EpisodeCommit, Error, InstanceQuery, InstanceRecord, InstanceUpdate, Message,
     NewActivity, NewInstance, OrchestrationItem, PurgeFilter, Store,
 };
 
@@ -70,6 +70,9 @@ macro_rules! for_each_check {
             oversized_payloads_are_refused,
             a_rewind_makes_a_failed_instance_pending,
             orchestration_leases_can_be_renewed,
+            messages_to_entities_create_them,
+            entity_queries_filter_and_page,
+            only_empty_entities_are_removed,
         );
     };
 }
@@ -1069,4 +1072,135 @@ pub async fn oversized_payloads_are_refused(store: &dyn Store) {
         .expect("a payload at the limit is accepted");
     let item = fetch_only(store, "a", secs(0)).await;
     assert_eq!(item.messages.len(), 2, "ExecutionStarted and the event at the limit, not the oversized one");
+}
+
+fn entity_signal(entity: &str, operation: &str, timestamp: Timestamp) -> HistoryEvent {
+    HistoryEvent::new(
+        timestamp,
+        EventKind::EntityOperationSignaled {
+            request_id: format!("{entity}-{operation}"),
+            operation: operation.to_owned(),
+            input: Some("1".to_owned()),
+            scheduled_time: None,
+            target_instance_id: entity.to_owned(),
+        },
+    )
+}
+
+/// The commit of an entity batch: consumes the item, leaves `state` as the entity's state.
+fn entity_batch(item: &OrchestrationItem, state: Option<&str>) -> EpisodeCommit {
+    EpisodeCommit {
+        state: Some(InstanceUpdate {
+            status: RuntimeStatus::Running,
+            input: None,
+            output: state.map(str::to_owned),
+            failure: None,
+            custom_status: None,
+        }),
+        ..consume_all(item)
+    }
+}
+
+async fn entity_ids(store: &dyn Store, query: EntityQuery) -> Vec<String> {
+    let page = store.query_entities(&query).await.expect("query_entities");
+    assert_eq!(page.continuation, None, "the whole result fits in one page: {query:?}");
+    page.instances.into_iter().map(|instance| instance.instance_id).collect()
+}
+
+/// A message to an entity creates its row (from a client and from a commit); entity
+/// rows are work like instances, and instance queries leave them out.
+pub async fn messages_to_entities_create_them(store: &dyn Store) {
+    let status = store
+        .enqueue_message(message_to("@counter@a", entity_signal("@counter@a", "add", secs(0)), secs(0)), false)
+        .await
+        .expect("a signal to a new entity is accepted");
+    assert_eq!(status, RuntimeStatus::Running);
+    let entity = get(store, "@counter@a").await;
+    assert_eq!((entity.name.as_str(), entity.status, entity.history_len), ("counter", RuntimeStatus::Running, 0));
+    assert_eq!((entity.created_at, entity.output.as_deref()), (secs(0), None), "created, with no state yet");
+
+    let item = fetch_only(store, "@counter@a", secs(0)).await;
+    assert_eq!(item.messages.len(), 1);
+    let mut commit = entity_batch(&item, Some("1"));
+    commit.messages = vec![message_to("@counter@b", entity_signal("@counter@b", "add", secs(1)), secs(5))];
+    commit_ok(store, commit, secs(1)).await;
+    let entity = get(store, "@counter@a").await;
+    assert_eq!((entity.output.as_deref(), entity.last_updated_at), (Some("1"), secs(1)), "the batch's state");
+    assert!(get(store, "@counter@b").await.output.is_none(), "a commit's message created the other entity");
+    assert_no_orchestration_work(store, secs(4), "the signal to b is scheduled").await;
+    fetch_only(store, "@counter@b", secs(5)).await;
+
+    let bad = message_to("@no-key", entity_signal("@no-key", "add", secs(6)), secs(6));
+    assert!(matches!(store.enqueue_message(bad, false).await, Err(Error::NotFound(_))), "not an entity id");
+    start(store, "order", secs(7), RuntimeStatus::Running).await;
+    assert_eq!(query_ids(store, InstanceQuery::default()).await, ["order"], "instance queries list no entity");
+}
+
+/// Entity queries: id prefix, last-modified range, with or without stateless ones, paging.
+pub async fn entity_queries_filter_and_page(store: &dyn Store) {
+    start(store, "not-an-entity", secs(0), RuntimeStatus::Running).await;
+    let ids = ["@account@x", "@counter@a", "@counter@b", "@counter@c"];
+    for (n, id) in ids.iter().enumerate() {
+        let sent = secs(n as i64 + 1);
+        store.enqueue_message(message_to(id, entity_signal(id, "add", sent), sent), false).await.expect("signal");
+        let item = fetch_only(store, id, sent).await;
+        let state = (*id != "@counter@c").then_some("7");
+        commit_ok(store, entity_batch(&item, state), sent).await;
+    }
+    assert_eq!(entity_ids(store, EntityQuery::default()).await, ids[..3], "entities with state, by id");
+    let all = EntityQuery { include_transient: true, ..EntityQuery::default() };
+    assert_eq!(entity_ids(store, all).await, ids, "stateless ones too");
+    let counters = EntityQuery { instance_id_prefix: Some("@counter@".into()), ..EntityQuery::default() };
+    assert_eq!(entity_ids(store, counters).await, ["@counter@a", "@counter@b"], "by prefix");
+    let outside = EntityQuery { instance_id_prefix: Some("not-".into()), ..EntityQuery::default() };
+    assert!(entity_ids(store, outside).await.is_empty(), "a prefix never reaches instances");
+    let modified = EntityQuery {
+        last_modified_from: Some(secs(2)),
+        last_modified_to: Some(secs(3)),
+        ..EntityQuery::default()
+    };
+    assert_eq!(entity_ids(store, modified).await, ["@counter@a"], "last_modified_to is exclusive");
+
+    let mut seen = Vec::new();
+    let mut query = EntityQuery { include_transient: true, page_size: 3, ..EntityQuery::default() };
+    loop {
+        let page = store.query_entities(&query).await.expect("query_entities");
+        assert!(page.instances.len() <= 3, "pages hold at most page_size");
+        seen.extend(page.instances.into_iter().map(|instance| instance.instance_id));
+        match page.continuation {
+            Some(token) => query.continuation = Some(token),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every entity once, in order");
+}
+
+/// Only an entity that holds nothing (no state, no scheduler, no inbox, no lease) is
+/// removed; orchestration instances never are.
+pub async fn only_empty_entities_are_removed(store: &dyn Store) {
+    start(store, "order", secs(0), RuntimeStatus::Completed).await;
+    assert!(!store.remove_empty_entity("order", secs(1)).await.expect("remove"), "not an entity");
+    assert!(!store.remove_empty_entity("@counter@none", secs(1)).await.expect("remove"), "no such entity");
+
+    let signal = |id: &str, at| message_to(id, entity_signal(id, "add", at), at);
+    store.enqueue_message(signal("@counter@a", secs(1)), false).await.expect("signal");
+    assert!(!store.remove_empty_entity("@counter@a", secs(1)).await.expect("remove"), "a message waits");
+    let item = fetch_only(store, "@counter@a", secs(1)).await;
+    commit_ok(store, entity_batch(&item, Some("3")), secs(1)).await;
+    assert!(!store.remove_empty_entity("@counter@a", secs(2)).await.expect("remove"), "it has state");
+
+    store.enqueue_message(signal("@counter@a", secs(3)), false).await.expect("signal");
+    let item = fetch_only(store, "@counter@a", secs(3)).await;
+    assert!(!store.remove_empty_entity("@counter@a", secs(3)).await.expect("remove"), "a worker holds it");
+    let mut commit = entity_batch(&item, None);
+    commit.state.as_mut().expect("a state").input = Some("{\"queue\":[]}".into());
+    commit_ok(store, commit, secs(3)).await;
+    assert!(!store.remove_empty_entity("@counter@a", secs(4)).await.expect("remove"), "its scheduler holds something");
+
+    store.enqueue_message(signal("@counter@a", secs(5)), false).await.expect("signal");
+    let item = fetch_only(store, "@counter@a", secs(5)).await;
+    commit_ok(store, entity_batch(&item, None), secs(5)).await;
+    assert!(store.remove_empty_entity("@counter@a", secs(6)).await.expect("remove"), "deleted and idle");
+    assert_eq!(store.get_instance("@counter@a").await.expect("get_instance"), None);
+    assert_eq!(get(store, "order").await.status, RuntimeStatus::Completed);
 }

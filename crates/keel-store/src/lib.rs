@@ -13,6 +13,14 @@
 //! instances. A commit whose lease was taken over by another worker fails with
 //! [`Error::LeaseLost`] and changes nothing.
 //!
+//! Durable entities live in the same tables: an entity is an instance whose id is
+//! `@{name}@{key}` ([`keel_core::entity::EntityId`]). A message to an entity that has no
+//! row creates it (status `Running`, the entity's name, an empty execution id, no
+//! history), so entities come into being with their first operation. An entity row
+//! keeps the entity's state in `output` and its scheduler (lock holder, waiting
+//! messages) in `input`; its `last_updated_at` is the time of its last batch. Instance
+//! queries leave entities out; [`Store::query_entities`] lists them.
+//!
 //! Every backend must pass the suite in [`conformance`] (feature `conformance`).
 
 use std::time::Duration;
@@ -209,8 +217,8 @@ pub struct EpisodeCommit {
     /// New state of the instance row; `None` leaves it as it is.
     pub state: Option<InstanceUpdate>,
     pub activities: Vec<NewActivity>,
-    /// Messages to any instance, this one included (timers). Messages to instances that
-    /// do not exist are dropped.
+    /// Messages to any instance, this one included (timers). Messages to orchestration
+    /// instances that do not exist are dropped; messages to entities create them.
     pub messages: Vec<Message>,
     /// Sub-orchestrations to create. If an instance with that id exists and is not
     /// terminal, it is left alone and the parent receives a
@@ -280,6 +288,27 @@ pub struct PurgeFilter {
     pub statuses: Vec<RuntimeStatus>,
 }
 
+/// A filter over entities, with paging. Results are ordered by instance id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EntityQuery {
+    /// Instance ids starting with this (`@counter@` for every `counter`), compared as is.
+    pub instance_id_prefix: Option<String>,
+    pub last_modified_from: Option<Timestamp>,
+    /// Exclusive.
+    pub last_modified_to: Option<Timestamp>,
+    /// Also list entities without state (locked, or with waiting messages, or deleted).
+    pub include_transient: bool,
+    /// 0 means the store's default (100).
+    pub page_size: usize,
+    /// Opaque token from the previous page.
+    pub continuation: Option<String>,
+}
+
+/// The name of the entity an instance id names, if it is an entity id.
+pub fn entity_name(instance_id: &str) -> Option<String> {
+    keel_core::entity::EntityId::parse(instance_id).ok().map(|id| id.name)
+}
+
 /// The default page size of [`Store::query_instances`].
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 
@@ -301,7 +330,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_instance(&self, instance: NewInstance) -> Result<()>;
 
     /// Puts a message into an existing instance's inbox and returns the instance's
-    /// status. [`Error::NotFound`] for an unknown instance; [`Error::InvalidState`] (and
+    /// status; a message to an entity creates the entity if needed. [`Error::NotFound`]
+    /// for an unknown orchestration instance; [`Error::InvalidState`] (and
     /// nothing written) when the instance is terminal unless `accept_terminal`. An
     /// `ExecutionRewound` message for a `Failed` instance also sets its status to
     /// `Pending` (its failure details stay until the rewind runs).
@@ -312,7 +342,16 @@ pub trait Store: Send + Sync + 'static {
     /// The history of the instance's current execution (empty for an unknown instance).
     async fn read_history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>>;
 
+    /// Orchestration instances that match (entities are never listed here).
     async fn query_instances(&self, query: &InstanceQuery) -> Result<InstancePage>;
+
+    /// Entities that match.
+    async fn query_entities(&self, query: &EntityQuery) -> Result<InstancePage>;
+
+    /// Deletes an entity row that holds nothing: no state, no scheduler (lock or
+    /// waiting messages), no inbox message and no live lease. `Ok(false)` (nothing
+    /// deleted) otherwise.
+    async fn remove_empty_entity(&self, instance_id: &str, now: Timestamp) -> Result<bool>;
 
     /// Deletes a terminal instance with all it holds. `Ok(false)` if there is no such
     /// instance; [`Error::InvalidState`] if it is not terminal.

@@ -438,8 +438,27 @@ fn record_actions(
                 event: HistoryEvent::new(now, EventKind::EventRaised { name: name.clone(), input: input.clone() }),
                 visible_at: now,
             }),
+            Action::SignalEntity { target, scheduled_time, .. } => {
+                commit.messages.push(entity_message(target, action, scheduled_time.unwrap_or(now).max(now), now));
+            }
+            Action::CallEntity { target, .. } | Action::UnlockEntity { target, .. } => {
+                commit.messages.push(entity_message(target, action, now, now));
+            }
+            Action::LockEntities { lock_set, .. } => {
+                // The request starts at the first entity of the sorted set.
+                if let Some(first) = lock_set.first() {
+                    commit.messages.push(entity_message(first, action, now, now));
+                }
+            }
         }
     }
+}
+
+/// The message that carries an entity action to its entity: the same event the
+/// orchestration's history records.
+fn entity_message(target: &str, action: &Action, visible_at: Timestamp, now: Timestamp) -> Message {
+    let HistoryEvent { kind, .. } = action.to_history_event(now);
+    Message { instance_id: target.to_string(), execution_id: None, event: HistoryEvent::new(now, kind), visible_at }
 }
 
 /// An output over the payload limit fails the instance instead.
