@@ -41,6 +41,7 @@ impl ApiError {
             ApiError::Client(ClientError::AlreadyExists { .. }) => "AlreadyExists",
             ApiError::Client(ClientError::InvalidState { .. }) => "InvalidState",
             ApiError::Client(ClientError::UnknownOrchestrator(_)) => "UnknownOrchestrator",
+            ApiError::Client(ClientError::UnknownEntity(_)) => "UnknownEntity",
             ApiError::Client(ClientError::Invalid(_)) | ApiError::BadRequest(_) => "BadRequest",
             ApiError::Client(ClientError::Timeout { .. }) => "Timeout",
             ApiError::Client(ClientError::Store(_)) | ApiError::Internal(_) => "Internal",
@@ -52,7 +53,10 @@ impl ApiError {
     /// The status code of each error: the one mapping of the HTTP front end.
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::Client(ClientError::NotFound(_)) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            // An unknown entity name is 404, as the Durable Functions docs have it.
+            ApiError::Client(ClientError::NotFound(_) | ClientError::UnknownEntity(_)) | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Client(ClientError::AlreadyExists { .. }) => StatusCode::CONFLICT,
             ApiError::Client(ClientError::InvalidState { .. }) => StatusCode::GONE,
             ApiError::Client(ClientError::UnknownOrchestrator(_) | ClientError::Invalid(_))

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_core::limits;
-use keel_store::{InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, Store};
+use keel_core::entity::{EntityId, EntityScheduler};
+use keel_store::{EntityQuery, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, Store};
 use serde::Serialize;
 
 use crate::clock::{Clock, SystemClock};
@@ -30,6 +31,8 @@ pub enum ClientError {
     InvalidState { instance_id: String, status: RuntimeStatus, action: &'static str },
     #[error("no orchestrator named '{0}' is registered")]
     UnknownOrchestrator(String),
+    #[error("no entity named '{0}' is registered")]
+    UnknownEntity(String),
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("instance '{instance_id}' did not {what} within {timeout:?}")]
@@ -76,7 +79,63 @@ const WAIT_FALLBACK_POLL: Duration = Duration::from_millis(500);
 pub struct Client {
     store: Arc<dyn Store>,
     registry: Option<Arc<Registry>>,
+    /// Entities the registry does not have may be hosted by remote workers.
+    remote_workers: bool,
     clock: Arc<dyn Clock>,
+}
+
+/// An entity as the client sees it: its last committed state and its scheduler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntityMetadata {
+    pub id: EntityId,
+    /// The state as JSON; `None` when the entity has none (never set, or deleted).
+    pub state: Option<String>,
+    /// The time of its last batch.
+    pub last_modified: Timestamp,
+    /// The orchestration whose critical section holds the entity's lock.
+    pub locked_by: Option<String>,
+    /// Messages waiting for the lock.
+    pub backlog: usize,
+}
+
+impl EntityMetadata {
+    /// An entity exists while it has a state.
+    pub fn exists(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// The state, deserialized (`null` when there is none).
+    pub fn state_as<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.state.as_deref().unwrap_or("null"))
+    }
+
+    fn from_record(record: InstanceRecord) -> Result<EntityMetadata> {
+        let id = EntityId::parse(&record.instance_id).map_err(|message| ClientError::Store(keel_store::stored::corrupt(message)))?;
+        let scheduler = EntityScheduler::from_json(record.input.as_deref())
+            .map_err(|message| ClientError::Store(keel_store::stored::corrupt(message)))?;
+        Ok(EntityMetadata {
+            id,
+            state: record.output,
+            last_modified: record.last_updated_at,
+            locked_by: scheduler.lock.map(|holder| holder.owner_instance_id),
+            backlog: scheduler.queue.len(),
+        })
+    }
+}
+
+/// One page of an entity query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntityPage {
+    pub entities: Vec<EntityMetadata>,
+    /// Present when there may be more results.
+    pub continuation: Option<String>,
+}
+
+/// What [`Client::clean_entity_storage`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntityStorageCleaned {
+    pub empty_entities_removed: u64,
+    pub orphaned_locks_released: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -89,11 +148,16 @@ impl Client {
     /// A client for any orchestrator name (it cannot check names: the functions live
     /// in workers elsewhere).
     pub fn new(store: Arc<dyn Store>) -> Client {
-        Client { store, registry: None, clock: Arc::new(SystemClock) }
+        Client { store, registry: None, remote_workers: false, clock: Arc::new(SystemClock) }
     }
 
-    pub(crate) fn with_registry(store: Arc<dyn Store>, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Client {
-        Client { store, registry: Some(registry), clock }
+    pub(crate) fn with_registry(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        remote_workers: bool,
+        clock: Arc<dyn Clock>,
+    ) -> Client {
+        Client { store, registry: Some(registry), remote_workers, clock }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -133,6 +197,7 @@ impl Client {
         limits::check_payload("input", input.as_deref()).map_err(ClientError::Invalid)?;
         let instance_id = options.instance_id.unwrap_or_else(new_instance_id);
         limits::check_instance_id(&instance_id).map_err(ClientError::Invalid)?;
+        refuse_entity_id(&instance_id)?;
         let created_at = self.clock.now();
         self.store
             .create_instance(NewInstance {
@@ -292,7 +357,135 @@ impl Client {
         Ok(self.store.query_instances(query).await?)
     }
 
+    /// The entities this client knows about (empty when it does not know).
+    pub fn entity_names(&self) -> Vec<String> {
+        self.registry
+            .as_ref()
+            .map(|registry| registry.entity_names().into_iter().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Signals an operation on an entity (created by its first operation). Refused for
+    /// an entity this client knows nobody hosts.
+    pub async fn signal_entity(&self, entity: &EntityId, operation: &str, input: &impl Serialize) -> Result<()> {
+        let input = serde_json::to_string(input).map_err(|error| ClientError::Invalid(error.to_string()))?;
+        self.signal_entity_raw(entity, operation, Some(input), None).await
+    }
+
+    /// Like [`Client::signal_entity`], delivered at `at`.
+    pub async fn signal_entity_at(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: &impl Serialize,
+        at: Timestamp,
+    ) -> Result<()> {
+        let input = serde_json::to_string(input).map_err(|error| ClientError::Invalid(error.to_string()))?;
+        self.signal_entity_raw(entity, operation, Some(input), Some(at)).await
+    }
+
+    /// Signals an operation with input given as JSON text (checked to be JSON),
+    /// delivered at `scheduled_time` or at once.
+    pub async fn signal_entity_raw(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: Option<String>,
+        scheduled_time: Option<Timestamp>,
+    ) -> Result<()> {
+        self.check_entity_name(&entity.name)?;
+        limits::check_name("operation", operation).map_err(ClientError::Invalid)?;
+        if let Some(input) = &input {
+            check_json("operation input", input)?;
+        }
+        limits::check_payload("operation input", input.as_deref()).map_err(ClientError::Invalid)?;
+        let now = self.clock.now();
+        let target = entity.instance_id();
+        let kind = EventKind::EntityOperationSignaled {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            operation: operation.to_string(),
+            input,
+            scheduled_time,
+            target_instance_id: target.clone(),
+        };
+        let visible_at = scheduled_time.unwrap_or(now).max(now);
+        let message = Message { instance_id: target, execution_id: None, event: HistoryEvent::new(now, kind), visible_at };
+        self.store.enqueue_message(message, false).await?;
+        if visible_at > now {
+            self.store.notifications().orchestration_work_due(visible_at);
+        }
+        Ok(())
+    }
+
+    /// An entity's last committed state and scheduler; `None` if it was never
+    /// signalled (or was removed by [`Client::clean_entity_storage`]).
+    pub async fn get_entity(&self, entity: &EntityId) -> Result<Option<EntityMetadata>> {
+        self.store.get_instance(&entity.instance_id()).await?.map(EntityMetadata::from_record).transpose()
+    }
+
+    /// One page of entities that match.
+    pub async fn query_entities(&self, query: &EntityQuery) -> Result<EntityPage> {
+        let page = self.store.query_entities(query).await?;
+        let entities = page.instances.into_iter().map(EntityMetadata::from_record).collect::<Result<Vec<_>>>()?;
+        Ok(EntityPage { entities, continuation: page.continuation })
+    }
+
+    /// Removes entities that hold nothing (no state, no lock, nothing waiting) and
+    /// releases locks whose owner orchestration is gone or finished.
+    pub async fn clean_entity_storage(
+        &self,
+        remove_empty_entities: bool,
+        release_orphaned_locks: bool,
+    ) -> Result<EntityStorageCleaned> {
+        let mut cleaned = EntityStorageCleaned::default();
+        let mut query = EntityQuery { include_transient: true, ..EntityQuery::default() };
+        loop {
+            let page = self.store.query_entities(&query).await?;
+            for record in &page.instances {
+                let scheduler = EntityScheduler::from_json(record.input.as_deref())
+                    .map_err(|message| ClientError::Store(keel_store::stored::corrupt(message)))?;
+                match scheduler.lock {
+                    Some(holder) if release_orphaned_locks => {
+                        let owner = self.store.get_instance(&holder.owner_instance_id).await?;
+                        if owner.is_none_or(|owner| owner.status.is_terminal()) {
+                            let kind = EventKind::EntityUnlockSent {
+                                critical_section_id: holder.critical_section_id,
+                                parent_instance_id: holder.owner_instance_id,
+                                target_instance_id: record.instance_id.clone(),
+                            };
+                            self.send(&record.instance_id, kind, false).await?;
+                            cleaned.orphaned_locks_released += 1;
+                        }
+                    }
+                    None if remove_empty_entities && record.output.is_none() && scheduler.queue.is_empty() => {
+                        if self.store.remove_empty_entity(&record.instance_id, self.clock.now()).await? {
+                            cleaned.empty_entities_removed += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            match page.continuation {
+                Some(token) => query.continuation = Some(token),
+                None => return Ok(cleaned),
+            }
+        }
+    }
+
+    fn check_entity_name(&self, name: &str) -> Result<()> {
+        match &self.registry {
+            Some(registry) if !self.remote_workers && registry.entity(name).is_none() => {
+                Err(ClientError::UnknownEntity(name.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn send(&self, instance_id: &str, kind: EventKind, accept_terminal: bool) -> Result<RuntimeStatus> {
+        let is_entity_message = matches!(kind, EventKind::EntityOperationSignaled { .. } | EventKind::EntityUnlockSent { .. });
+        if !is_entity_message {
+            refuse_entity_id(instance_id)?;
+        }
         let now = self.clock.now();
         let message = Message {
             instance_id: instance_id.to_string(),
@@ -302,6 +495,16 @@ impl Client {
         };
         Ok(self.store.enqueue_message(message, accept_terminal).await?)
     }
+}
+
+/// Orchestration management is not for entities (their ids start with `@`).
+fn refuse_entity_id(instance_id: &str) -> Result<()> {
+    if keel_core::entity::is_entity_instance_id(instance_id) {
+        return Err(ClientError::Invalid(format!(
+            "'{instance_id}' names an entity (ids starting with '@' are reserved for entities)"
+        )));
+    }
+    Ok(())
 }
 
 fn refuse_if_terminal(status: &InstanceStatus, action: &'static str) -> Result<()> {

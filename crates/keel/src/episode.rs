@@ -40,8 +40,9 @@ enum Intake {
     /// Decided without running the orchestrator (dropped messages, poison, termination
     /// before the start, nothing due yet).
     Settled(Plan),
-    /// Run an episode with these new events (starting with `OrchestratorStarted`).
-    Run { new_events: Vec<HistoryEvent> },
+    /// Run an episode with these new events (starting with `OrchestratorStarted`);
+    /// `unlocks` release locks granted to critical sections nobody waits for.
+    Run { new_events: Vec<HistoryEvent>, unlocks: Vec<Message> },
     /// Rewind the failed instance: replay its history without the failures.
     Rewind { reason: Option<String> },
 }
@@ -61,11 +62,16 @@ fn empty_commit(item: &OrchestrationItem) -> EpisodeCommit {
 }
 
 /// Sorts an item's messages into the episode's new events, or settles the item.
-fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
+/// `history` is the instance's current history when the caller has it (it always has
+/// it for a termination): with it, entity answers nobody waits for are dropped and lock
+/// grants nobody waits for are given back.
+fn intake(item: &OrchestrationItem, now: Timestamp, history: Option<&[HistoryEvent]>) -> Intake {
     let instance = &item.instance;
     let mut start = None;
     let mut rewind = None;
     let mut events = Vec::new();
+    let mut unlocks = Vec::new();
+    let waits = history.map(EntityWaits::of);
     for stored in &item.messages {
         let message = &stored.message;
         match &message.event.kind {
@@ -75,6 +81,16 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
                 }
             }
             EventKind::ExecutionRewound { reason } => rewind = Some(reason.clone()),
+            EventKind::EntityLockGranted { critical_section_id, lock_set }
+                if instance.status.is_terminal()
+                    || waits.as_ref().is_some_and(|waits| !waits.sections.contains(critical_section_id)) =>
+            {
+                // The owner no longer waits for this lock (it ended, or moved on to a
+                // new execution): give it back at once.
+                unlocks.extend(lock_set.iter().map(|target| unlock_message(instance, critical_section_id, target, now)));
+            }
+            EventKind::EntityOperationCompleted { request_id, .. } | EventKind::EntityOperationFailed { request_id, .. }
+                if waits.as_ref().is_some_and(|waits| !waits.calls.contains(request_id)) => {}
             _ => {
                 let stale = message.execution_id.as_ref().is_some_and(|id| *id != instance.execution_id);
                 if !stale {
@@ -96,7 +112,9 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
     }
     if instance.status.is_terminal() {
         // Messages for a finished instance are dropped.
-        return settle(empty_commit(item), instance.history_len);
+        let mut commit = empty_commit(item);
+        commit.messages = unlocks;
+        return settle(commit, instance.history_len);
     }
     if item.delivery_attempts > limits::MAX_DELIVERY_ATTEMPTS {
         let failure = FailureDetails::new(
@@ -127,6 +145,16 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
         commit.history.push(HistoryEvent::new(now, EventKind::OrchestratorStarted));
         commit.history.extend(start);
         commit.history.extend(events.into_iter().map(|(_, event)| event));
+        // The locks the execution holds or asked for are released: nobody else would.
+        let held = keel_core::entity::unreleased_locks(history.unwrap_or_default().iter().chain(&commit.history));
+        for (critical_section_id, targets) in held {
+            for target in targets {
+                let message = unlock_message(instance, &critical_section_id, &target, now);
+                commit.history.push(HistoryEvent::new(now, message.event.kind.clone()));
+                commit.messages.push(message);
+            }
+        }
+        commit.messages.extend(unlocks);
         let completion = Completion::Terminated { reason };
         commit.history.push(completion.to_history_event(now));
         finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
@@ -147,18 +175,66 @@ fn intake(item: &OrchestrationItem, now: Timestamp) -> Intake {
     let mut new_events = vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)];
     new_events.extend(start);
     new_events.extend(events.into_iter().map(|(_, event)| event));
-    Intake::Run { new_events }
+    Intake::Run { new_events, unlocks }
+}
+
+/// The entity answers and lock grants an execution's history waits for.
+struct EntityWaits {
+    /// Request ids of the entity calls made.
+    calls: std::collections::HashSet<String>,
+    /// Critical sections requested and not released.
+    sections: std::collections::HashSet<String>,
+}
+
+impl EntityWaits {
+    fn of(history: &[HistoryEvent]) -> EntityWaits {
+        let mut waits = EntityWaits { calls: Default::default(), sections: Default::default() };
+        for event in history {
+            match &event.kind {
+                EventKind::EntityOperationCalled { request_id, .. } => {
+                    waits.calls.insert(request_id.clone());
+                }
+                EventKind::EntityLockRequested { critical_section_id, .. } => {
+                    waits.sections.insert(critical_section_id.clone());
+                }
+                EventKind::EntityUnlockSent { critical_section_id, .. } => {
+                    waits.sections.remove(critical_section_id);
+                }
+                _ => {}
+            }
+        }
+        waits
+    }
+}
+
+/// The message that releases `instance`'s lock on `target` for a critical section.
+fn unlock_message(instance: &InstanceRecord, critical_section_id: &str, target: &str, now: Timestamp) -> Message {
+    Message {
+        instance_id: target.to_string(),
+        execution_id: None,
+        event: HistoryEvent::new(
+            now,
+            EventKind::EntityUnlockSent {
+                critical_section_id: critical_section_id.to_string(),
+                parent_instance_id: instance.instance_id.clone(),
+                target_instance_id: target.to_string(),
+            },
+        ),
+        visible_at: now,
+    }
 }
 
 /// Plans the episode of one item, running its orchestrator in this process.
 pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume, now: Timestamp) -> Plan {
     let instance = &item.instance;
-    let new_events = match intake(item, now) {
+    let history = resume.execution.is_none().then_some(resume.past.as_slice());
+    let (new_events, unlocks) = match intake(item, now, history) {
         Intake::Settled(plan) => return plan,
         Intake::Rewind { reason } => return plan_rewind(registry, item, resume.past, reason, now),
-        Intake::Run { new_events } => new_events,
+        Intake::Run { new_events, unlocks } => (new_events, unlocks),
     };
     let mut commit = empty_commit(item);
+    commit.messages = unlocks;
     let Some(orchestrator) = registry.orchestrator(&instance.name) else {
         let failure = FailureDetails::new(
             NOT_REGISTERED_ERROR_TYPE,
@@ -217,10 +293,14 @@ pub enum RemoteIntake {
 /// Prepares the episode of an item whose orchestrator runs in a remote worker.
 /// `history` is the instance's current history.
 pub fn prepare_remote(item: &OrchestrationItem, history: Vec<HistoryEvent>, now: Timestamp) -> RemoteIntake {
-    let (past_events, new_events, mut commit) = match intake(item, now) {
+    let (past_events, new_events, mut commit) = match intake(item, now, Some(&history)) {
         Intake::Settled(Plan::Commit { commit, .. }) => return RemoteIntake::Commit(commit),
         Intake::Settled(Plan::Abandon { retry_at }) => return RemoteIntake::Abandon { retry_at },
-        Intake::Run { new_events } => (history, new_events, empty_commit(item)),
+        Intake::Run { new_events, unlocks } => {
+            let mut commit = empty_commit(item);
+            commit.messages = unlocks;
+            (history, new_events, commit)
+        }
         Intake::Rewind { reason } => {
             let past = rewind_history(&history);
             let new_events = vec![

@@ -37,16 +37,21 @@
 pub mod activity;
 pub mod client;
 pub mod clock;
+pub mod entity;
+pub mod entity_episode;
 pub mod episode;
 pub mod registry;
 pub mod store;
 pub mod worker;
 
 pub use activity::{ActivityContext, ActivityError};
-pub use client::{Client, ClientError, InstanceStatus, StartOptions};
+pub use client::{Client, ClientError, EntityMetadata, EntityPage, EntityStorageCleaned, InstanceStatus, StartOptions};
+pub use entity::{EntityContext, EntityError};
+pub use keel_core::context::{CriticalSection, LockFuture};
+pub use keel_core::entity::EntityId;
 pub use episode::{NOT_REGISTERED_ERROR_TYPE, POISON_ERROR_TYPE};
 pub use keel_core::context::{EventFuture, TaskFuture, TimerFuture, WhenAny};
 pub use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
 pub use keel_core::{OrchestrationContext, OrchestrationError, RetryPolicy, TaskError};
-pub use keel_store::{InstancePage, InstanceQuery, PurgeFilter};
+pub use keel_store::{EntityQuery, InstancePage, InstanceQuery, PurgeFilter};
 pub use worker::{RemoteWorkers, Worker, WorkerBuilder, WorkerHandle, WorkerOptions};

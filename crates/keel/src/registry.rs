@@ -1,4 +1,4 @@
-//! The functions a worker hosts, by name. Names are matched case-insensitively, as
+//! The functions and entities a worker hosts, by name. Names are matched case-insensitively, as
 //! Durable Functions does.
 
 use std::collections::HashMap;
@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use keel_core::Orchestrator;
 
 use crate::activity::Activity;
+use crate::entity::Entity;
 
-/// Orchestrators and activities by name.
+/// Orchestrators, activities and entities by name.
 #[derive(Clone, Default)]
 pub struct Registry {
     orchestrators: HashMap<String, (String, Orchestrator)>,
     activities: HashMap<String, (String, Activity)>,
+    entities: HashMap<String, (String, Entity)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -19,6 +21,7 @@ impl std::fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("orchestrators", &self.orchestrator_names())
             .field("activities", &self.activity_names())
+            .field("entities", &self.entity_names())
             .finish()
     }
 }
@@ -35,6 +38,22 @@ impl Registry {
     pub fn add_activity(&mut self, name: &str, activity: Activity) {
         let previous = self.activities.insert(name.to_lowercase(), (name.to_string(), activity));
         assert!(previous.is_none(), "activity '{name}' is registered twice");
+    }
+
+    /// Registers an entity. Panics if the name is taken.
+    pub fn add_entity(&mut self, name: &str, entity: Entity) {
+        let previous = self.entities.insert(name.to_lowercase(), (name.to_string(), entity));
+        assert!(previous.is_none(), "entity '{name}' is registered twice");
+    }
+
+    pub fn entity(&self, name: &str) -> Option<&Entity> {
+        self.entities.get(&name.to_lowercase()).map(|(_, entity)| entity)
+    }
+
+    pub fn entity_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.entities.values().map(|(name, _)| name.as_str()).collect();
+        names.sort_unstable();
+        names
     }
 
     pub fn orchestrator(&self, name: &str) -> Option<&Orchestrator> {

@@ -28,6 +28,8 @@ use tracing::Instrument;
 use crate::activity::{Activity, ActivityContext, ActivityError};
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
+use crate::entity::{EntityContext, EntityError, ENTITY_NOT_REGISTERED_ERROR_TYPE};
+use crate::entity_episode::{prepare_entity, EntityEpisode, EntityIntake};
 use crate::episode::{self, Plan, RemoteEpisode, RemoteIntake, Resume};
 use crate::registry::Registry;
 
@@ -38,6 +40,8 @@ pub trait RemoteWorkers: Send + Sync + 'static {
     fn offer_orchestration(&self, episode: Box<RemoteEpisode>) -> Result<(), Box<RemoteEpisode>>;
     /// Hands over an activity item; gives it back when no remote worker can take it now.
     fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>>;
+    /// Hands over an entity batch; gives it back when no remote worker can take it now.
+    fn offer_entity(&self, episode: Box<EntityEpisode>) -> Result<(), Box<EntityEpisode>>;
 }
 
 /// How long work for remote workers waits before it is offered again when none is
@@ -118,6 +122,22 @@ impl WorkerBuilder {
         self
     }
 
+    /// Registers an entity: a typed state `S` and a handler
+    /// `Fn(&mut EntityContext<S>) -> Result<R, EntityError>` that runs one operation
+    /// (see [`crate::entity`]).
+    pub fn entity<S, R, F>(mut self, name: &str, handler: F) -> WorkerBuilder
+    where
+        S: Serialize + DeserializeOwned + Default + 'static,
+        R: Serialize,
+        F: Fn(&mut EntityContext<S>) -> Result<R, EntityError> + Send + Sync + 'static,
+    {
+        if let Err(message) = keel_core::entity::EntityId::new(name, "key") {
+            panic!("entity name '{name}' cannot be registered: {message}");
+        }
+        self.registry.add_entity(name, crate::entity::entity(handler));
+        self
+    }
+
     /// Registers an activity whose types are already erased.
     pub fn activity_erased(mut self, name: &str, activity: Activity) -> WorkerBuilder {
         self.registry.add_activity(name, activity);
@@ -184,7 +204,12 @@ impl Worker {
     /// A client on the same task hub that knows this worker's functions (so starting
     /// an unknown orchestrator is refused up front).
     pub fn client(&self) -> Client {
-        Client::with_registry(self.shared.store.clone(), self.shared.registry.clone(), self.shared.clock.clone())
+        Client::with_registry(
+            self.shared.store.clone(),
+            self.shared.registry.clone(),
+            self.shared.remote.is_some(),
+            self.shared.clock.clone(),
+        )
     }
 
     /// Starts the dispatchers on the current tokio runtime.
@@ -388,6 +413,13 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 function = %item.instance.name
             );
             async {
+                if keel_core::entity::is_entity_instance_id(&item.instance.instance_id) {
+                    if let Some(commit) = run_entity(&shared, &item, now).await {
+                        keep.push((item.instance.instance_id.clone(), None));
+                        commits.push(commit);
+                    }
+                    return;
+                }
                 if let Some(remote) =
                     shared.remote.as_ref().filter(|_| shared.registry.orchestrator(&item.instance.name).is_none())
                 {
@@ -397,7 +429,14 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     }
                     return;
                 }
-                let resume = match cache.take(&item.instance) {
+                // A termination releases the entity locks the history holds: it needs
+                // the history, which a cached execution does not give.
+                let terminating = item
+                    .messages
+                    .iter()
+                    .any(|message| matches!(message.message.event.kind, EventKind::ExecutionTerminated { .. }));
+                let cached = cache.take(&item.instance).filter(|_| !terminating);
+                let resume = match cached {
                     Some(execution) => Resume { execution: Some(execution), past: Vec::new() },
                     None => match read_past(store, &item).await {
                         Ok(past) => Resume { execution: None, past },
@@ -492,6 +531,39 @@ async fn offer_remote(
     };
     if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
         tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
+    }
+    None
+}
+
+/// Runs the batch of an entity item here, hands it to a remote worker, or fails its
+/// operations when nobody hosts the entity; returns the commit when there is one now.
+async fn run_entity(
+    shared: &Shared,
+    item: &OrchestrationItem,
+    now: keel_core::Timestamp,
+) -> Option<keel_store::EpisodeCommit> {
+    let episode = match prepare_entity(item, now) {
+        EntityIntake::Commit(commit) => return Some(*commit),
+        EntityIntake::Run(episode) => episode,
+    };
+    if let Some(entity) = shared.registry.entity(&episode.id.name) {
+        let span = tracing::info_span!("entity batch", entity = %episode.id, operations = episode.operations.len());
+        let _entered = span.enter();
+        let outcome = crate::entity::run_batch(entity, &episode.id, episode.state.clone(), &episode.operations, now);
+        return Some(episode.complete(outcome, now));
+    }
+    let Some(remote) = shared.remote.as_ref() else {
+        let failure = FailureDetails::new(
+            ENTITY_NOT_REGISTERED_ERROR_TYPE,
+            format!("no entity named '{}' is registered on this worker", episode.id.name),
+        );
+        return Some(episode.fail_all(failure, now));
+    };
+    if remote.offer_entity(episode).is_err() {
+        let retry_at = now + chrono::Duration::from_std(REMOTE_RETRY_DELAY).expect("a small duration");
+        if let Err(error) = shared.store.abandon_orchestration_item(&item.lock, retry_at).await {
+            tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
+        }
     }
     None
 }

@@ -1,7 +1,8 @@
 //! The hand-off to remote workers: orchestrators and activities that the local worker
 //! does not host are offered to a `RemoteWorkers`, which replays the episode elsewhere
 //! and commits its decisions with `RemoteEpisode::complete`. Here the "remote worker"
-//! is keel-core's replay engine driven by the test, standing where a gRPC worker would.
+//! is keel-core's replay engine driven by the test, standing where a gRPC worker would;
+//! unhosted entities likewise run their batches there.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{temp_store, wait_for_state, worker, WAIT};
+use keel::entity_episode::EntityEpisode;
 use keel::episode::{RemoteEpisode, RemoteOutcome};
 use keel::{EventKind, HistoryEvent, OrchestrationContext, OrchestrationError, RemoteWorkers, RuntimeStatus};
 use keel_core::replay::{orchestrator, Execution, Orchestrator};
@@ -34,6 +36,7 @@ struct FakeRemote {
     orchestrator: Orchestrator,
     episodes: AtomicU32,
     activities: AtomicU32,
+    entity_batches: AtomicU32,
 }
 
 impl RemoteWorkers for FakeRemote {
@@ -76,6 +79,20 @@ impl RemoteWorkers for FakeRemote {
         });
         Ok(())
     }
+
+    fn offer_entity(&self, episode: Box<EntityEpisode>) -> Result<(), Box<EntityEpisode>> {
+        self.entity_batches.fetch_add(1, Ordering::SeqCst);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let entity = keel::entity::entity(keel_samples::counter::counter);
+            let now = chrono::Utc::now();
+            let outcome = keel::entity::run_batch(&entity, &episode.id, episode.state.clone(), &episode.operations, now);
+            let commit = episode.complete(outcome, now);
+            let results = store.commit_episodes(vec![commit], now).await.expect("commit");
+            results.into_iter().for_each(|result| result.expect("the batch commits"));
+        });
+        Ok(())
+    }
 }
 
 #[tokio::test]
@@ -86,6 +103,7 @@ async fn unhosted_orchestrators_and_activities_run_on_remote_workers() {
         orchestrator: orchestrator(countdown),
         episodes: AtomicU32::new(0),
         activities: AtomicU32::new(0),
+        entity_batches: AtomicU32::new(0),
     });
     let worker = worker(&store).remote_workers(remote.clone()).build().start();
     let client = keel::Client::new(store.clone());
@@ -100,6 +118,17 @@ async fn unhosted_orchestrators_and_activities_run_on_remote_workers() {
     assert_eq!(done.output.as_deref(), Some("\"liftoff: go\""));
     assert_eq!(remote.activities.load(Ordering::SeqCst), 3, "three decrements ran remotely");
     assert!(remote.episodes.load(Ordering::SeqCst) >= 8, "every episode ran remotely");
+
+    // An entity no local code hosts runs remotely too.
+    let counter = keel::EntityId::new("Tally", "t").unwrap();
+    client.signal_entity(&counter, "add", &4).await.unwrap();
+    client.signal_entity(&counter, "add", &5).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.get_entity(&counter).await.unwrap().and_then(|entity| entity.state).as_deref() != Some("9") {
+        assert!(tokio::time::Instant::now() < deadline, "the remote entity never got both signals");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(remote.entity_batches.load(Ordering::SeqCst) >= 1);
     worker.shutdown(WAIT).await;
 }
 
@@ -113,6 +142,10 @@ impl RemoteWorkers for NoRemote {
 
     fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>> {
         Err(item)
+    }
+
+    fn offer_entity(&self, episode: Box<EntityEpisode>) -> Result<(), Box<EntityEpisode>> {
+        Err(episode)
     }
 }
 
