@@ -449,3 +449,131 @@ proptest::proptest! {
         proptest::prop_assert_eq!(completion, whole.completion);
     }
 }
+
+// ---- entities ----
+
+fn counter(key: &str) -> keel_core::entity::EntityId {
+    keel_core::entity::EntityId::new("Counter", key).unwrap()
+}
+
+/// Calls `Counter@a` inside a critical section over `a` and `b`, then returns the sum
+/// of the result and a later call made outside the section.
+fn locked_calls() -> Orchestrator {
+    orchestrator(|ctx: OrchestrationContext| async move {
+        let section = ctx.lock_entities(&[counter("b"), counter("a")]).await?;
+        let inside: i64 = ctx.call_entity(&counter("a"), "get", &()).await?;
+        drop(section);
+        let outside: i64 = ctx.call_entity(&counter("c"), "get", &()).await?;
+        Ok(inside + outside)
+    })
+}
+
+fn call_answer(request_id: &str, output: &str) -> HistoryEvent {
+    HistoryEvent::new(
+        at(1),
+        EventKind::EntityOperationCompleted { request_id: request_id.into(), output: Some(output.into()) },
+    )
+}
+
+#[test]
+fn entity_calls_and_locks_resolve_by_request_and_section_ids_and_replay() {
+    let mut execution = Execution::new("o", locked_calls());
+    let first = execution.run_episode(&[], &[episode_start(0), started("Locked", "null")]);
+    let [Action::LockEntities { id: 0, critical_section_id, lock_set, .. }] = first.actions.as_slice() else {
+        panic!("one lock request: {:?}", first.actions)
+    };
+    assert_eq!(lock_set, &["@counter@a", "@counter@b"], "sorted");
+    let section = critical_section_id.clone();
+    let granted = HistoryEvent::new(
+        at(1),
+        EventKind::EntityLockGranted { critical_section_id: section.clone(), lock_set: lock_set.clone() },
+    );
+    let second = execution.run_episode(&[], &[episode_start(1), granted.clone()]);
+    let [Action::CallEntity { id: 1, request_id, target, .. }] = second.actions.as_slice() else {
+        panic!("one call: {:?}", second.actions)
+    };
+    assert_eq!(target, "@counter@a");
+    let request = request_id.clone();
+    let third = execution.run_episode(&[], &[episode_start(2), call_answer(&request, "40")]);
+    let kinds: Vec<String> = third.actions.iter().map(Action::describe).collect();
+    assert_eq!(
+        kinds,
+        [
+            "EntityUnlockSent to @counter@a",
+            "EntityUnlockSent to @counter@b",
+            "EntityOperationCalled \"get\" on @counter@c"
+        ]
+    );
+    let Action::CallEntity { request_id: outside, .. } = &third.actions[2] else { unreachable!() };
+    let fourth = execution.run_episode(&[], &[episode_start(3), call_answer(outside, "2")]);
+    assert_eq!(fourth.completion, Some(Completion::Completed { output: Some("42".into()) }));
+
+    // The same history replayed into a fresh execution gives the same outcome.
+    let mut history = vec![episode_start(0), started("Locked", "null")];
+    history.extend(first.actions.iter().map(|action| action.to_history_event(at(0))));
+    history.extend([episode_start(1), granted]);
+    history.extend(second.actions.iter().map(|action| action.to_history_event(at(1))));
+    history.extend([episode_start(2), call_answer(&request, "40")]);
+    history.extend(third.actions.iter().map(|action| action.to_history_event(at(2))));
+    let mut replayed = Execution::new("o", locked_calls());
+    let result = replayed.run_episode(&history, &[episode_start(3), call_answer(outside, "2")]);
+    assert_eq!(result.completion, Some(Completion::Completed { output: Some("42".into()) }));
+    assert!(result.actions.is_empty(), "everything was in history: {:?}", result.actions);
+}
+
+#[test]
+fn an_entity_failure_reaches_the_caller_and_a_late_grant_is_given_back() {
+    let orchestrator = orchestrator(|ctx: OrchestrationContext| async move {
+        match ctx.call_entity::<i64>(&counter("a"), "add", &"x").await {
+            Err(error) => Ok(error.details.error_type),
+            Ok(_) => Ok("no failure".to_string()),
+        }
+    });
+    let mut execution = Execution::new("o", orchestrator);
+    let first = execution.run_episode(&[], &[episode_start(0), started("Call", "null")]);
+    let [Action::CallEntity { request_id, .. }] = first.actions.as_slice() else { panic!("{:?}", first.actions) };
+    let failed = HistoryEvent::new(
+        at(1),
+        EventKind::EntityOperationFailed {
+            request_id: request_id.clone(),
+            failure: FailureDetails::new("InvalidInput", "not a number"),
+        },
+    );
+    // A grant for a critical section this execution never asked for comes first.
+    let stray = HistoryEvent::new(
+        at(1),
+        EventKind::EntityLockGranted { critical_section_id: "old".into(), lock_set: vec!["@counter@z".into()] },
+    );
+    let second = execution.run_episode(&[], &[episode_start(1), stray, failed]);
+    assert_eq!(second.completion, Some(Completion::Completed { output: Some("\"InvalidInput\"".into()) }));
+    let kinds: Vec<String> = second.actions.iter().map(Action::describe).collect();
+    assert_eq!(kinds, ["EntityUnlockSent to @counter@z"], "the stray lock is released at once");
+}
+
+#[test]
+fn a_changed_entity_call_is_non_determinism() {
+    let history = [
+        episode_start(0),
+        started("Call", "null"),
+        HistoryEvent::with_id(
+            0,
+            at(0),
+            EventKind::EntityOperationCalled {
+                request_id: "r".into(),
+                operation: "reset".into(),
+                input: None,
+                parent_instance_id: "o".into(),
+                parent_execution_id: "exec-1".into(),
+                target_instance_id: "@counter@a".into(),
+            },
+        ),
+    ];
+    let orchestrator = orchestrator(|ctx: OrchestrationContext| async move {
+        Ok(ctx.call_entity::<i64>(&counter("a"), "get", &()).await?)
+    });
+    let mut execution = Execution::new("o", orchestrator);
+    let result = execution.run_episode(&history, &[episode_start(1)]);
+    let Some(Completion::Failed { failure }) = result.completion else { panic!("{:?}", result.completion) };
+    assert_eq!(failure.error_type, NON_DETERMINISM_ERROR_TYPE);
+    assert!(failure.error_message.contains("EntityOperationCalled \"reset\" on @counter@a"), "{}", failure.error_message);
+}
