@@ -9,10 +9,27 @@ use crate::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Tim
 /// A decision of the orchestrator that has side effects outside it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    ScheduleTask { id: i32, name: String, input: Option<String> },
-    CreateTimer { id: i32, fire_at: Timestamp },
-    CreateSubOrchestration { id: i32, name: String, instance_id: String, input: Option<String> },
-    SendEvent { id: i32, instance_id: String, name: String, input: Option<String> },
+    ScheduleTask {
+        id: i32,
+        name: String,
+        input: Option<String>,
+    },
+    CreateTimer {
+        id: i32,
+        fire_at: Timestamp,
+    },
+    CreateSubOrchestration {
+        id: i32,
+        name: String,
+        instance_id: String,
+        input: Option<String>,
+    },
+    SendEvent {
+        id: i32,
+        instance_id: String,
+        name: String,
+        input: Option<String>,
+    },
     /// A one-way operation on the entity with instance id `target`, delivered at
     /// `scheduled_time` (or at once).
     SignalEntity {
@@ -35,9 +52,19 @@ pub enum Action {
         parent_execution_id: String,
     },
     /// Locks `lock_set` (sorted, distinct entity instance ids) for a critical section.
-    LockEntities { id: i32, critical_section_id: String, lock_set: Vec<String>, parent_instance_id: String },
+    LockEntities {
+        id: i32,
+        critical_section_id: String,
+        lock_set: Vec<String>,
+        parent_instance_id: String,
+    },
     /// Releases a critical section's lock on one entity.
-    UnlockEntity { id: i32, critical_section_id: String, target: String, parent_instance_id: String },
+    UnlockEntity {
+        id: i32,
+        critical_section_id: String,
+        target: String,
+        parent_instance_id: String,
+    },
 }
 
 impl Action {
@@ -81,16 +108,22 @@ impl Action {
                     target_instance_id: target.clone(),
                 }
             }
-            Action::CallEntity { request_id, target, operation, input, parent_instance_id, parent_execution_id, .. } => {
-                EventKind::EntityOperationCalled {
-                    request_id: request_id.clone(),
-                    operation: operation.clone(),
-                    input: input.clone(),
-                    parent_instance_id: parent_instance_id.clone(),
-                    parent_execution_id: parent_execution_id.clone(),
-                    target_instance_id: target.clone(),
-                }
-            }
+            Action::CallEntity {
+                request_id,
+                target,
+                operation,
+                input,
+                parent_instance_id,
+                parent_execution_id,
+                ..
+            } => EventKind::EntityOperationCalled {
+                request_id: request_id.clone(),
+                operation: operation.clone(),
+                input: input.clone(),
+                parent_instance_id: parent_instance_id.clone(),
+                parent_execution_id: parent_execution_id.clone(),
+                target_instance_id: target.clone(),
+            },
             Action::LockEntities { critical_section_id, lock_set, parent_instance_id, .. } => {
                 EventKind::EntityLockRequested {
                     critical_section_id: critical_section_id.clone(),
@@ -122,7 +155,9 @@ impl Action {
             Action::SignalEntity { target, operation, .. } => {
                 format!("EntityOperationSignaled \"{operation}\" on {target}")
             }
-            Action::CallEntity { target, operation, .. } => format!("EntityOperationCalled \"{operation}\" on {target}"),
+            Action::CallEntity { target, operation, .. } => {
+                format!("EntityOperationCalled \"{operation}\" on {target}")
+            }
             Action::LockEntities { lock_set, .. } => format!("EntityLockRequested on {}", lock_set.join(", ")),
             Action::UnlockEntity { target, .. } => format!("EntityUnlockSent to {target}"),
         }

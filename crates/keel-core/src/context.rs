@@ -672,9 +672,9 @@ impl OrchestrationContext {
     /// orchestration may call only them and start no sub-orchestration. Dropping the
     /// guard (or the end of the orchestration) releases the locks. Critical sections do
     /// not nest.
-    pub fn lock_entities(&self, entities: &[EntityId]) -> LockFuture {
+    pub fn lock_entities<'a>(&self, entities: impl IntoIterator<Item = &'a EntityId>) -> LockFuture {
         let lock_set: Vec<String> = entities
-            .iter()
+            .into_iter()
             .map(EntityId::instance_id)
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()

@@ -50,9 +50,8 @@ impl EntityId {
         let rest = instance_id
             .strip_prefix('@')
             .ok_or_else(|| format!("'{instance_id}' is not an entity id of the form @name@key"))?;
-        let (name, key) = rest
-            .split_once('@')
-            .ok_or_else(|| format!("'{instance_id}' is not an entity id of the form @name@key"))?;
+        let (name, key) =
+            rest.split_once('@').ok_or_else(|| format!("'{instance_id}' is not an entity id of the form @name@key"))?;
         EntityId::new(name, key)
     }
 
@@ -163,7 +162,12 @@ pub fn plan_batch(scheduler: EntityScheduler, messages: impl IntoIterator<Item =
                 plan.operations.push(OperationRequest { request_id, operation, input, reply_to: None, event });
             }
             EventKind::EntityOperationCalled {
-                request_id, operation, input, parent_instance_id, parent_execution_id, ..
+                request_id,
+                operation,
+                input,
+                parent_instance_id,
+                parent_execution_id,
+                ..
             } => plan.operations.push(OperationRequest {
                 request_id,
                 operation,

@@ -240,10 +240,8 @@ impl Execution {
             }
             EventKind::EntityLockGranted { critical_section_id, lock_set } => {
                 let mut state = lock(&self.state);
-                let waiting = state
-                    .lock_requests
-                    .remove(critical_section_id)
-                    .filter(|id| state.open_tasks.contains_key(id));
+                let waiting =
+                    state.lock_requests.remove(critical_section_id).filter(|id| state.open_tasks.contains_key(id));
                 match waiting {
                     Some(id) => {
                         drop(state);
@@ -314,10 +312,9 @@ impl Execution {
             (EventKind::EntityLockRequested { lock_set, .. }, Action::LockEntities { lock_set: taken, .. }) => {
                 lock_set == taken
             }
-            (
-                EventKind::EntityUnlockSent { target_instance_id, .. },
-                Action::UnlockEntity { target, .. },
-            ) => target_instance_id == target,
+            (EventKind::EntityUnlockSent { target_instance_id, .. }, Action::UnlockEntity { target, .. }) => {
+                target_instance_id == target
+            }
             _ => false,
         };
         match taken {
@@ -339,7 +336,9 @@ impl Execution {
             EventKind::EntityLockRequested { lock_set, .. } => {
                 format!("EntityLockRequested on {}", lock_set.join(", "))
             }
-            EventKind::EntityUnlockSent { target_instance_id, .. } => format!("EntityUnlockSent to {target_instance_id}"),
+            EventKind::EntityUnlockSent { target_instance_id, .. } => {
+                format!("EntityUnlockSent to {target_instance_id}")
+            }
             other => other.type_name().to_string(),
         };
         let message = format!(

@@ -460,7 +460,7 @@ fn counter(key: &str) -> keel_core::entity::EntityId {
 /// of the result and a later call made outside the section.
 fn locked_calls() -> Orchestrator {
     orchestrator(|ctx: OrchestrationContext| async move {
-        let section = ctx.lock_entities(&[counter("b"), counter("a")]).await?;
+        let section = ctx.lock_entities([&counter("b"), &counter("a")]).await?;
         let inside: i64 = ctx.call_entity(&counter("a"), "get", &()).await?;
         drop(section);
         let outside: i64 = ctx.call_entity(&counter("c"), "get", &()).await?;
@@ -575,5 +575,9 @@ fn a_changed_entity_call_is_non_determinism() {
     let result = execution.run_episode(&history, &[episode_start(1)]);
     let Some(Completion::Failed { failure }) = result.completion else { panic!("{:?}", result.completion) };
     assert_eq!(failure.error_type, NON_DETERMINISM_ERROR_TYPE);
-    assert!(failure.error_message.contains("EntityOperationCalled \"reset\" on @counter@a"), "{}", failure.error_message);
+    assert!(
+        failure.error_message.contains("EntityOperationCalled \"reset\" on @counter@a"),
+        "{}",
+        failure.error_message
+    );
 }

@@ -6,11 +6,16 @@
 //! read for a decision: an instance about to be replaced `FOR UPDATE`, the target of an
 //! event `FOR SHARE` (so that a commit that finishes the instance is seen), the target
 //! of a message `FOR KEY SHARE` (it must not be deleted under the message; this lock
-//! does not wait for a worker's commit of that instance).
+//! does not wait for a worker's commit of that instance), an empty entity about to be
+//! removed `FOR UPDATE` (so that the removal sees every message whose writer held it).
+//!
+//! A message to an entity id with no row creates the row ([`INSERT_MESSAGES`]); which
+//! ids are entities, and their names, is decided in Rust by [`keel_store::entity_name`].
 
-use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus};
+use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    EntityQuery, Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
+    EntityQuery, Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter,
+    DEFAULT_PAGE_SIZE,
 };
 use tokio_postgres::types::ToSql;
 
@@ -38,19 +43,40 @@ const LOCK_FOR_REPLACEMENT: &str = "SELECT status FROM instances WHERE instance_
 
 const DELETE_INSTANCE: &str = "DELETE FROM instances WHERE instance_id = $1";
 
-/// Inserts the message if its instance exists, keeping the instance from being
-/// deleted until the transaction ends.
-const INSERT_MESSAGE: &str = "INSERT INTO messages (instance_id, execution_id, event, visible_at) \
-     SELECT instance_id, $2, $3, $4 FROM instances WHERE instance_id = $1 FOR KEY SHARE";
+/// Inserts messages (see [`MessageColumns`]: `$1`–`$6`, the entity status `$7`) in the
+/// order given, in one statement. A message to an orchestration instance is inserted if
+/// the instance exists, which is then kept from being deleted until the transaction
+/// ends. A message to an entity (its name in `$5`) first creates the entity's row if
+/// there is none (created at the event time of its first message here), and is then
+/// inserted whatever this statement's snapshot shows: the row may have been created by
+/// a transaction that committed after the snapshot was taken. Its foreign key check,
+/// which runs at the end of the statement with a fresh snapshot, then locks the row
+/// (`FOR KEY SHARE`), or fails (a retryable error) if a concurrent removal deleted it
+/// meanwhile: a message to an entity is never dropped silently.
+///
+/// New entity rows are inserted in id order, so that two transactions creating the
+/// same entities wait for each other in the same order, never in a cycle.
+pub(crate) const INSERT_MESSAGES: &str = "WITH sent AS ( \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[]) \
+             WITH ORDINALITY AS sent (instance_id, execution_id, event, visible_at, entity_name, sent_at, position) \
+     ), created AS ( \
+         INSERT INTO instances (instance_id, name, execution_id, status, created_at, last_updated_at) \
+         SELECT DISTINCT ON (instance_id COLLATE \"C\") instance_id, entity_name, '', $7, sent_at, sent_at \
+         FROM sent WHERE entity_name IS NOT NULL \
+         ORDER BY instance_id COLLATE \"C\", position \
+         ON CONFLICT (instance_id) DO NOTHING \
+     ) \
+     INSERT INTO messages (instance_id, execution_id, event, visible_at) \
+     SELECT instance_id, execution_id, event, visible_at FROM sent \
+     WHERE entity_name IS NOT NULL OR instance_id IN ( \
+         SELECT target.instance_id FROM instances target WHERE target.instance_id = ANY($1::text[]) \
+         FOR KEY SHARE OF target \
+     ) \
+     ORDER BY position";
 
-/// [`INSERT_MESSAGE`] for many messages (see [`MessageColumns`]), in the order given.
-pub(crate) const INSERT_MESSAGES: &str = "INSERT INTO messages (instance_id, execution_id, event, visible_at) \
-     SELECT sent.instance_id, sent.execution_id, sent.event, sent.visible_at \
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
-         WITH ORDINALITY AS sent (instance_id, execution_id, event, visible_at, position) \
-     JOIN instances target ON target.instance_id = sent.instance_id \
-     ORDER BY sent.position \
-     FOR KEY SHARE OF target";
+/// Creates the row of entity `$1` (name `$2`, status `$3`, created at `$4`) if it has none.
+const INSERT_ENTITY: &str = "INSERT INTO instances (instance_id, name, execution_id, status, created_at, \
+     last_updated_at) VALUES ($1, $2, '', $3, $4, $4) ON CONFLICT (instance_id) DO NOTHING";
 
 /// Inserts a new instance (status `Pending`) and its `ExecutionStarted` message,
 /// replacing a terminal instance of the same id with all it holds.
@@ -106,25 +132,39 @@ pub(crate) async fn insert_instance(
     ))))
 }
 
-/// Puts a message into its instance's inbox; `false` (and nothing written) when there
-/// is no such instance.
+/// Puts a message into its instance's inbox, creating the entity it is for if needed;
+/// `false` (and nothing written) when there is no such instance.
 pub(crate) async fn insert_message(connection: &PooledConnection, message: &Message) -> Result<bool, Failure> {
-    let inserted = connection
-        .execute(
-            INSERT_MESSAGE,
-            &[&message.instance_id, &message.execution_id, &to_json(&message.event)?, &millis(message.visible_at)],
-        )
-        .await?;
-    Ok(inserted == 1)
+    let mut columns = MessageColumns::default();
+    columns.push(message)?;
+    Ok(connection.execute(INSERT_MESSAGES, &columns.params()).await? == 1)
 }
 
-/// Messages in the column layout of [`INSERT_MESSAGES`] (one array per column).
-#[derive(Default)]
+/// Messages in the column layout of [`INSERT_MESSAGES`] (one array per column), with
+/// the name of the entity each is for (`None` when the target is not an entity id).
 pub(crate) struct MessageColumns {
     instance_ids: Vec<String>,
     execution_ids: Vec<Option<String>>,
     events: Vec<String>,
     visible_at: Vec<i64>,
+    entity_names: Vec<Option<String>>,
+    /// The event's time: the creation time of an entity row the message creates.
+    sent_at: Vec<i64>,
+    entity_status: &'static str,
+}
+
+impl Default for MessageColumns {
+    fn default() -> MessageColumns {
+        MessageColumns {
+            instance_ids: Vec::new(),
+            execution_ids: Vec::new(),
+            events: Vec::new(),
+            visible_at: Vec::new(),
+            entity_names: Vec::new(),
+            sent_at: Vec::new(),
+            entity_status: RuntimeStatus::Running.as_str(),
+        }
+    }
 }
 
 impl MessageColumns {
@@ -133,6 +173,8 @@ impl MessageColumns {
         self.execution_ids.push(message.execution_id.clone());
         self.events.push(to_json(&message.event)?);
         self.visible_at.push(millis(message.visible_at));
+        self.entity_names.push(keel_store::entity_name(&message.instance_id));
+        self.sent_at.push(millis(message.event.timestamp));
         Ok(())
     }
 
@@ -140,8 +182,17 @@ impl MessageColumns {
         self.instance_ids.is_empty()
     }
 
+    /// The seven parameters of [`INSERT_MESSAGES`], in order.
     pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        vec![&self.instance_ids, &self.execution_ids, &self.events, &self.visible_at]
+        vec![
+            &self.instance_ids,
+            &self.execution_ids,
+            &self.events,
+            &self.visible_at,
+            &self.entity_names,
+            &self.sent_at,
+            &self.entity_status,
+        ]
     }
 }
 
@@ -214,10 +265,32 @@ pub(crate) async fn enqueue_message(
 ) -> Result<RuntimeStatus, Failure> {
     let rewind = matches!(message.event.kind, EventKind::ExecutionRewound { .. });
     let lock = if rewind { LOCK_REWIND_TARGET } else { LOCK_EVENT_TARGET };
-    let row = connection
-        .query_opt(lock, &[&message.instance_id])
-        .await?
-        .ok_or_else(|| Error::NotFound(message.instance_id.clone()))?;
+    let entity_name = keel_store::entity_name(&message.instance_id);
+    let mut creations = 0;
+    let row = loop {
+        if let Some(row) = connection.query_opt(lock, &[&message.instance_id]).await? {
+            break row;
+        }
+        let Some(name) = &entity_name else {
+            return Err(Failure::Contract(Error::NotFound(message.instance_id.clone())));
+        };
+        // A message to an entity creates it. The lock (a new statement, with a new
+        // snapshot) then finds the row, whoever created it, unless an empty-entity
+        // removal deleted it in between: then create it again.
+        if creations == INSERT_ATTEMPTS {
+            return Err(Failure::Contract(unavailable(format!(
+                "entity '{}' was created and removed by others {INSERT_ATTEMPTS} times while this message waited",
+                message.instance_id
+            ))));
+        }
+        creations += 1;
+        connection
+            .execute(
+                INSERT_ENTITY,
+                &[&message.instance_id, name, &RuntimeStatus::Running.as_str(), &millis(message.event.timestamp)],
+            )
+            .await?;
+    };
     let status = status_from_text(row.try_get(0)?)?;
     if status.is_terminal() && !accept_terminal {
         return Err(Failure::Contract(Error::InvalidState {
@@ -287,14 +360,21 @@ pub(crate) async fn query_instances(
     page(connection, filter, page_size).await
 }
 
-pub(crate) async fn query_entities(connection: &PooledConnection, query: &EntityQuery) -> Result<InstancePage, Failure> {
+pub(crate) async fn query_entities(
+    connection: &PooledConnection,
+    query: &EntityQuery,
+) -> Result<InstancePage, Failure> {
     let page_size = if query.page_size == 0 { DEFAULT_PAGE_SIZE } else { query.page_size };
     let mut filter = Filter::default();
-    filter.condition("instance_id >= $", Box::new("@".to_owned()));
-    filter.condition("starts_with(instance_id, $)", Box::new("@".to_owned()));
+    // Entity ids start with '@'; the range start lets the primary key index find the
+    // first match (ids compare bytewise: "C" collation).
+    let mut first = "@".to_owned();
     if let Some(prefix) = &query.instance_id_prefix {
+        first = first.max(prefix.clone());
         filter.condition("starts_with(instance_id, $)", Box::new(prefix.clone()));
     }
+    filter.condition("instance_id >= $", Box::new(first));
+    filter.condition("starts_with(instance_id, $)", Box::new("@".to_owned()));
     if let Some(from) = query.last_modified_from {
         filter.condition("last_updated_at >= $", Box::new(millis(from)));
     }
@@ -327,17 +407,34 @@ async fn page(connection: &PooledConnection, filter: Filter, page_size: usize) -
     Ok(InstancePage { instances, continuation })
 }
 
-/// Deletes an entity row that holds nothing and that no worker holds.
-const REMOVE_EMPTY_ENTITY: &str = "DELETE FROM instances WHERE instance_id = $1 AND starts_with(instance_id, '@') \
+/// Locks an entity row against message writers (they hold it `FOR KEY SHARE`) and the
+/// worker committing it (`FOR NO KEY UPDATE`): waits for those that hold it, and keeps
+/// new ones waiting until the removal's transaction ends.
+const LOCK_FOR_REMOVAL: &str = "SELECT 1 FROM instances WHERE instance_id = $1 FOR UPDATE";
+
+/// Deletes an entity row that holds nothing and that no worker holds. Run after
+/// [`LOCK_FOR_REMOVAL`], its snapshot sees the messages of every writer that held the
+/// row. A lone `DELETE` would decide on a snapshot taken before the commit of a writer
+/// it then waits for, and delete that writer's message with the row (`ON DELETE
+/// CASCADE`).
+const REMOVE_EMPTY_ENTITY: &str = "DELETE FROM instances WHERE instance_id = $1 \
      AND output IS NULL AND input IS NULL AND (locked_until IS NULL OR locked_until <= $2) \
      AND NOT EXISTS (SELECT 1 FROM messages WHERE instance_id = $1)";
 
+/// Removes an empty entity, in the connection's open transaction; `false` (nothing
+/// deleted) when `instance_id` is not an entity id, has no row or the row holds something.
 pub(crate) async fn remove_empty_entity(
     connection: &PooledConnection,
     instance_id: &str,
-    now: i64,
+    now: Timestamp,
 ) -> Result<bool, Failure> {
-    Ok(connection.execute(REMOVE_EMPTY_ENTITY, &[&instance_id, &now]).await? == 1)
+    if keel_store::entity_name(instance_id).is_none() {
+        return Ok(false);
+    }
+    if connection.query_opt(LOCK_FOR_REMOVAL, &[&instance_id]).await?.is_none() {
+        return Ok(false);
+    }
+    Ok(connection.execute(REMOVE_EMPTY_ENTITY, &[&instance_id, &millis(now)]).await? == 1)
 }
 
 pub(crate) async fn purge_instance(connection: &PooledConnection, instance_id: &str) -> Result<bool, Failure> {

@@ -50,7 +50,11 @@ impl From<Failure> for Error {
 
 /// Maps a driver error to [`Error::Backend`]. Lost or refused connections, a server
 /// shutting down or starting, deadlocks and serialization failures are retryable: the
-/// same operation can succeed on a new connection or in a new transaction.
+/// same operation can succeed on a new connection or in a new transaction. So are
+/// foreign key violations: the store only writes rows that reference an instance it
+/// found or created, so a violation means that a concurrent transaction deleted that
+/// instance meanwhile (an empty entity removed under a message to it, which a new
+/// attempt creates again).
 pub(crate) fn backend_error(error: &tokio_postgres::Error) -> Error {
     let message = match error.as_db_error() {
         Some(db) => format!("postgres: {} ({}): {}", db.severity(), db.code().code(), db.message()),
@@ -85,6 +89,7 @@ fn is_retryable_state(code: &SqlState) -> bool {
             SqlState::TOO_MANY_CONNECTIONS,
             SqlState::LOCK_NOT_AVAILABLE,
             SqlState::QUERY_CANCELED,
+            SqlState::FOREIGN_KEY_VIOLATION,
         ]
         .contains(code)
 }
@@ -108,6 +113,7 @@ mod tests {
             SqlState::CANNOT_CONNECT_NOW,
             SqlState::T_R_DEADLOCK_DETECTED,
             SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::FOREIGN_KEY_VIOLATION,
         ] {
             assert!(is_retryable_state(&state), "{state:?}");
         }

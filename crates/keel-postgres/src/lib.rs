@@ -20,6 +20,11 @@
 //! changes nothing. Leases compare with the `now` the callers pass in, so the workers'
 //! clocks must agree to well within a lease (NTP does).
 //!
+//! Entities are rows of the same tables. A message to an entity id that has no row
+//! creates the row in the message's transaction, whether a client, a commit or an
+//! activity result writes it; the removal of an empty entity locks the row first, so
+//! that it never deletes a message written meanwhile.
+//!
 //! Writes announce new work with `NOTIFY` on the hub's channel in their own
 //! transaction; every store listens on a connection of its own and wakes its process's
 //! dispatchers, so an idle worker reacts to work from another machine at once.
@@ -49,8 +54,8 @@ use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
     ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery,
-    InstanceRecord,
-    Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
+    InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result,
+    Store,
 };
 
 use crate::pool::{Pool, PooledConnection};
@@ -167,9 +172,13 @@ impl Store for PostgresStore {
     }
 
     async fn remove_empty_entity(&self, instance_id: &str, now: Timestamp) -> Result<bool> {
-        let removed = client::remove_empty_entity(&self.connection().await?, instance_id, keel_store::stored::millis(now)).await?;
-        if removed {
-            Wakeups::INSTANCE_CHANGED.signal(&self.notifications);
+        let mut connection = self.connection().await?;
+        connection.begin().await?;
+        let outcome = client::remove_empty_entity(&connection, instance_id, now).await;
+        let announce = matches!(outcome, Ok(true)).then_some(Wakeups::INSTANCE_CHANGED);
+        let removed = connection.finish(outcome, announce.and_then(Wakeups::payload)).await?;
+        if let Some(wakeups) = announce {
+            wakeups.signal(&self.notifications);
         }
         Ok(removed)
     }

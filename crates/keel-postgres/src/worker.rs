@@ -178,7 +178,8 @@ const ANY_VISIBLE_MESSAGE: &str = "SELECT 1 FROM messages WHERE instance_id = AN
 /// and writes the new states (a stale commit is left out before anything of it is
 /// written: it fails alone, with no savepoint); then the sub-orchestrations are
 /// created, in commit order; then one pipelined group of statements writes everything
-/// else (consumed messages, histories, activity items, messages).
+/// else (consumed messages, histories, activity items, messages and the entity rows
+/// they create).
 pub(crate) async fn commit_episodes(
     connection: &PooledConnection,
     commits: &[EpisodeCommit],
@@ -502,27 +503,39 @@ pub(crate) async fn fetch_activity_items(
 }
 
 /// Completes a batch of activities in one statement: deletes each item whose lease
-/// (`$1` id, `$2` token) is current and delivers its result to its instance, if that
-/// still exists; announces delivered results on channel `$7`. Returns the leases that
-/// completed.
+/// (`$1` id, `$2` token) is current and delivers its result (`$3`–`$9`, the columns of
+/// [`INSERT_MESSAGES`]) to its instance, if that still exists, or to its entity,
+/// created if needed, as [`INSERT_MESSAGES`] does; announces delivered results on
+/// channel `$10`. Returns the leases that completed.
 const COMPLETE_ACTIVITIES: &str = "WITH completion AS ( \
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) \
-             WITH ORDINALITY AS c (id, token, instance_id, execution_id, event, visible_at, position) \
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
+                              $7::text[], $8::bigint[]) \
+             WITH ORDINALITY AS c (id, token, instance_id, execution_id, event, visible_at, entity_name, sent_at, \
+                                   position) \
      ), completed AS ( \
          DELETE FROM activities USING completion \
          WHERE activities.id = completion.id AND activities.lock_token = completion.token \
          RETURNING activities.id, activities.lock_token \
+     ), result AS ( \
+         SELECT completion.* FROM completion \
+         JOIN completed ON completed.id = completion.id AND completed.lock_token = completion.token \
+     ), created AS ( \
+         INSERT INTO instances (instance_id, name, execution_id, status, created_at, last_updated_at) \
+         SELECT DISTINCT ON (instance_id COLLATE \"C\") instance_id, entity_name, '', $9, sent_at, sent_at \
+         FROM result WHERE entity_name IS NOT NULL \
+         ORDER BY instance_id COLLATE \"C\", position \
+         ON CONFLICT (instance_id) DO NOTHING \
      ), delivered AS ( \
          INSERT INTO messages (instance_id, execution_id, event, visible_at) \
-         SELECT completion.instance_id, completion.execution_id, completion.event, completion.visible_at \
-         FROM completion \
-         JOIN completed ON completed.id = completion.id AND completed.lock_token = completion.token \
-         JOIN instances target ON target.instance_id = completion.instance_id \
-         ORDER BY completion.position \
-         FOR KEY SHARE OF target \
+         SELECT instance_id, execution_id, event, visible_at FROM result \
+         WHERE entity_name IS NOT NULL OR instance_id IN ( \
+             SELECT target.instance_id FROM instances target WHERE target.instance_id = ANY($3::text[]) \
+             FOR KEY SHARE OF target \
+         ) \
+         ORDER BY position \
          RETURNING 1 \
      ), announced AS ( \
-         SELECT pg_notify($7, 'o') FROM (SELECT FROM delivered LIMIT 1) AS any_delivered \
+         SELECT pg_notify($10, 'o') FROM (SELECT FROM delivered LIMIT 1) AS any_delivered \
      ) \
      SELECT id, lock_token, (SELECT count(*) FROM announced) FROM completed";
 

@@ -1,12 +1,14 @@
 //! PostgreSQL-specific behaviour of the task hub, beyond the conformance suite:
 //! migrations (concurrent, idempotent, refusing a newer schema), hubs isolated by
 //! schema, wake-ups across stores, competing workers that never share or wait for each
-//! other's work, and recovery from lost connections. Skipped (with a line saying so)
+//! other's work, recovery from lost connections, and entities created by concurrent
+//! messages once, without deadlocks or lost messages. Skipped (with a line saying so)
 //! without `KEEL_TEST_POSTGRES_URL`.
 
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::DateTime;
@@ -31,6 +33,46 @@ fn new_instance(instance_id: &str) -> NewInstance {
         parent: None,
         scheduled_start: None,
         created_at: at(0),
+    }
+}
+
+/// A signal to the entity `entity`, sent (and visible) at `sent`.
+fn signal(entity: &str, sent: Timestamp) -> keel_store::Message {
+    let event = keel_core::history::HistoryEvent::new(
+        sent,
+        keel_core::history::EventKind::EntityOperationSignaled {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            operation: "add".into(),
+            input: Some("1".into()),
+            scheduled_time: None,
+            target_instance_id: entity.to_owned(),
+        },
+    );
+    keel_store::Message { instance_id: entity.to_owned(), execution_id: None, event, visible_at: sent }
+}
+
+/// A commit that consumes an item's messages and sends `messages`; `state` (a status,
+/// nothing else) when given.
+fn consume(
+    item: &keel_store::OrchestrationItem,
+    state: Option<RuntimeStatus>,
+    messages: Vec<keel_store::Message>,
+) -> keel_store::EpisodeCommit {
+    keel_store::EpisodeCommit {
+        lock: item.lock.clone(),
+        consumed: item.messages.iter().map(|m| m.id).collect(),
+        replace_history: None,
+        history: Vec::new(),
+        state: state.map(|status| keel_store::InstanceUpdate {
+            status,
+            input: None,
+            output: None,
+            failure: None,
+            custom_status: None,
+        }),
+        activities: Vec::new(),
+        messages,
+        new_instances: Vec::new(),
     }
 }
 
@@ -426,4 +468,168 @@ async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
         assert_eq!(store.read_history("parent").await.expect("history").len(), 1, "the parent committed");
         store.delete_task_hub().await.expect("delete");
     }
+}
+
+/// Commits and clients that message the same new entities at once, in opposite orders,
+/// create each entity once, deliver every message and never deadlock. A transaction
+/// that holds the inbox table back until every writer waits for it makes them all go
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_messages_create_each_entity_once() {
+    let Some(url) = common::postgres_url("concurrent_messages_create_each_entity_once") else { return };
+    let senders = 6;
+    let schema = common::fresh_schema("keel_test");
+    let hub = format!("{}&pool_size={}", common::hub_url(&url, &schema), 2 * senders);
+    let store = Arc::new(PostgresStore::connect(&hub).await.expect("the store opens"));
+    // Zero-padded: in id order.
+    let entities: Vec<String> = (0..50).map(|n| format!("@counter@{n:02}")).collect();
+    for n in 0..senders {
+        store.create_instance(new_instance(&format!("sender-{n}"))).await.expect("create");
+    }
+    let items = store.fetch_orchestration_items(senders, LEASE, at(0)).await.expect("fetch");
+    assert_eq!(items.len(), senders);
+
+    let mut blocker = raw_client(&url).await;
+    let holding = blocker.transaction().await.expect("begin");
+    holding.batch_execute(&format!("LOCK TABLE {schema}.messages IN SHARE MODE")).await.expect("lock the inbox");
+    let mut commits = Vec::new();
+    let mut clients = Vec::new();
+    for (n, item) in items.into_iter().enumerate() {
+        let mut targets = entities.clone();
+        if n % 2 == 1 {
+            targets.reverse();
+        }
+        let messages = targets.iter().map(|entity| signal(entity, at(1))).collect();
+        let commit = consume(&item, None, messages);
+        let committing = store.clone();
+        commits.push(tokio::spawn(async move { committing.commit_episodes(vec![commit], at(1)).await }));
+        targets.reverse();
+        let enqueuing = store.clone();
+        clients.push(tokio::spawn(async move {
+            for entity in targets {
+                enqueuing.enqueue_message(signal(&entity, at(2)), false).await?;
+            }
+            Ok::<(), keel_store::Error>(())
+        }));
+    }
+    // Each writer waits for the inbox, or for another writer of the same entity row.
+    // (Asked outside the transaction: it would see one snapshot of the statistics.)
+    let observer = raw_client(&url).await;
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    for _ in 0..500 {
+        let count: i64 = observer.query_one(waiting, &[]).await.expect("pg_stat_activity").get(0);
+        if count >= 2 * senders as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    holding.commit().await.expect("let them all go");
+    for commit in commits {
+        let results = commit.await.expect("task").expect("the commit succeeds");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+    for client in clients {
+        client.await.expect("task").expect("every signal is accepted");
+    }
+
+    let rows = blocker
+        .query(
+            &format!(
+                "SELECT instance_id, name, execution_id, status, \
+                     (SELECT count(*) FROM {schema}.messages m WHERE m.instance_id = i.instance_id) \
+                 FROM {schema}.instances i WHERE starts_with(instance_id, '@') ORDER BY instance_id"
+            ),
+            &[],
+        )
+        .await
+        .expect("the entity rows");
+    let found: Vec<(String, String, String, String, i64)> =
+        rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))).collect();
+    let expected: Vec<(String, String, String, String, i64)> = entities
+        .iter()
+        .map(|entity| (entity.clone(), "counter".into(), String::new(), "Running".into(), 2 * senders as i64))
+        .collect();
+    assert_eq!(found, expected, "one row per entity, with every message");
+    drop(blocker);
+    Arc::into_inner(store).expect("the tasks are done").delete_task_hub().await.expect("delete");
+}
+
+/// A signal racing the removal of its (empty) entity is never lost: either the removal
+/// comes first and the signal creates the entity again, or the signal comes first and
+/// the entity is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_racing_a_signal_never_loses_it() {
+    let Some(url) = common::postgres_url("a_removal_racing_a_signal_never_loses_it") else { return };
+    let store = Arc::new(common::fresh_store(&url).await);
+    let entity = "@counter@racy";
+    let mut removals = 0;
+    for round in 0..40 {
+        let start = round * 10;
+        store.enqueue_message(signal(entity, at(start)), false).await.expect("signal");
+        let item =
+            store.fetch_orchestration_items(1, LEASE, at(start)).await.expect("fetch").pop().expect("the entity");
+        let results =
+            store.commit_episodes(vec![consume(&item, Some(RuntimeStatus::Running), Vec::new())], at(start)).await;
+        assert!(results.expect("commit").iter().all(Result::is_ok), "round {round}");
+
+        // The entity is empty now: signal it and remove it at once.
+        let signalling = store.clone();
+        let signalled =
+            tokio::spawn(async move { signalling.enqueue_message(signal(entity, at(start + 1)), false).await });
+        let removing = store.clone();
+        let removed = tokio::spawn(async move { removing.remove_empty_entity(entity, at(start + 1)).await });
+        signalled.await.expect("task").expect("the signal is accepted");
+        removals += usize::from(removed.await.expect("task").expect("remove"));
+
+        let items = store.fetch_orchestration_items(1, LEASE, at(start + 2)).await.expect("fetch");
+        assert_eq!(items.len(), 1, "round {round}: the signal's entity has work");
+        assert_eq!(items[0].messages.len(), 1, "round {round}: the signal waits in its inbox");
+        let results = store
+            .commit_episodes(vec![consume(&items[0], Some(RuntimeStatus::Running), Vec::new())], at(start + 2))
+            .await;
+        assert!(results.expect("commit").iter().all(Result::is_ok), "round {round}");
+    }
+    // Which of the two came first varies; print it, do not assert it.
+    println!("the removal came first in {removals} of 40 rounds");
+    Arc::into_inner(store).expect("the tasks are done").delete_task_hub().await.expect("delete");
+}
+
+/// An activity result addressed to an entity creates the entity like any other message
+/// to it; one whose lease was lost creates nothing.
+#[tokio::test]
+async fn activity_results_to_entities_create_them() {
+    let Some(url) = common::postgres_url("activity_results_to_entities_create_them") else { return };
+    let store = common::fresh_store(&url).await;
+    store.create_instance(new_instance("order")).await.expect("create");
+    let item = store.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("order");
+    let mut commit = consume(&item, None, Vec::new());
+    commit.activities = (0..2)
+        .map(|task_id| keel_store::NewActivity {
+            instance_id: "order".into(),
+            execution_id: item.instance.execution_id.clone(),
+            task_id,
+            name: "Notify".into(),
+            input: None,
+        })
+        .collect();
+    assert!(store.commit_episodes(vec![commit], at(0)).await.expect("commit")[0].is_ok());
+    let activities = store.fetch_activity_items(2, LEASE, at(1)).await.expect("fetch activities");
+    assert_eq!(activities.len(), 2);
+
+    let stale = keel_store::ActivityLock { id: activities[1].lock.id, token: "stale".into() };
+    let completions = vec![
+        keel_store::ActivityCompletion { lock: activities[0].lock.clone(), result: signal("@counter@notified", at(2)) },
+        keel_store::ActivityCompletion { lock: stale, result: signal("@counter@never", at(2)) },
+    ];
+    let results = store.complete_activities(completions).await.expect("complete");
+    assert!(results[0].is_ok() && matches!(results[1], Err(keel_store::Error::LeaseLost)), "{results:?}");
+    let entity = store.get_instance("@counter@notified").await.expect("get").expect("created by the result");
+    assert_eq!((entity.name.as_str(), entity.status, entity.created_at), ("counter", RuntimeStatus::Running, at(2)));
+    assert_eq!(store.get_instance("@counter@never").await.expect("get"), None, "a stale completion writes nothing");
+    let items = store.fetch_orchestration_items(10, LEASE, at(2)).await.expect("fetch");
+    let entity_item =
+        items.iter().find(|item| item.lock.instance_id == "@counter@notified").expect("the entity has work");
+    assert_eq!(entity_item.messages.len(), 1, "the result waits in its inbox");
+    store.delete_task_hub().await.expect("delete");
 }

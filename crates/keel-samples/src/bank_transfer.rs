@@ -67,11 +67,10 @@ pub async fn bank_transfer(ctx: OrchestrationContext) -> Result<TransferResult, 
     if transfer.from == transfer.to {
         return Err(OrchestrationError::new("InvalidTransfer", "the source and the target are the same account"));
     }
-    let account = |key: &str| {
-        EntityId::new(ACCOUNT, key).map_err(|message| OrchestrationError::new("InvalidTransfer", message))
-    };
+    let account =
+        |key: &str| EntityId::new(ACCOUNT, key).map_err(|message| OrchestrationError::new("InvalidTransfer", message));
     let (from, to) = (account(&transfer.from)?, account(&transfer.to)?);
-    let _locked = ctx.lock_entities(&[from.clone(), to.clone()]).await?;
+    let _locked = ctx.lock_entities([&from, &to]).await?;
     let balance: i64 = ctx.call_entity(&from, "balance", &()).await?;
     if balance < transfer.amount {
         let to_balance: i64 = ctx.call_entity(&to, "balance", &()).await?;

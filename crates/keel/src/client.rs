@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::entity::{EntityId, EntityScheduler};
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_core::limits;
-use keel_core::entity::{EntityId, EntityScheduler};
 use keel_store::{EntityQuery, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, Store};
 use serde::Serialize;
 
@@ -110,7 +110,8 @@ impl EntityMetadata {
     }
 
     fn from_record(record: InstanceRecord) -> Result<EntityMetadata> {
-        let id = EntityId::parse(&record.instance_id).map_err(|message| ClientError::Store(keel_store::stored::corrupt(message)))?;
+        let id = EntityId::parse(&record.instance_id)
+            .map_err(|message| ClientError::Store(keel_store::stored::corrupt(message)))?;
         let scheduler = EntityScheduler::from_json(record.input.as_deref())
             .map_err(|message| ClientError::Store(keel_store::stored::corrupt(message)))?;
         Ok(EntityMetadata {
@@ -409,7 +410,8 @@ impl Client {
             target_instance_id: target.clone(),
         };
         let visible_at = scheduled_time.unwrap_or(now).max(now);
-        let message = Message { instance_id: target, execution_id: None, event: HistoryEvent::new(now, kind), visible_at };
+        let message =
+            Message { instance_id: target, execution_id: None, event: HistoryEvent::new(now, kind), visible_at };
         self.store.enqueue_message(message, false).await?;
         if visible_at > now {
             self.store.notifications().orchestration_work_due(visible_at);
@@ -458,9 +460,8 @@ impl Client {
                         }
                     }
                     None if remove_empty_entities && record.output.is_none() && scheduler.queue.is_empty() => {
-                        if self.store.remove_empty_entity(&record.instance_id, self.clock.now()).await? {
-                            cleaned.empty_entities_removed += 1;
-                        }
+                        let removed = self.store.remove_empty_entity(&record.instance_id, self.clock.now()).await?;
+                        cleaned.empty_entities_removed += u64::from(removed);
                     }
                     _ => {}
                 }
@@ -482,7 +483,8 @@ impl Client {
     }
 
     async fn send(&self, instance_id: &str, kind: EventKind, accept_terminal: bool) -> Result<RuntimeStatus> {
-        let is_entity_message = matches!(kind, EventKind::EntityOperationSignaled { .. } | EventKind::EntityUnlockSent { .. });
+        let is_entity_message =
+            matches!(kind, EventKind::EntityOperationSignaled { .. } | EventKind::EntityUnlockSent { .. });
         if !is_entity_message {
             refuse_entity_id(instance_id)?;
         }

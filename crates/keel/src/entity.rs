@@ -167,7 +167,12 @@ impl<S: Default> EntityContext<S> {
     }
 
     /// Signals an operation on an entity (this one included), after the batch commits.
-    pub fn signal_entity(&mut self, entity: &EntityId, operation: &str, input: &impl Serialize) -> Result<(), EntityError> {
+    pub fn signal_entity(
+        &mut self,
+        entity: &EntityId,
+        operation: &str,
+        input: &impl Serialize,
+    ) -> Result<(), EntityError> {
         self.signal(entity, operation, input, None)
     }
 
@@ -241,7 +246,8 @@ impl<S: Default> EntityContext<S> {
 }
 
 fn serialize(value: &impl Serialize) -> Result<Option<String>, EntityError> {
-    let json = serde_json::to_string(value).map_err(|error| EntityError::new("SerializationError", error.to_string()))?;
+    let json =
+        serde_json::to_string(value).map_err(|error| EntityError::new("SerializationError", error.to_string()))?;
     limits::check_payload("input", Some(&json)).map_err(|message| EntityError::new("PayloadTooLarge", message))?;
     Ok(Some(json))
 }
@@ -286,8 +292,8 @@ where
             now: operation.now,
         };
         let result = handler(&mut context).map_err(|error| error.0)?;
-        let result =
-            serde_json::to_string(&result).map_err(|error| FailureDetails::new("SerializationError", error.to_string()))?;
+        let result = serde_json::to_string(&result)
+            .map_err(|error| FailureDetails::new("SerializationError", error.to_string()))?;
         operation.state = context
             .state
             .as_ref()
@@ -319,7 +325,9 @@ pub fn run_batch(
             now,
         };
         let result = match std::panic::catch_unwind(AssertUnwindSafe(|| entity(&mut operation))) {
-            Ok(Err(failure)) if failure.error_type == UNKNOWN_OPERATION_ERROR_TYPE && request.operation == DELETE_OPERATION => {
+            Ok(Err(failure))
+                if failure.error_type == UNKNOWN_OPERATION_ERROR_TYPE && request.operation == DELETE_OPERATION =>
+            {
                 operation.state = None;
                 operation.actions.clear();
                 Ok(None)

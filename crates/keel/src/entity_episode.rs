@@ -12,7 +12,9 @@
 use keel_core::entity::{plan_batch, EntityId, EntityScheduler, OperationRequest};
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_core::limits;
-use keel_store::{EpisodeCommit, InstanceRecord, InstanceUpdate, Message, NewInstance, OrchestrationItem, OrchestrationLock};
+use keel_store::{
+    EpisodeCommit, InstanceRecord, InstanceUpdate, Message, NewInstance, OrchestrationItem, OrchestrationLock,
+};
 
 use crate::entity::{BatchOutcome, EntityAction};
 use crate::episode::POISON_ERROR_TYPE;
@@ -101,7 +103,9 @@ pub fn prepare_entity(item: &OrchestrationItem, now: Timestamp) -> EntityIntake 
     }
     if episode.operations.is_empty() {
         let state = episode.state.clone();
-        return EntityIntake::Commit(Box::new(episode.complete(BatchOutcome { state, ..BatchOutcome::default() }, now)));
+        return EntityIntake::Commit(Box::new(
+            episode.complete(BatchOutcome { state, ..BatchOutcome::default() }, now),
+        ));
     }
     EntityIntake::Run(Box::new(episode))
 }
@@ -132,7 +136,10 @@ impl EntityEpisode {
         let mut answers = Vec::new();
         for (index, request) in operations.iter().enumerate() {
             let result = results.get(index).cloned().unwrap_or_else(|| {
-                Err(FailureDetails::new("MissingResult", format!("the batch returned no result for operation #{index}")))
+                Err(FailureDetails::new(
+                    "MissingResult",
+                    format!("the batch returned no result for operation #{index}"),
+                ))
             });
             if let Err(failure) = &result {
                 tracing::debug!(entity = %id, operation = %request.operation, %failure, "entity operation failed");
@@ -185,8 +192,12 @@ impl EntityEpisode {
                         Ok(()) if !keel_core::entity::is_entity_instance_id(&start.instance_id) => {
                             commit.new_instances.push(start);
                         }
-                        Ok(()) => tracing::warn!(entity = %id, instance_id = %start.instance_id, "an entity's orchestration start with an entity id was dropped"),
-                        Err(error) => tracing::warn!(entity = %id, %error, "an entity's orchestration start was dropped"),
+                        Ok(()) => {
+                            tracing::warn!(entity = %id, instance_id = %start.instance_id, "an entity's orchestration start with an entity id was dropped")
+                        }
+                        Err(error) => {
+                            tracing::warn!(entity = %id, %error, "an entity's orchestration start was dropped")
+                        }
                     }
                 }
             }

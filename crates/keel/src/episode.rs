@@ -87,9 +87,11 @@ fn intake(item: &OrchestrationItem, now: Timestamp, history: Option<&[HistoryEve
             {
                 // The owner no longer waits for this lock (it ended, or moved on to a
                 // new execution): give it back at once.
-                unlocks.extend(lock_set.iter().map(|target| unlock_message(instance, critical_section_id, target, now)));
+                unlocks
+                    .extend(lock_set.iter().map(|target| unlock_message(instance, critical_section_id, target, now)));
             }
-            EventKind::EntityOperationCompleted { request_id, .. } | EventKind::EntityOperationFailed { request_id, .. }
+            EventKind::EntityOperationCompleted { request_id, .. }
+            | EventKind::EntityOperationFailed { request_id, .. }
                 if waits.as_ref().is_some_and(|waits| !waits.calls.contains(request_id)) => {}
             _ => {
                 let stale = message.execution_id.as_ref().is_some_and(|id| *id != instance.execution_id);

@@ -165,7 +165,8 @@ async fn entities_signal_entities_and_start_orchestrations() {
     client.signal_entity(&entity, "forward", &41).await.unwrap();
     client.signal_entity(&entity, "start", &"hello").await.unwrap();
     let forwarded = EntityId::new("Log", "forwarded").unwrap();
-    let state: Vec<u32> = wait_for_entity(&client, &forwarded, "the forwarded value", |log: &Vec<u32>| !log.is_empty()).await;
+    let state: Vec<u32> =
+        wait_for_entity(&client, &forwarded, "the forwarded value", |log: &Vec<u32>| !log.is_empty()).await;
     assert_eq!(state, [41]);
     let started = loop {
         if let Some(status) = client.get_status("started-by-starter").await.unwrap() {
@@ -202,7 +203,7 @@ async fn a_critical_section_holds_other_callers_back_until_it_ends() {
     // Holds the lock on the account until the event "Release" comes.
     async fn hold(ctx: OrchestrationContext) -> Result<i64, OrchestrationError> {
         let account = EntityId::new("Account", "held").unwrap();
-        let _section = ctx.lock_entities(&[account.clone()]).await?;
+        let _section = ctx.lock_entities([&account]).await?;
         ctx.call_entity::<i64>(&account, "deposit", &10).await?;
         ctx.wait_for_external_event::<()>("Release").await?;
         Ok(ctx.call_entity(&account, "balance", &()).await?)
@@ -249,9 +250,9 @@ async fn the_locking_rules_are_enforced_with_clear_errors() {
     async fn break_rules(ctx: OrchestrationContext) -> Result<Vec<String>, OrchestrationError> {
         let a = EntityId::new("Account", "rule-a").unwrap();
         let b = EntityId::new("Account", "rule-b").unwrap();
-        let section = ctx.lock_entities(&[a.clone()]).await?;
+        let section = ctx.lock_entities([&a]).await?;
         let mut errors = Vec::new();
-        if let Err(error) = ctx.lock_entities(&[b.clone()]).await {
+        if let Err(error) = ctx.lock_entities([&b]).await {
             errors.push(error.details.error_message);
         }
         if let Err(error) = ctx.call_entity::<i64>(&b, "balance", &()).await {
@@ -289,7 +290,9 @@ async fn unknown_entities_bad_ids_and_storage_cleaning() {
     assert_eq!(client.get_entity(&nope).await.unwrap(), None, "nothing was written");
     assert!(EntityId::new("Counter", "").is_err() && EntityId::new("", "k").is_err());
     assert!(matches!(
-        client.start_with("Echo", &"x", StartOptions { instance_id: Some("@counter@x".into()), ..Default::default() }).await,
+        client
+            .start_with("Echo", &"x", StartOptions { instance_id: Some("@counter@x".into()), ..Default::default() })
+            .await,
         Err(ClientError::Invalid(_))
     ));
     let big = "x".repeat(keel_core::limits::MAX_PAYLOAD_BYTES + 1);
@@ -323,7 +326,8 @@ async fn unknown_entities_bad_ids_and_storage_cleaning() {
             parent_instance_id: "ghost".into(),
         },
     );
-    let message = keel_store::Message { instance_id: orphan.instance_id(), execution_id: None, event: request, visible_at: now };
+    let message =
+        keel_store::Message { instance_id: orphan.instance_id(), execution_id: None, event: request, visible_at: now };
     store.enqueue_message(message, false).await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     while client.get_entity(&orphan).await.unwrap().and_then(|entity| entity.locked_by).is_none() {

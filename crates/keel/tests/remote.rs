@@ -86,7 +86,8 @@ impl RemoteWorkers for FakeRemote {
         tokio::spawn(async move {
             let entity = keel::entity::entity(keel_samples::counter::counter);
             let now = chrono::Utc::now();
-            let outcome = keel::entity::run_batch(&entity, &episode.id, episode.state.clone(), &episode.operations, now);
+            let outcome =
+                keel::entity::run_batch(&entity, &episode.id, episode.state.clone(), &episode.operations, now);
             let commit = episode.complete(outcome, now);
             let results = store.commit_episodes(vec![commit], now).await.expect("commit");
             results.into_iter().for_each(|result| result.expect("the batch commits"));
