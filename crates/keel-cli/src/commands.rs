@@ -1,11 +1,13 @@
-//! The client subcommands: each one is a call on a running host's management API,
-//! printed as a table or, with `--json`, as the host's JSON.
+//! The client subcommands: each one is a call on a running host's management API
+//! (instances, and entities for `keel entity …`), printed as a table or, with `--json`,
+//! as the host's JSON.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hyper::{Method, StatusCode};
+use keel_http::management::CONTINUATION_HEADER;
 use keel_http::{percent_encode, MANAGEMENT_BASE_PATH as API};
 use serde_json::{json, Value};
 
@@ -47,6 +49,22 @@ fn instance_path(instance_id: &str) -> String {
     format!("{API}/instances/{}", percent_encode(instance_id))
 }
 
+fn entity_path(name: &str, key: &str) -> String {
+    format!("{API}/entities/{}/{}", percent_encode(name), percent_encode(key))
+}
+
+/// The filter of `keel entity list`.
+pub struct EntityFilter {
+    pub name: Option<String>,
+    pub prefix: Option<String>,
+    pub state: bool,
+    pub transient: bool,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub top: usize,
+    pub all: bool,
+}
+
 impl Session {
     pub fn new(url: &str, api_key: Option<String>, json: bool) -> anyhow::Result<Session> {
         Ok(Session { remote: Remote::new(url, api_key.filter(|key| !key.is_empty()))?, json })
@@ -55,6 +73,34 @@ impl Session {
     fn print_json(&self, value: &Value) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(value)?);
         Ok(())
+    }
+
+    /// The items of a list route: its first page, or with `all` every page (following
+    /// `x-ms-continuation-token`). Says on stderr when more pages were left out.
+    async fn pages(&self, path: &str, all: bool, what: &str) -> anyhow::Result<Vec<Value>> {
+        let mut items = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let headers: Vec<(&str, &str)> =
+                continuation.iter().map(|token| (CONTINUATION_HEADER, token.as_str())).collect();
+            let reply =
+                self.remote.send_with_headers(Method::GET, path, None, &headers).await?.expect(&[StatusCode::OK])?;
+            let next = reply.headers.get(CONTINUATION_HEADER).and_then(|value| value.to_str().ok()).map(str::to_string);
+            match reply.json()? {
+                Value::Array(page) => items.extend(page),
+                other => bail!("the host answered with something that is not a list: {other}"),
+            }
+            match next {
+                Some(token) if all => continuation = Some(token),
+                Some(_) => {
+                    if !self.json {
+                        eprintln!("(more {what} match: use --all to list every page)");
+                    }
+                    return Ok(items);
+                }
+                None => return Ok(items),
+            }
+        }
     }
 
     pub async fn start(&self, name: &str, instance_id: Option<&str>, input: Option<String>) -> anyhow::Result<()> {
@@ -148,33 +194,7 @@ impl Session {
             }
         }
         let path = format!("{API}/instances{}", query(&parameters));
-        let mut instances = Vec::new();
-        let mut continuation: Option<String> = None;
-        loop {
-            let headers: Vec<(&str, &str)> =
-                continuation.iter().map(|token| (keel_http::management::CONTINUATION_HEADER, token.as_str())).collect();
-            let reply =
-                self.remote.send_with_headers(Method::GET, &path, None, &headers).await?.expect(&[StatusCode::OK])?;
-            let next = reply
-                .headers
-                .get(keel_http::management::CONTINUATION_HEADER)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_string);
-            match reply.json()? {
-                Value::Array(page) => instances.extend(page),
-                other => bail!("the host answered with something that is not a list: {other}"),
-            }
-            match next {
-                Some(token) if filter.all => continuation = Some(token),
-                Some(_) => {
-                    if !self.json {
-                        eprintln!("(more instances match: use --all to list every page)");
-                    }
-                    break;
-                }
-                None => break,
-            }
-        }
+        let instances = self.pages(&path, filter.all, "instances").await?;
         if self.json {
             return self.print_json(&Value::Array(instances));
         }
@@ -256,6 +276,94 @@ impl Session {
             return self.print_json(&status["historyEvents"]);
         }
         output::print_history(&status["historyEvents"]);
+        Ok(())
+    }
+
+    pub async fn signal_entity(
+        &self,
+        name: &str,
+        key: &str,
+        operation: &str,
+        input: Option<String>,
+        at: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut parameters = vec![("op", operation)];
+        if let Some(at) = at {
+            parameters.push(("scheduledTime", at));
+        }
+        let path = format!("{}{}", entity_path(name, key), query(&parameters));
+        self.remote.send(Method::POST, &path, input).await?.expect(&[StatusCode::ACCEPTED])?;
+        if self.json {
+            let signalled =
+                json!({ "entityId": { "name": name, "key": key }, "operation": operation, "accepted": true });
+            return self.print_json(&signalled);
+        }
+        match at {
+            Some(at) => println!("Signalled {operation} on {name}/{key} for {at}"),
+            None => println!("Signalled {operation} on {name}/{key}"),
+        }
+        Ok(())
+    }
+
+    pub async fn get_entity(&self, name: &str, key: &str) -> anyhow::Result<()> {
+        let reply = self.remote.send(Method::GET, &entity_path(name, key), None).await?.expect(&[StatusCode::OK])?;
+        self.print_json(&reply.json()?)
+    }
+
+    pub async fn delete_entity(&self, name: &str, key: &str) -> anyhow::Result<()> {
+        self.remote.send(Method::DELETE, &entity_path(name, key), None).await?.expect(&[StatusCode::ACCEPTED])?;
+        if self.json {
+            let signalled =
+                json!({ "entityId": { "name": name, "key": key }, "operation": "delete", "accepted": true });
+            return self.print_json(&signalled);
+        }
+        println!("Signalled delete on {name}/{key}");
+        Ok(())
+    }
+
+    pub async fn list_entities(&self, filter: &EntityFilter) -> anyhow::Result<()> {
+        let top = filter.top.to_string();
+        let mut parameters = vec![("top", top.as_str())];
+        if filter.state {
+            parameters.push(("fetchState", "true"));
+        }
+        if filter.transient {
+            parameters.push(("includeTransient", "true"));
+        }
+        let optional = [
+            ("namePrefix", &filter.prefix),
+            ("lastOperationTimeFrom", &filter.from),
+            ("lastOperationTimeTo", &filter.to),
+        ];
+        for (name, value) in &optional {
+            if let Some(value) = value {
+                parameters.push((name, value));
+            }
+        }
+        let base = match &filter.name {
+            Some(name) => format!("{API}/entities/{}", percent_encode(name)),
+            None => format!("{API}/entities"),
+        };
+        let entities = self.pages(&format!("{base}{}", query(&parameters)), filter.all, "entities").await?;
+        if self.json {
+            return self.print_json(&Value::Array(entities));
+        }
+        output::print_entities(&entities, filter.state);
+        Ok(())
+    }
+
+    pub async fn clean_entities(&self, remove_empty: bool, release_orphaned_locks: bool) -> anyhow::Result<()> {
+        let (remove_empty, release) = (remove_empty.to_string(), release_orphaned_locks.to_string());
+        let parameters = [("removeEmptyEntities", remove_empty.as_str()), ("releaseOrphanedLocks", release.as_str())];
+        let path = format!("{API}/entities/clean{}", query(&parameters));
+        let result = self.remote.send(Method::POST, &path, None).await?.expect(&[StatusCode::OK])?.json()?;
+        if self.json {
+            return self.print_json(&result);
+        }
+        println!(
+            "Removed {} empty entities; released {} orphaned locks",
+            result["emptyEntitiesRemoved"], result["orphanedLocksReleased"]
+        );
         Ok(())
     }
 }

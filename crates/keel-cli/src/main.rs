@@ -1,6 +1,6 @@
 //! `keel`: `keel serve` runs the function host (the sample app on a task hub, the
 //! Durable Functions HTTP API and the dashboard); the other subcommands drive a
-//! running host over that API.
+//! running host over that API (`keel entity …` its entities).
 
 mod commands;
 mod output;
@@ -128,6 +128,86 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Signal, read, list, delete and clean up durable entities.
+    Entity {
+        #[command(subcommand)]
+        command: EntityCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EntityCommand {
+    /// Signal an operation on an entity (its first operation creates it).
+    Signal {
+        /// The entity's name, e.g. Counter.
+        name: String,
+        /// The entity's key, e.g. c1.
+        key: String,
+        /// The operation, e.g. add.
+        operation: String,
+        /// The operation's input: JSON text, or @FILE to read it from a file (none when omitted).
+        #[arg(allow_negative_numbers = true)]
+        input: Option<String>,
+        /// Deliver the signal at this time (ISO 8601) instead of at once.
+        #[arg(long)]
+        at: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Show an entity's state (fails when it has none).
+    Get {
+        name: String,
+        key: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Delete an entity's state (signals its `delete` operation).
+    Delete {
+        name: String,
+        key: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// List entities.
+    List {
+        /// Only entities with this name.
+        #[arg(long, conflicts_with = "prefix")]
+        name: Option<String>,
+        /// Only entities whose name starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Show each entity's state.
+        #[arg(long)]
+        state: bool,
+        /// Also list entities without state (deleted, or only locked or waiting).
+        #[arg(long)]
+        transient: bool,
+        /// Only entities whose last operation was at or after this time (ISO 8601).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only entities whose last operation was before this time (ISO 8601).
+        #[arg(long)]
+        to: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        top: usize,
+        /// Follow continuation tokens and list every page.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Remove entities without state and release locks held for orchestrations that are gone or finished.
+    Clean {
+        /// Keep the entities without state.
+        #[arg(long)]
+        keep_empty: bool,
+        /// Leave orphaned locks held.
+        #[arg(long)]
+        keep_locks: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
 }
 
 /// How to reach a running host.
@@ -186,6 +266,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
             None => session(remote)?.purge_where(from.as_deref().unwrap_or_default(), to.as_deref(), &status).await,
         },
         Command::History { instance_id, remote } => session(remote)?.history(&instance_id).await,
+        Command::Entity { command } => run_entity(command).await,
+    }
+}
+
+async fn run_entity(command: EntityCommand) -> anyhow::Result<()> {
+    use commands::Session;
+    let session = |remote: RemoteArgs| Session::new(&remote.url, remote.api_key, remote.json);
+    match command {
+        EntityCommand::Signal { name, key, operation, input, at, remote } => {
+            let input = input.map(read_input).transpose()?;
+            session(remote)?.signal_entity(&name, &key, &operation, input, at.as_deref()).await
+        }
+        EntityCommand::Get { name, key, remote } => session(remote)?.get_entity(&name, &key).await,
+        EntityCommand::Delete { name, key, remote } => session(remote)?.delete_entity(&name, &key).await,
+        EntityCommand::List { name, prefix, state, transient, from, to, top, all, remote } => {
+            let filter = commands::EntityFilter { name, prefix, state, transient, from, to, top, all };
+            session(remote)?.list_entities(&filter).await
+        }
+        EntityCommand::Clean { keep_empty, keep_locks, remote } => {
+            session(remote)?.clean_entities(!keep_empty, !keep_locks).await
+        }
     }
 }
 

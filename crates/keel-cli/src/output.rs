@@ -1,5 +1,5 @@
-//! Human-readable output: an instance's status as labelled lines, instance lists and
-//! histories as aligned tables.
+//! Human-readable output: an instance's status as labelled lines, instance lists,
+//! entity lists and histories as aligned tables.
 
 use serde_json::Value;
 
@@ -49,6 +49,27 @@ pub fn print_instances(instances: &[Value]) {
         .collect();
     print_table(&["INSTANCE ID", "NAME", "STATUS", "CREATED", "LAST UPDATED"], &rows);
     println!("{} instance(s)", instances.len());
+}
+
+pub fn print_entities(entities: &[Value], with_state: bool) {
+    let rows: Vec<Vec<String>> = entities
+        .iter()
+        .map(|entity| {
+            let mut row = vec![
+                text(&entity["entityId"]["name"]),
+                text(&entity["entityId"]["key"]),
+                text(&entity["lastOperationTime"]),
+            ];
+            if with_state {
+                row.push(payload(&entity["state"]));
+            }
+            row
+        })
+        .collect();
+    let header: &[&str] =
+        if with_state { &["NAME", "KEY", "LAST OPERATION", "STATE"] } else { &["NAME", "KEY", "LAST OPERATION"] };
+    print_table(header, &rows);
+    println!("{} entit{}", entities.len(), if entities.len() == 1 { "y" } else { "ies" });
 }
 
 pub fn print_history(events: &Value) {

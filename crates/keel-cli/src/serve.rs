@@ -69,6 +69,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     writeln!(stdout, "  management API:  http://{address}{}", keel_http::MANAGEMENT_BASE_PATH)?;
     writeln!(stdout, "  start:           POST http://{address}/api/orchestrators/{{name}}")?;
     writeln!(stdout, "  orchestrators:   {}", names.join(", "))?;
+    let entities = host.client().entity_names();
+    if !entities.is_empty() {
+        writeln!(stdout, "  entities:        {}", entities.join(", "))?;
+    }
     writeln!(stdout, "  gRPC (Durable Task SDKs): {grpc_address}")?;
     if api_key.is_some() {
         writeln!(stdout, "  API key:         required (x-functions-key header or code= parameter)")?;

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{wait_for_status, Server};
+use common::{wait_for_entity, wait_for_status, Server};
 use serde_json::{json, Value};
 
 /// Runs `keel ARGS --url BASE [extra]`.
@@ -150,4 +150,73 @@ async fn errors_exit_non_zero_with_the_hosts_message() {
         Command::new(env!("CARGO_BIN_EXE_keel")).args(["list", "--url", "http://127.0.0.1:1"]).output().unwrap();
     assert!(!nowhere.status.success());
     assert!(String::from_utf8_lossy(&nowhere.stderr).contains("could not reach"), "{nowhere:?}");
+}
+
+#[tokio::test]
+async fn entity_subcommands_signal_get_list_delete_and_clean() {
+    let server = Server::start(&[]);
+    let signalled = keel_json(&server, &["entity", "signal", "Counter", "cli-1", "add", "5"]);
+    assert_eq!(
+        signalled,
+        json!({"entityId": {"name": "Counter", "key": "cli-1"}, "operation": "add", "accepted": true})
+    );
+    let negative = stdout(&keel(&server, &["entity", "signal", "Counter", "cli-2", "add", "-3"]));
+    assert_eq!(negative.trim(), "Signalled add on Counter/cli-2");
+    let input_file = server.dir().join("amount.json");
+    std::fs::write(&input_file, "4").unwrap();
+    let input_arg = format!("@{}", input_file.display());
+    keel_json(&server, &["entity", "signal", "Counter", "cli-2", "add", &input_arg]);
+    keel_json(&server, &["entity", "signal", "Account", "cli-acct", "deposit", "12", "--at", "2000-01-01T00:00:00Z"]);
+    wait_for_entity(&server, "Counter", "cli-1", Some(json!(5))).await;
+    wait_for_entity(&server, "Counter", "cli-2", Some(json!(1))).await;
+    wait_for_entity(&server, "Account", "cli-acct", Some(json!(12))).await;
+
+    assert_eq!(keel_json(&server, &["entity", "get", "Counter", "cli-1"]), json!(5));
+    assert_eq!(stdout(&keel(&server, &["entity", "get", "counter", "cli-2"])).trim(), "1");
+
+    let listed = keel_json(&server, &["entity", "list"]);
+    let ids: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entity| {
+            format!("{}/{}", entity["entityId"]["name"].as_str().unwrap(), entity["entityId"]["key"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(ids, ["account/cli-acct", "counter/cli-1", "counter/cli-2"]);
+    assert!(listed[0].get("state").is_none());
+    let counters = keel_json(&server, &["entity", "list", "--name", "Counter", "--state"]);
+    assert_eq!(counters.as_array().unwrap().len(), 2);
+    assert_eq!(counters[0]["state"], 5);
+    let first = keel(&server, &["entity", "list", "--top", "1", "--json"]);
+    assert_eq!(serde_json::from_slice::<Value>(&first.stdout).unwrap().as_array().unwrap().len(), 1);
+    let every = keel_json(&server, &["entity", "list", "--top", "1", "--all", "--prefix", "count"]);
+    assert_eq!(every.as_array().unwrap().len(), 2, "--all follows continuation tokens");
+    let table = stdout(&keel(&server, &["entity", "list", "--state"]));
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("LAST OPERATION") && table.contains("cli-acct") && table.contains("12"), "{table}");
+    assert!(table.trim_end().ends_with("3 entities"), "{table}");
+
+    let deleted = stdout(&keel(&server, &["entity", "delete", "Counter", "cli-1"]));
+    assert_eq!(deleted.trim(), "Signalled delete on Counter/cli-1");
+    wait_for_entity(&server, "Counter", "cli-1", None).await;
+    let missing = keel(&server, &["entity", "get", "Counter", "cli-1"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"), "{missing:?}");
+    let transient = keel_json(&server, &["entity", "list", "--transient", "--name", "counter"]);
+    assert_eq!(transient.as_array().unwrap().len(), 2);
+
+    assert_eq!(
+        keel_json(&server, &["entity", "clean", "--keep-locks"]),
+        json!({"emptyEntitiesRemoved": 1, "orphanedLocksReleased": 0})
+    );
+    let cleaned = stdout(&keel(&server, &["entity", "clean"]));
+    assert_eq!(cleaned.trim(), "Removed 0 empty entities; released 0 orphaned locks");
+
+    let unknown = keel(&server, &["entity", "signal", "Nope", "x", "add", "1"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no entity named 'Nope'"), "{unknown:?}");
+    let bad = keel(&server, &["entity", "signal", "Counter", "x", "add", "{not json"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("400"), "{bad:?}");
 }

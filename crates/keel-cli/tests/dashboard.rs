@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: headless Chromium, driven over the DevTools
 //! protocol, loads the page of a real `keel serve`, sees an instance started over
 //! HTTP listed as Completed, starts another one with the page's own form (typing and
-//! clicking like a user) and sees it complete, with its history on the page.
+//! clicking like a user) and sees it complete, with its history on the page; in the
+//! entities view it sees an entity signalled over HTTP with its state, and signals it
+//! with the page's form.
 //!
 //! Skipped, with a message, when Chromium is not installed (`apt-get install -y chromium`).
 
@@ -11,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http, wait_until_finished, Server, WAIT};
+use common::{entity_state, http, wait_for_entity, wait_until_finished, Server, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -201,5 +203,54 @@ async fn the_dashboard_lists_starts_and_shows_instances_in_chromium() {
     let done = wait_until_finished(&server, "from-dashboard").await;
     assert_eq!(done["name"], "HelloCities");
     assert_eq!(done["runtimeStatus"], "Completed");
+    drop(browser);
+}
+
+#[tokio::test]
+async fn the_dashboard_lists_and_signals_entities_in_chromium() {
+    let Some(binary) = chromium() else {
+        eprintln!("SKIPPED: the dashboard test needs Chromium (apt-get install -y chromium) or KEEL_CHROMIUM");
+        return;
+    };
+    let server = Server::start(&[]);
+    let response = http().post(server.api("/entities/Counter/dash-1?op=add")).json(&5).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    wait_for_entity(&server, "Counter", "dash-1", Some(json!(5))).await;
+
+    let browser = Browser::launch(&binary);
+    let mut page = Page::attach(browser.devtools_port().await).await;
+    page.call("Page.navigate", json!({ "url": server.url("/") })).await;
+    page.wait_for("document.body && document.body.dataset.ready === 'true'", json!(true)).await;
+    page.click("#view-entities").await;
+    let row = "document.querySelector('tr[data-entity-id=\"@counter@dash-1\"]')";
+    page.wait_for(&format!("{row}?.dataset.state"), json!("5")).await;
+    let time = page.eval(&format!("{row}.children[2].textContent")).await;
+    assert!(time.as_str().unwrap().ends_with('Z'), "the last operation time: {time}");
+    assert_eq!(page.eval("location.hash").await, json!("#entities"));
+    assert_eq!(page.eval("getComputedStyle(document.querySelector('#list-panel')).display").await, json!("none"));
+
+    // Clicking the row fills in the entity; type the operation and its input, signal.
+    page.click("tr[data-entity-id=\"@counter@dash-1\"]").await;
+    assert_eq!(page.eval("document.querySelector('#entity-name').value").await, json!("counter"));
+    assert_eq!(page.eval("document.querySelector('#entity-key').value").await, json!("dash-1"));
+    page.type_into("#entity-op", "add").await;
+    page.type_into("#entity-input", "2").await;
+    page.click("#entity-signal-button").await;
+    page.wait_for(&format!("{row}?.dataset.state"), json!("7")).await;
+    assert_eq!(entity_state(&server, "Counter", "dash-1").await, Some(json!(7)));
+
+    // A new entity from the form shows up in the list.
+    page.eval("(() => { for (const id of ['#entity-name', '#entity-key', '#entity-op', '#entity-input']) document.querySelector(id).value = ''; })()").await;
+    page.type_into("#entity-name", "Account").await;
+    page.type_into("#entity-key", "dash-acct").await;
+    page.type_into("#entity-op", "deposit").await;
+    page.type_into("#entity-input", "40").await;
+    page.click("#entity-signal-button").await;
+    page.wait_for("document.querySelector('tr[data-entity-id=\"@account@dash-acct\"]')?.dataset.state", json!("40"))
+        .await;
+
+    // Back to the instances view.
+    page.click("#view-instances").await;
+    assert_eq!(page.eval("getComputedStyle(document.querySelector('#list-panel')).display").await, json!("block"));
     drop(browser);
 }

@@ -1,12 +1,12 @@
 //! End to end over HTTP: the real `keel serve` binary on port 0, driven with reqwest
-//! through every management endpoint, the starter, the app route and each sample
-//! pattern, including the 4xx paths and the API key.
+//! through every management endpoint (entities included), the starter, the app route
+//! and each sample pattern, including the 4xx paths and the API key.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{http, wait_for_status, wait_until_finished, Server, API};
+use common::{entity_state, http, wait_for_entity, wait_for_status, wait_until_finished, Server, API};
 use serde_json::{json, Value};
 
 const ORDER: &str = r#"{"orderId":"o-1","customer":"ada@example.com","items":[{"sku":"A1","quantity":2}]}"#;
@@ -476,9 +476,19 @@ async fn with_an_api_key_every_api_and_trigger_request_must_carry_it() {
     assert_eq!(response.status(), 401);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"], "Unauthorized");
-    for url in [server.api("/instances"), server.api("/instances/x"), server.url("/api/orders/o-1")] {
+    for url in [
+        server.api("/instances"),
+        server.api("/instances/x"),
+        server.url("/api/orders/o-1"),
+        server.api("/entities"),
+        server.api("/entities/Counter/c1"),
+    ] {
         assert_eq!(http().get(&url).send().await.unwrap().status(), 401, "{url}");
     }
+    let signal = http().post(server.api("/entities/Counter/c1?op=add")).json(&1).send().await.unwrap();
+    assert_eq!(signal.status(), 401);
+    let signal = http().post(server.api("/entities/Counter/c1?op=add&code=s3cret")).json(&1).send().await.unwrap();
+    assert_eq!(signal.status(), 202);
     let wrong = http().get(server.api("/instances")).header("x-functions-key", "guess").send().await.unwrap();
     assert_eq!(wrong.status(), 401);
     let wrong = http().get(server.api("/instances?code=s3cre")).send().await.unwrap();
@@ -577,4 +587,305 @@ async fn logs_name_the_instance_and_function_and_can_be_json() {
     let started = lines.iter().find(|line| line["message"] == "orchestration started").expect("a start line");
     assert_eq!(started["instance_id"], "logged");
     assert_eq!(started["function"], "HelloCities");
+}
+
+/// Signals an entity operation over HTTP with a JSON body; expects 202.
+async fn signal(server: &Server, name: &str, key: &str, operation: &str, input: Option<Value>) {
+    let mut request = http().post(server.api(&format!("/entities/{name}/{key}?op={operation}")));
+    if let Some(input) = input {
+        request = request.json(&input);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+}
+
+/// Every page of an entity list, following continuation tokens; checks that each token
+/// is ASCII-safe (base64url).
+async fn entity_pages(server: &Server, path_and_query: &str) -> (Vec<Value>, usize) {
+    let mut entities = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut request = http().get(server.api(path_and_query));
+        if let Some(token) = &token {
+            request = request.header("x-ms-continuation-token", token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        token = header(&response, "x-ms-continuation-token").map(str::to_string);
+        if let Some(token) = &token {
+            assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{token}");
+        }
+        let page: Vec<Value> = response.json().await.unwrap();
+        entities.extend(page);
+        pages += 1;
+        assert!(pages < 20, "the pages never end");
+        if token.is_none() {
+            return (entities, pages);
+        }
+    }
+}
+
+fn entity_ids(entities: &[Value]) -> Vec<String> {
+    entities
+        .iter()
+        .map(|entity| {
+            format!("{}/{}", entity["entityId"]["name"].as_str().unwrap(), entity["entityId"]["key"].as_str().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_signals_to_a_counter_all_count_and_delete_removes_its_state() {
+    let server = Server::start(&[]);
+    let signals = (0..50).map(|_| {
+        let url = server.api("/entities/Counter/c1?op=add");
+        async move { http().post(url).json(&2).send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(signals).await;
+    assert!(statuses.iter().all(|status| *status == 202), "{statuses:?}");
+    wait_for_entity(&server, "Counter", "c1", Some(json!(100))).await;
+
+    // Names are case-insensitive; the body of the GET is the state itself.
+    let response = http().get(server.api("/entities/counter/c1")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "content-type"), Some("application/json"));
+    assert_eq!(response.text().await.unwrap(), "100");
+
+    let response = http().get(server.api("/entities/Counter/never-signalled")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "NotFound");
+
+    // A signal delivered later: applied no earlier than its scheduled time.
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let scheduled = at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+    let response = http()
+        .post(server.api(&format!("/entities/Counter/later?op=add&scheduledTime={scheduled}")))
+        .json(&7)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    wait_for_entity(&server, "Counter", "later", Some(json!(7))).await;
+    let listed: Vec<Value> = http().get(server.api("/entities/Counter")).send().await.unwrap().json().await.unwrap();
+    let later = listed.iter().find(|entity| entity["entityId"]["key"] == "later").expect("listed");
+    assert!(later["lastOperationTime"].as_str().unwrap() >= scheduled.as_str(), "{later} before {scheduled}");
+
+    let response = http().delete(server.api("/entities/Counter/c1")).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    wait_for_entity(&server, "Counter", "c1", None).await;
+    let listed: Vec<Value> = http().get(server.api("/entities")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(entity_ids(&listed), ["counter/later"], "a deleted entity is not listed");
+    let transient: Vec<Value> = http()
+        .get(server.api("/entities?includeTransient=true&fetchState=true"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(entity_ids(&transient), ["counter/c1", "counter/later"]);
+    assert_eq!(transient[0]["state"], Value::Null);
+
+    // Cleaning removes the empty entity, once.
+    let response = http().post(server.api("/entities/clean")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"emptyEntitiesRemoved": 1, "orphanedLocksReleased": 0}));
+    let transient: Vec<Value> =
+        http().get(server.api("/entities?includeTransient=true")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(entity_ids(&transient), ["counter/later"]);
+    let response = http()
+        .post(server.api("/entities/clean?removeEmptyEntities=true&releaseOrphanedLocks=false"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"emptyEntitiesRemoved": 0, "orphanedLocksReleased": 0}));
+    // A deleted entity starts again from nothing.
+    signal(&server, "Counter", "c1", "add", Some(json!(3))).await;
+    wait_for_entity(&server, "Counter", "c1", Some(json!(3))).await;
+}
+
+#[tokio::test]
+async fn entity_lists_filter_by_name_and_time_and_page_with_opaque_tokens() {
+    let server = Server::start(&[]);
+    let keys = ["c-0", "c-1", "c-2", "ключ", "c 4"];
+    for key in keys {
+        signal(&server, "Counter", key, "add", Some(json!(1))).await;
+    }
+    signal(&server, "Account", "alice", "deposit", Some(json!(10))).await;
+    for key in keys {
+        wait_for_entity(&server, "Counter", key, Some(json!(1))).await;
+    }
+    wait_for_entity(&server, "Account", "alice", Some(json!(10))).await;
+
+    let (all, pages) = entity_pages(&server, "/entities?top=2").await;
+    assert_eq!(
+        entity_ids(&all),
+        ["account/alice", "counter/c 4", "counter/c-0", "counter/c-1", "counter/c-2", "counter/ключ"]
+    );
+    assert!(pages >= 3, "{pages} pages");
+    assert!(all.iter().all(|entity| entity.get("state").is_none()), "no state without fetchState");
+    let time = all[0]["lastOperationTime"].as_str().unwrap();
+    assert!(time.ends_with('Z') && time.len() == "2024-01-01T00:00:00.000Z".len(), "{time}");
+
+    // One entity a page: the key that is not ASCII makes a token too.
+    let (counters, pages) = entity_pages(&server, "/entities/COUNTER?top=1&fetchState=true").await;
+    assert_eq!(counters.len(), 5);
+    assert!(pages >= 5);
+    assert!(counters.iter().all(|entity| entity["entityId"]["name"] == "counter" && entity["state"] == 1));
+
+    let by_prefix: Vec<Value> =
+        http().get(server.api("/entities?namePrefix=Acc&fetchState=true")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(entity_ids(&by_prefix), ["account/alice"]);
+    assert_eq!(by_prefix[0]["state"], 10);
+    let future: Vec<Value> = http()
+        .get(server.api("/entities?lastOperationTimeFrom=2999-01-01T00:00:00Z"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(future.is_empty());
+    let past: Vec<Value> =
+        http().get(server.api("/entities?lastOperationTimeTo=2000-01-01")).send().await.unwrap().json().await.unwrap();
+    assert!(past.is_empty());
+    let between: Vec<Value> = http()
+        .get(server.api("/entities/Account?lastOperationTimeFrom=2000-01-01&lastOperationTimeTo=2999-01-01T00:00:00Z"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(between.len(), 1);
+    let none: Vec<Value> = http().get(server.api("/entities/clean")).send().await.unwrap().json().await.unwrap();
+    assert!(none.is_empty(), "GET /entities/clean lists the entities named clean");
+    // Entities are not instances.
+    let instances: Vec<Value> = http().get(server.api("/instances")).send().await.unwrap().json().await.unwrap();
+    assert!(instances.is_empty(), "{instances:?}");
+}
+
+#[tokio::test]
+async fn bad_entity_requests_get_a_json_4xx_and_write_nothing() {
+    let server = Server::start(&["--max-body-bytes", "2048"]);
+    let long_key = "k".repeat(300);
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (http().post(server.api("/entities/Nope/x?op=add")).json(&1), 404, "unknown entity name"),
+        (http().delete(server.api("/entities/Nope/x")), 404, "unknown entity name"),
+        (http().post(server.api("/entities/Counter/a%23b?op=add")).json(&1), 400, "'#' in the key"),
+        (http().post(server.api("/entities/Counter/a%40b?op=add")).json(&1), 400, "'@' in the key"),
+        (http().post(server.api("/entities/Counter/a%5Cb?op=add")).json(&1), 400, "'\\' in the key"),
+        (http().post(server.api("/entities/Counter/a%2Fb?op=add")).json(&1), 400, "'/' in the key"),
+        (http().post(server.api("/entities/Counter/a%0Ab?op=add")).json(&1), 400, "a control character in the key"),
+        (http().post(server.api("/entities/Counter/a%FFb?op=add")).json(&1), 400, "a key that is not UTF-8"),
+        (http().post(server.api("/entities/Counter/%24?op=add")).json(&1), 400, "the empty key '$'"),
+        (http().get(server.api("/entities/Counter/$")), 400, "the empty key '$'"),
+        (http().delete(server.api("/entities/Counter/$")), 400, "the empty key '$'"),
+        (http().post(server.api(&format!("/entities/Counter/{long_key}?op=add"))).json(&1), 400, "an over-long key"),
+        (http().post(server.api("/entities/Counter/x")).json(&1), 400, "no operation"),
+        (http().post(server.api("/entities/Counter/x?op=")).json(&1), 400, "an empty operation"),
+        (
+            http().post(server.api(&format!("/entities/Counter/x?op={}", "o".repeat(300)))).json(&1),
+            400,
+            "an over-long operation",
+        ),
+        (
+            http()
+                .post(server.api("/entities/Counter/x?op=add"))
+                .header("content-type", "application/json")
+                .body("{oops"),
+            400,
+            "malformed JSON",
+        ),
+        (http().post(server.api("/entities/Counter/x?op=add")).json(&"x".repeat(4096)), 413, "an oversized body"),
+        (http().post(server.api("/entities/Counter/x?op=add&scheduledTime=soon")).json(&1), 400, "a bad time"),
+        (http().post(server.api("/entities/Counter")).json(&1), 400, "a signal without a key"),
+        (http().put(server.api("/entities/Counter/x")).json(&1), 404, "an unknown method"),
+        (http().get(server.api("/entities/a%40b")), 400, "'@' in a listed name"),
+        (http().get(server.api("/entities?namePrefix=a@b")), 400, "'@' in a name prefix"),
+        (http().get(server.api("/entities?fetchState=maybe")), 400, "a bad boolean"),
+        (http().get(server.api("/entities?top=many")), 400, "a bad page size"),
+        (http().get(server.api("/entities?lastOperationTimeFrom=yesterday")), 400, "a bad time"),
+        (http().get(server.api("/entities")).header("x-ms-continuation-token", "not a token!"), 400, "a bad token"),
+        (http().post(server.api("/entities/clean?removeEmptyEntities=perhaps")), 400, "a bad boolean"),
+        (http().get(server.api("/entities/Nope/x")), 404, "unknown entity name"),
+    ];
+    for (request, expected, what) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{what}");
+        assert_eq!(header(&response, "content-type"), Some("application/json"), "{what}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["message"].is_string() && body["error"].is_string(), "{what}: {body}");
+    }
+    let response = http().post(server.api("/entities/Nope/x?op=add")).json(&1).send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "UnknownEntity");
+
+    // Nothing was written, not even an entity without state.
+    let listed: Vec<Value> =
+        http().get(server.api("/entities?includeTransient=true")).send().await.unwrap().json().await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    let named: Vec<Value> = http().get(server.api("/entities/Nope")).send().await.unwrap().json().await.unwrap();
+    assert!(named.is_empty());
+    assert_eq!(instance_count(&server).await, 0);
+
+    // The body of a signal without a JSON content type is text: a string, which `add` refuses.
+    let response = http().post(server.api("/entities/Counter/typed?op=add")).body("2").send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    signal(&server, "Counter", "typed", "add", Some(json!(5))).await;
+    wait_for_entity(&server, "Counter", "typed", Some(json!(5))).await;
+}
+
+#[tokio::test]
+async fn a_bank_transfer_started_over_http_moves_money_inside_a_critical_section() {
+    let server = Server::start(&[]);
+    signal(&server, "Account", "alice", "deposit", Some(json!(100))).await;
+    signal(&server, "Account", "bob", "deposit", Some(json!(5))).await;
+    wait_for_entity(&server, "Account", "alice", Some(json!(100))).await;
+    wait_for_entity(&server, "Account", "bob", Some(json!(5))).await;
+
+    let id =
+        start(&server, "BankTransfer", Some("transfer-1"), Some(json!({"from": "alice", "to": "bob", "amount": 30})))
+            .await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["runtimeStatus"], "Completed", "{done}");
+    assert_eq!(done["output"], json!({"transferred": true, "fromBalance": 70, "toBalance": 35}));
+    assert_eq!(entity_state(&server, "Account", "alice").await, Some(json!(70)));
+    assert_eq!(entity_state(&server, "Account", "bob").await, Some(json!(35)));
+
+    let id = start(&server, "BankTransfer", None, Some(json!({"from": "bob", "to": "alice", "amount": 500}))).await;
+    let done = wait_until_finished(&server, &id).await;
+    assert_eq!(done["output"], json!({"transferred": false, "fromBalance": 35, "toBalance": 70}));
+
+    // Transfers both ways at once: each one sees both accounts alone, money is kept.
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(
+            start(
+                &server,
+                "BankTransfer",
+                Some(&format!("a-to-b-{n}")),
+                Some(json!({"from": "alice", "to": "bob", "amount": 10})),
+            )
+            .await,
+        );
+        ids.push(
+            start(
+                &server,
+                "BankTransfer",
+                Some(&format!("b-to-a-{n}")),
+                Some(json!({"from": "bob", "to": "alice", "amount": 3})),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        let done = wait_until_finished(&server, id).await;
+        assert_eq!(done["runtimeStatus"], "Completed", "{done}");
+        assert_eq!(done["output"]["transferred"], true, "{done}");
+        let total = done["output"]["fromBalance"].as_i64().unwrap() + done["output"]["toBalance"].as_i64().unwrap();
+        assert_eq!(total, 105, "{id} saw money created or lost: {done}");
+    }
+    assert_eq!(entity_state(&server, "Account", "alice").await, Some(json!(70 - 40 + 12)));
+    assert_eq!(entity_state(&server, "Account", "bob").await, Some(json!(35 + 40 - 12)));
 }

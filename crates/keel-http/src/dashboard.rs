@@ -1,8 +1,11 @@
-//! The dashboard: one page (HTML, JS and CSS embedded in the binary) that lists
-//! instances with filters and paging, shows an instance with its history timeline,
-//! input, output and custom status, and starts, raises events to, terminates,
-//! suspends, resumes, rewinds, restarts and purges instances through the management
-//! API. Served at `/` and `/dashboard/`; no build step.
+//! The dashboard: one page (HTML, JS and CSS embedded in the binary) with two views.
+//! Instances: lists them with filters and paging, shows an instance with its history
+//! timeline, input, output and custom status, and starts, raises events to,
+//! terminates, suspends, resumes, rewinds, restarts and purges instances. Entities
+//! (`#entities`): lists them with their states and last operation times (name prefix
+//! filter, paging), signals operations, deletes entities and cleans up entity storage.
+//! Everything goes through the management API. Served at `/` and `/dashboard/`; no
+//! build step.
 //!
 //! The assets hold no data, so they are served without the API key; the page asks for
 //! the key (or takes `?code=` from its own URL) and sends it with every API call.

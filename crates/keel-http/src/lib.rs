@@ -3,7 +3,8 @@
 //! - [`management`]: the Durable Functions management API under
 //!   `/runtime/webhooks/durabletask` (start, status, list, raise event, terminate,
 //!   suspend, resume, rewind, restart, purge), field for field and status code for
-//!   status code as Durable Functions has it.
+//!   status code as Durable Functions has it; [`entities`]: its entity routes (signal,
+//!   delete, read, list, and Keel's storage clean-up).
 //! - [`trigger`]: the built-in starter `POST /api/orchestrators/{name}` and the helpers
 //!   an app's own routes use: [`DurableClient`], [`create_check_status_response`],
 //!   [`wait_for_completion_or_create_check_status_response`].
@@ -31,6 +32,7 @@
 //! ```
 
 pub mod dashboard;
+pub mod entities;
 mod error;
 pub mod host;
 pub mod management;

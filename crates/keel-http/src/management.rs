@@ -4,9 +4,10 @@
 //! status codes and `Location` / `Retry-After` / `x-ms-continuation-token` headers.
 //!
 //! Keel adds one route: `GET …/orchestrators` lists the orchestrator names the host
-//! runs (the dashboard's start form uses it).
+//! runs (the dashboard's start form uses it). The entity routes live in
+//! [`crate::entities`].
 
-use axum::http::header::{HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use axum::http::header::{HeaderValue, LOCATION, RETRY_AFTER};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +17,7 @@ use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
 use crate::payload::{status_object, StatusView};
-use crate::request::{record_instance, Body, Params, PathParams};
+use crate::request::{has_json_content_type, record_instance, Body, Params, PathParams};
 use crate::trigger::{start_new, start_with_id, wait_parameters, DurableClient};
 use crate::MANAGEMENT_BASE_PATH;
 
@@ -26,8 +27,8 @@ pub const CONTINUATION_HEADER: &str = "x-ms-continuation-token";
 /// `Retry-After` of the status of an instance that is still running, in seconds.
 const STATUS_RETRY_AFTER_SECONDS: u32 = 5;
 
-/// The largest page of an instance list (`top`).
-const MAX_PAGE_SIZE: usize = 1000;
+/// The largest page of an instance or entity list (`top`).
+pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 
 /// The routes of the management API.
 pub(crate) fn routes() -> Router {
@@ -44,6 +45,7 @@ pub(crate) fn routes() -> Router {
         .route(&path("/instances/{instance_id}/resume"), post(resume))
         .route(&path("/instances/{instance_id}/rewind"), post(rewind))
         .route(&path("/instances/{instance_id}/restart"), post(restart))
+        .merge(crate::entities::routes())
 }
 
 async fn no_such_route() -> ApiError {
@@ -172,12 +174,7 @@ async fn raise_event(
     body: Body,
 ) -> ApiResult<StatusCode> {
     record_instance(&instance_id, None);
-    let is_json = headers
-        .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
+    if !has_json_content_type(&headers) {
         return Err(ApiError::BadRequest(
             "raising an event needs a JSON body with Content-Type: application/json".into(),
         ));

@@ -1,7 +1,8 @@
 //! The JSON shapes of the Durable Functions HTTP API: the instance status object, the
-//! history view of `showHistory`, and the management URLs of a check-status response.
+//! history view of `showHistory`, the entity status of entity lists, and the management
+//! URLs of a check-status response.
 
-use keel::{EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp};
+use keel::{EntityMetadata, EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -10,8 +11,8 @@ pub(crate) fn status_time(time: Timestamp) -> String {
     time.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// Times in history events: ISO 8601 with milliseconds.
-fn event_time(time: Timestamp) -> String {
+/// Times in history events and entity lists: ISO 8601 with milliseconds.
+pub(crate) fn event_time(time: Timestamp) -> String {
     time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
@@ -75,6 +76,33 @@ pub(crate) fn status_object(
         history_events: view
             .show_history
             .then(|| history.map(|history| history_events(history, view)).unwrap_or_default()),
+    }
+}
+
+/// An entity in a list (`DurableEntityStatus`): its id, the time of its last operation
+/// and, when the list fetches states, its state (`null` when it has none).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct EntityStatus {
+    entity_id: EntityIdObject,
+    last_operation_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<Value>,
+}
+
+/// `{"name": "counter", "key": "c1"}`: the name as stored (lower case).
+#[derive(Serialize)]
+struct EntityIdObject {
+    name: String,
+    key: String,
+}
+
+/// The list entry of an entity; the state only with `fetch_state`.
+pub(crate) fn entity_status(entity: &EntityMetadata, fetch_state: bool) -> EntityStatus {
+    EntityStatus {
+        entity_id: EntityIdObject { name: entity.id.name.clone(), key: entity.id.key.clone() },
+        last_operation_time: event_time(entity.last_modified),
+        state: fetch_state.then(|| payload_value(entity.state.as_deref())),
     }
 }
 
@@ -204,7 +232,13 @@ pub(crate) fn history_events(history: &[HistoryEvent], view: StatusView) -> Vec<
             | EventKind::ExecutionRewound { reason } => {
                 row.insert("Reason".into(), json!(reason));
             }
-            EventKind::EntityOperationSignaled { request_id, operation, input: sent, scheduled_time, target_instance_id } => {
+            EventKind::EntityOperationSignaled {
+                request_id,
+                operation,
+                input: sent,
+                scheduled_time,
+                target_instance_id,
+            } => {
                 row.insert("RequestId".into(), json!(request_id));
                 row.insert("Operation".into(), json!(operation));
                 row.insert("TargetInstanceId".into(), json!(target_instance_id));

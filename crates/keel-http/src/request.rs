@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
-use axum::http::header::CONTENT_LENGTH;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::Response;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
@@ -171,6 +172,16 @@ impl Body {
             .map_err(|error| ApiError::BadRequest(format!("the {what} is not valid JSON: {error}")))?;
         Ok(Some(text.to_string()))
     }
+}
+
+/// True when the request says its body is JSON (`Content-Type: application/json`,
+/// parameters such as `charset` allowed).
+pub(crate) fn has_json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Wraps every request in a span (method, path, and the instance id and function name

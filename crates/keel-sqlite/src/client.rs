@@ -4,7 +4,8 @@
 
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    EntityQuery, Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, DEFAULT_PAGE_SIZE,
+    EntityQuery, Error, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter,
+    DEFAULT_PAGE_SIZE,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};

@@ -35,8 +35,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery, InstanceRecord,
-    Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result, Store,
+    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery,
+    InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result,
+    Store,
 };
 
 use crate::database::Database;
@@ -130,10 +131,8 @@ impl Store for SqliteStore {
 
     async fn remove_empty_entity(&self, instance_id: &str, now: Timestamp) -> Result<bool> {
         let instance_id = instance_id.to_owned();
-        let removed = self
-            .database
-            .write(move |transaction| client::remove_empty_entity(transaction, &instance_id, now))
-            .await?;
+        let removed =
+            self.database.write(move |transaction| client::remove_empty_entity(transaction, &instance_id, now)).await?;
         if removed {
             self.notifications.instance_changed();
         }

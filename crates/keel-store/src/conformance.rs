@@ -17,8 +17,8 @@ use keel_core::history::{EventKind, FailureDetails, HistoryEvent, ParentInstance
 use keel_core::limits::MAX_PAYLOAD_BYTES;
 
 use crate::{
-    ActivityCompletion, ActivityItem, EntityQuery, EpisodeCommit, Error, InstanceQuery, InstanceRecord, InstanceUpdate, Message,
-    NewActivity, NewInstance, OrchestrationItem, PurgeFilter, Store,
+    ActivityCompletion, ActivityItem, EntityQuery, EpisodeCommit, Error, InstanceQuery, InstanceRecord, InstanceUpdate,
+    Message, NewActivity, NewInstance, OrchestrationItem, PurgeFilter, Store,
 };
 
 /// The start of simulated time in every check: 2024-01-01T00:00:00Z, in milliseconds
@@ -1154,11 +1154,8 @@ pub async fn entity_queries_filter_and_page(store: &dyn Store) {
     assert_eq!(entity_ids(store, counters).await, ["@counter@a", "@counter@b"], "by prefix");
     let outside = EntityQuery { instance_id_prefix: Some("not-".into()), ..EntityQuery::default() };
     assert!(entity_ids(store, outside).await.is_empty(), "a prefix never reaches instances");
-    let modified = EntityQuery {
-        last_modified_from: Some(secs(2)),
-        last_modified_to: Some(secs(3)),
-        ..EntityQuery::default()
-    };
+    let modified =
+        EntityQuery { last_modified_from: Some(secs(2)), last_modified_to: Some(secs(3)), ..EntityQuery::default() };
     assert_eq!(entity_ids(store, modified).await, ["@counter@a"], "last_modified_to is exclusive");
 
     let mut seen = Vec::new();

@@ -1,5 +1,6 @@
 //! Shared helpers of the end-to-end tests: run the real `keel serve` binary on port 0
-//! with a task hub in a temporary directory, find its address, and poll instances.
+//! with a task hub in a temporary directory, find its address, and poll instances and
+//! entities.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -116,6 +117,29 @@ pub async fn wait_for_status(server: &Server, instance_id: &str, statuses: &[&st
             assert!(Instant::now() < deadline, "{instance_id} is still {} after {WAIT:?}", status["runtimeStatus"]);
         }
         assert!(Instant::now() < deadline, "{instance_id} never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The state of an entity (`GET /entities/{name}/{key}`), or `None` while it has none.
+pub async fn entity_state(server: &Server, name: &str, key: &str) -> Option<Value> {
+    let response = http().get(server.api(&format!("/entities/{name}/{key}"))).send().await.expect("entity request");
+    match response.status().as_u16() {
+        200 => Some(response.json().await.expect("a JSON state")),
+        404 => None,
+        other => panic!("GET entity {name}/{key} answered {other}: {}", response.text().await.unwrap_or_default()),
+    }
+}
+
+/// Polls an entity until its state is `expected` (`None`: until it has none).
+pub async fn wait_for_entity(server: &Server, name: &str, key: &str, expected: Option<Value>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state = entity_state(server, name, key).await;
+        if state == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "entity {name}/{key} is {state:?}, not {expected:?}, after {WAIT:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

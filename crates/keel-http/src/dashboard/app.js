@@ -1,4 +1,6 @@
-// Keel dashboard: talks to the management API of the host that serves it.
+// Keel dashboard: talks to the management API of the host that serves it. Two views:
+// instances (start, list, detail with history and actions) and entities (signal, list
+// with states).
 "use strict";
 
 const API = "/runtime/webhooks/durabletask";
@@ -10,6 +12,11 @@ const state = {
   pageTokens: [null], // continuation token of each page seen; the last is the current page
   nextToken: null,
   selected: null,
+};
+
+const entityPages = {
+  pageTokens: [null], // as for instances
+  nextToken: null,
 };
 
 // ---- API key -------------------------------------------------------------------
@@ -286,12 +293,153 @@ async function raiseEvent(event) {
   }
 }
 
+// ---- entities ------------------------------------------------------------------
+
+function entityQuery() {
+  const params = new URLSearchParams();
+  const top = parseInt($("#entity-filter-top").value, 10);
+  params.set("top", Number.isFinite(top) && top > 0 ? String(top) : "20");
+  params.set("fetchState", "true");
+  const prefix = $("#entity-filter-name").value.trim();
+  if (prefix) params.set("namePrefix", prefix);
+  if ($("#entity-filter-transient").checked) params.set("includeTransient", "true");
+  return params.toString();
+}
+
+async function loadEntities() {
+  const token = entityPages.pageTokens[entityPages.pageTokens.length - 1];
+  const headers = token ? { "x-ms-continuation-token": token } : {};
+  const { body, headers: responseHeaders } = await api(`/entities?${entityQuery()}`, { headers });
+  entityPages.nextToken = responseHeaders.get("x-ms-continuation-token");
+  renderEntities(body || []);
+  $("#entity-page-next").disabled = !entityPages.nextToken;
+  $("#entity-page-info").textContent = `page ${entityPages.pageTokens.length}`;
+}
+
+function renderEntities(entities) {
+  const rows = entities.map((entity) => {
+    const { name, key } = entity.entityId;
+    const row = document.createElement("tr");
+    row.dataset.entityId = `@${name}@${key}`;
+    row.dataset.state = entity.state === undefined ? "" : JSON.stringify(entity.state);
+    const keyCell = cell(key);
+    keyCell.className = "key";
+    const stateCell = document.createElement("td");
+    const statePre = document.createElement("pre");
+    statePre.className = "state";
+    statePre.textContent = pretty(entity.state);
+    stateCell.append(statePre);
+    row.append(cell(name), keyCell, cell(entity.lastOperationTime), stateCell);
+    row.title = "Click to signal this entity";
+    row.addEventListener("click", () => {
+      $("#entity-name").value = name;
+      $("#entity-key").value = key;
+      $("#entity-op").focus();
+    });
+    return row;
+  });
+  const body = $("#entities tbody");
+  body.replaceChildren(...rows);
+  if (rows.length === 0) {
+    const row = document.createElement("tr");
+    const empty = cell("No entities match.");
+    empty.colSpan = 4;
+    empty.className = "empty";
+    row.append(empty);
+    body.append(row);
+  }
+}
+
+function entityPath() {
+  const name = $("#entity-name").value.trim();
+  const key = $("#entity-key").value.trim();
+  if (!name || !key) {
+    showMessage("Enter the entity's name and key.", true);
+    return null;
+  }
+  return { label: `${name}/${key}`, path: `/entities/${encodeURIComponent(name)}/${encodeURIComponent(key)}` };
+}
+
+// The worker applies a signal a moment later: look again soon, not only at the next refresh.
+function refreshEntitiesSoon() {
+  for (const delay of [250, 1000]) {
+    setTimeout(() => { if (currentView() === "entities") loadEntities().catch(reportError); }, delay);
+  }
+}
+
+async function signalEntity(event) {
+  event.preventDefault();
+  const entity = entityPath();
+  if (!entity) return;
+  const op = $("#entity-op").value.trim();
+  const input = $("#entity-input").value.trim();
+  if (input) {
+    try { JSON.parse(input); } catch (error) { showMessage(`The input is not valid JSON: ${error.message}`, true); return; }
+  }
+  try {
+    await api(`${entity.path}?op=${encodeURIComponent(op)}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: input,
+    });
+    showMessage(`Signalled ${op} on ${entity.label}`);
+    refreshEntitiesSoon();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function deleteEntity() {
+  const entity = entityPath();
+  if (!entity) return;
+  if (!confirm(`Delete the state of entity ${entity.label}?`)) return;
+  try {
+    await api(entity.path, { method: "DELETE" });
+    showMessage(`Signalled delete on ${entity.label}`);
+    refreshEntitiesSoon();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function cleanEntityStorage() {
+  try {
+    const { body } = await api("/entities/clean", { method: "POST" });
+    showMessage(`Removed ${body.emptyEntitiesRemoved} empty entities; released ${body.orphanedLocksReleased} orphaned locks`);
+    await loadEntities();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+// ---- views ---------------------------------------------------------------------
+
+function currentView() {
+  return document.body.dataset.view === "entities" ? "entities" : "instances";
+}
+
+function showView(view) {
+  document.body.dataset.view = view;
+  for (const tab of document.querySelectorAll("#views [data-view]")) {
+    tab.classList.toggle("active", tab.dataset.view === view);
+  }
+  if (view === "entities" && location.hash !== "#entities") {
+    history.replaceState(null, "", "#entities");
+  } else if (view === "instances" && location.hash === "#entities") {
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
 // ---- wiring --------------------------------------------------------------------
 
 async function refreshAll() {
   try {
-    await loadInstances();
-    await loadDetail();
+    if (currentView() === "entities") {
+      await loadEntities();
+    } else {
+      await loadInstances();
+      await loadDetail();
+    }
   } catch (error) {
     reportError(error);
   }
@@ -320,15 +468,40 @@ async function main() {
   for (const button of document.querySelectorAll("[data-action]")) {
     button.addEventListener("click", () => runAction(button.dataset.action));
   }
+  for (const tab of document.querySelectorAll("#views [data-view]")) {
+    tab.addEventListener("click", () => { showView(tab.dataset.view); refreshAll(); });
+  }
+  $("#entity-signal-form").addEventListener("submit", signalEntity);
+  $("#entity-delete-button").addEventListener("click", deleteEntity);
+  $("#entity-clean").addEventListener("click", cleanEntityStorage);
+  $("#entity-filter-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    entityPages.pageTokens = [null];
+    refreshAll();
+  });
+  $("#entity-page-first").addEventListener("click", () => { entityPages.pageTokens = [null]; refreshAll(); });
+  $("#entity-page-next").addEventListener("click", () => {
+    if (entityPages.nextToken) entityPages.pageTokens.push(entityPages.nextToken);
+    refreshAll();
+  });
   window.addEventListener("hashchange", () => {
+    if (location.hash === "#entities") {
+      showView("entities");
+      refreshAll();
+      return;
+    }
     const id = selectionFromHash();
-    if (id && id !== state.selected) selectInstance(id).catch(reportError);
+    if (id && id !== state.selected) {
+      showView("instances");
+      selectInstance(id).catch(reportError);
+    }
   });
   try {
     await loadOrchestrators();
   } catch (error) {
     reportError(error);
   }
+  showView(location.hash === "#entities" ? "entities" : "instances");
   state.selected = selectionFromHash();
   await refreshAll();
   document.body.dataset.ready = "true";
