@@ -1,17 +1,22 @@
 //! Between Keel's model and the protocol's messages: history events, failure details,
-//! timestamps, statuses, instance states, work items, and a worker's orchestrator
-//! response turned into a [`RemoteOutcome`].
+//! timestamps, statuses, instance states, work items, a worker's orchestrator response
+//! turned into a [`RemoteOutcome`] and its entity batch result into a [`BatchOutcome`].
 //!
 //! The two history models map one to one: event ids (the action sequence numbers) and
 //! timestamps pass through unchanged, so what the worker replays is exactly what Keel
 //! stored. Payloads are opaque JSON text on both sides. Two translations are not one to
 //! one and are made here only: a termination reason is plain text in Keel and a JSON
-//! value on the wire ([`reason_to_wire`], [`reason_from_wire`]), and an empty payload
-//! string on the wire means "no payload".
+//! value on the wire ([`reason_to_wire`], [`reason_from_wire`]), an empty payload
+//! string on the wire means "no payload", and Keel's `EntityLockGranted` carries the
+//! lock set, which the wire's does not.
 
 use chrono::DateTime;
+use keel::entity::{BatchOutcome, EntityAction};
+use keel::entity_episode::EntityEpisode;
 use keel::episode::{RemoteEpisode, RemoteOutcome};
-use keel::{EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp};
+use keel::{
+    EntityId, EntityMetadata, EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp,
+};
 use keel_core::history::ParentInstance;
 use keel_core::{limits, Action, Completion};
 use keel_store::ActivityItem;
@@ -19,7 +24,10 @@ use keel_store::ActivityItem;
 use crate::error::{Error, Result};
 use crate::proto;
 use crate::proto::history_event::EventType;
+use crate::proto::operation_action::OperationActionType;
+use crate::proto::operation_result::ResultType;
 use crate::proto::orchestrator_action::OrchestratorActionType;
+use crate::proto::send_entity_message_action::EntityMessageType;
 
 /// Error type of an orchestration that used a feature this server does not offer yet.
 pub const UNSUPPORTED_ERROR_TYPE: &str = "NotSupported";
@@ -183,6 +191,64 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
         EventKind::ExecutionRewound { reason } => {
             EventType::ExecutionRewound(proto::ExecutionRewoundEvent { reason: reason.clone(), ..Default::default() })
         }
+        EventKind::EntityOperationSignaled { request_id, operation, input, scheduled_time, target_instance_id } => {
+            EventType::EntityOperationSignaled(proto::EntityOperationSignaledEvent {
+                request_id: request_id.clone(),
+                operation: operation.clone(),
+                scheduled_time: scheduled_time.map(timestamp_to_proto),
+                input: input.clone(),
+                target_instance_id: Some(target_instance_id.clone()),
+            })
+        }
+        EventKind::EntityOperationCalled {
+            request_id,
+            operation,
+            input,
+            parent_instance_id,
+            parent_execution_id,
+            target_instance_id,
+        } => EventType::EntityOperationCalled(proto::EntityOperationCalledEvent {
+            request_id: request_id.clone(),
+            operation: operation.clone(),
+            scheduled_time: None,
+            input: input.clone(),
+            parent_instance_id: Some(parent_instance_id.clone()),
+            parent_execution_id: (!parent_execution_id.is_empty()).then(|| parent_execution_id.clone()),
+            target_instance_id: Some(target_instance_id.clone()),
+        }),
+        EventKind::EntityOperationCompleted { request_id, output } => {
+            EventType::EntityOperationCompleted(proto::EntityOperationCompletedEvent {
+                request_id: request_id.clone(),
+                output: output.clone(),
+            })
+        }
+        EventKind::EntityOperationFailed { request_id, failure } => {
+            EventType::EntityOperationFailed(proto::EntityOperationFailedEvent {
+                request_id: request_id.clone(),
+                failure_details: Some(failure_to_proto(failure)),
+            })
+        }
+        EventKind::EntityLockRequested { critical_section_id, lock_set, position, parent_instance_id } => {
+            EventType::EntityLockRequested(proto::EntityLockRequestedEvent {
+                critical_section_id: critical_section_id.clone(),
+                lock_set: lock_set.clone(),
+                position: *position,
+                parent_instance_id: Some(parent_instance_id.clone()),
+            })
+        }
+        // The lock set is Keel's own addition; the wire's grant names the section only.
+        EventKind::EntityLockGranted { critical_section_id, .. } => {
+            EventType::EntityLockGranted(proto::EntityLockGrantedEvent {
+                critical_section_id: critical_section_id.clone(),
+            })
+        }
+        EventKind::EntityUnlockSent { critical_section_id, parent_instance_id, target_instance_id } => {
+            EventType::EntityUnlockSent(proto::EntityUnlockSentEvent {
+                critical_section_id: critical_section_id.clone(),
+                parent_instance_id: Some(parent_instance_id.clone()),
+                target_instance_id: Some(target_instance_id.clone()),
+            })
+        }
     };
     proto::HistoryEvent {
         event_id: event.event_id,
@@ -192,7 +258,7 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
 }
 
 /// An event from the wire as a Keel event; `now` stands in for a missing timestamp.
-/// Event types Keel has no counterpart for (entities, history state, generic) are refused.
+/// Event types Keel has no counterpart for (history state, generic, …) are refused.
 pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<HistoryEvent> {
     let timestamp = optional_timestamp(event.timestamp.as_ref(), "the event timestamp")?.unwrap_or(now);
     let required_time = |at: Option<&prost_types::Timestamp>, what: &str| {
@@ -284,6 +350,44 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
         Some(EventType::ExecutionRewound(rewound)) => {
             EventKind::ExecutionRewound { reason: payload(rewound.reason.clone()) }
         }
+        Some(EventType::EntityOperationSignaled(signaled)) => EventKind::EntityOperationSignaled {
+            request_id: signaled.request_id.clone(),
+            operation: signaled.operation.clone(),
+            input: payload(signaled.input.clone()),
+            scheduled_time: optional_timestamp(signaled.scheduled_time.as_ref(), "the signal's scheduledTime")?,
+            target_instance_id: signaled.target_instance_id.clone().unwrap_or_default(),
+        },
+        Some(EventType::EntityOperationCalled(called)) => EventKind::EntityOperationCalled {
+            request_id: called.request_id.clone(),
+            operation: called.operation.clone(),
+            input: payload(called.input.clone()),
+            parent_instance_id: called.parent_instance_id.clone().unwrap_or_default(),
+            parent_execution_id: called.parent_execution_id.clone().unwrap_or_default(),
+            target_instance_id: called.target_instance_id.clone().unwrap_or_default(),
+        },
+        Some(EventType::EntityOperationCompleted(completed)) => EventKind::EntityOperationCompleted {
+            request_id: completed.request_id.clone(),
+            output: payload(completed.output.clone()),
+        },
+        Some(EventType::EntityOperationFailed(failed)) => EventKind::EntityOperationFailed {
+            request_id: failed.request_id.clone(),
+            failure: required_failure(failed.failure_details.as_ref())?,
+        },
+        Some(EventType::EntityLockRequested(requested)) => EventKind::EntityLockRequested {
+            critical_section_id: requested.critical_section_id.clone(),
+            lock_set: requested.lock_set.clone(),
+            position: requested.position,
+            parent_instance_id: requested.parent_instance_id.clone().unwrap_or_default(),
+        },
+        Some(EventType::EntityLockGranted(granted)) => EventKind::EntityLockGranted {
+            critical_section_id: granted.critical_section_id.clone(),
+            lock_set: Vec::new(),
+        },
+        Some(EventType::EntityUnlockSent(unlock)) => EventKind::EntityUnlockSent {
+            critical_section_id: unlock.critical_section_id.clone(),
+            parent_instance_id: unlock.parent_instance_id.clone().unwrap_or_default(),
+            target_instance_id: unlock.target_instance_id.clone().unwrap_or_default(),
+        },
         Some(other) => {
             return Err(Error::InvalidArgument(format!(
                 "history events of type {} are not supported",
@@ -299,13 +403,6 @@ fn event_type_name(kind: &EventType) -> &'static str {
         EventType::GenericEvent(_) => "genericEvent",
         EventType::HistoryState(_) => "historyState",
         EventType::OrchestratorCompleted(_) => "orchestratorCompleted",
-        EventType::EntityOperationSignaled(_)
-        | EventType::EntityOperationCalled(_)
-        | EventType::EntityOperationCompleted(_)
-        | EventType::EntityOperationFailed(_)
-        | EventType::EntityLockRequested(_)
-        | EventType::EntityLockGranted(_)
-        | EventType::EntityUnlockSent(_) => "entity",
         _ => "this",
     }
 }
@@ -342,6 +439,123 @@ pub fn activity_request(item: &ActivityItem) -> proto::ActivityRequest {
     }
 }
 
+/// The work item that hands an entity batch to a worker: the state before the batch
+/// and the operations, as the `EntityOperationSignaled` / `…Called` events they came
+/// in (the worker answers calls through them).
+pub fn entity_request(episode: &EntityEpisode) -> proto::EntityRequest {
+    let instance_id = episode.id.instance_id();
+    proto::EntityRequest {
+        operation_requests: episode
+            .operations
+            .iter()
+            .map(|operation| event_to_proto(&instance_id, &operation.event))
+            .collect(),
+        instance_id,
+        execution_id: episode.instance.execution_id.clone(),
+        entity_state: episode.state.clone(),
+    }
+}
+
+/// What a worker's `EntityBatchResult` for `episode` did, checked: one result per
+/// operation, in order (`success.result` empty: no result), the state after the batch
+/// (unset or empty: no state, the entity is deleted) and the signals and starts of the
+/// operations that succeeded. A result that fails the whole batch (`failureDetails`)
+/// fails every operation and keeps the state as it was. Anything malformed (a result
+/// count that differs from the operation count, an invalid signal target, a payload
+/// over the limit) is an error: nothing of it may be applied.
+pub fn batch_outcome(result: &proto::EntityBatchResult, episode: &EntityEpisode) -> Result<BatchOutcome> {
+    if let Some(failure) = &result.failure_details {
+        let failure = failure_from_proto(failure);
+        return Ok(BatchOutcome {
+            state: episode.state.clone(),
+            results: episode.operations.iter().map(|_| Err(failure.clone())).collect(),
+            actions: Vec::new(),
+        });
+    }
+    if result.results.len() != episode.operations.len() {
+        return Err(Error::InvalidArgument(format!(
+            "the batch of entity {} had {} operations but the result has {} results",
+            episode.id,
+            episode.operations.len(),
+            result.results.len()
+        )));
+    }
+    let mut results = Vec::with_capacity(result.results.len());
+    for (index, operation) in result.results.iter().enumerate() {
+        results.push(match &operation.result_type {
+            None => {
+                return Err(Error::InvalidArgument(format!("operation result #{index} is neither success nor failure")))
+            }
+            Some(ResultType::Success(success)) => {
+                let output = payload(success.result.clone());
+                match limits::check_payload("the operation result", output.as_deref()) {
+                    Ok(()) => Ok(output),
+                    Err(message) => Err(FailureDetails::new("PayloadTooLarge", message)),
+                }
+            }
+            Some(ResultType::Failure(failure)) => Err(failure
+                .failure_details
+                .as_ref()
+                .map(failure_from_proto)
+                .unwrap_or_else(|| FailureDetails::new("EntityOperationFailed", "the entity operation failed"))),
+        });
+    }
+    let mut actions = Vec::with_capacity(result.actions.len());
+    for action in &result.actions {
+        let check_input = |input: Option<String>, what: &str| {
+            let input = payload(input);
+            limits::check_payload(what, input.as_deref()).map_err(Error::InvalidArgument)?;
+            Ok::<_, Error>(input)
+        };
+        actions.push(match &action.operation_action_type {
+            None => return Err(Error::InvalidArgument(format!("entity action {} has no action type", action.id))),
+            Some(OperationActionType::SendSignal(signal)) => {
+                let target = EntityId::parse(&signal.instance_id).map_err(|message| {
+                    Error::InvalidArgument(format!(
+                        "entity {} signals '{}', which is not a valid entity id: {message}",
+                        episode.id, signal.instance_id
+                    ))
+                })?;
+                limits::check_name("operation", &signal.name).map_err(Error::InvalidArgument)?;
+                EntityAction::Signal {
+                    target: target.instance_id(),
+                    operation: signal.name.clone(),
+                    input: check_input(signal.input.clone(), "the signal input")?,
+                    scheduled_time: optional_timestamp(signal.scheduled_time.as_ref(), "the signal's scheduledTime")?,
+                }
+            }
+            Some(OperationActionType::StartNewOrchestration(start)) => {
+                limits::check_name("orchestrator", &start.name).map_err(Error::InvalidArgument)?;
+                let instance_id = if start.instance_id.is_empty() {
+                    keel::client::new_instance_id()
+                } else {
+                    start.instance_id.clone()
+                };
+                limits::check_instance_id(&instance_id).map_err(Error::InvalidArgument)?;
+                // Keel's entity starts carry no version: `version` is not kept.
+                EntityAction::StartOrchestration {
+                    instance_id,
+                    name: start.name.clone(),
+                    input: check_input(start.input.clone(), "the orchestration input")?,
+                    scheduled_start: optional_timestamp(start.scheduled_time.as_ref(), "the start's scheduledTime")?,
+                }
+            }
+        });
+    }
+    Ok(BatchOutcome { state: payload(result.entity_state.clone()), results, actions })
+}
+
+/// An entity as `GetEntity` and `QueryEntities` report it; the state only when asked for.
+pub fn entity_metadata(entity: &EntityMetadata, include_state: bool) -> proto::EntityMetadata {
+    proto::EntityMetadata {
+        instance_id: entity.id.instance_id(),
+        last_modified_time: Some(timestamp_to_proto(entity.last_modified)),
+        backlog_queue_size: i32::try_from(entity.backlog).unwrap_or(i32::MAX),
+        locked_by: entity.locked_by.clone(),
+        serialized_state: if include_state { entity.state.clone() } else { None },
+    }
+}
+
 /// An instance's state as `GetInstance` and `QueryInstances` report it; inputs and
 /// outputs only when asked for.
 pub fn orchestration_state(status: &InstanceStatus, with_payloads: bool) -> proto::OrchestrationState {
@@ -372,12 +586,14 @@ pub struct Termination {
     pub reason: Option<String>,
 }
 
-/// What a worker's `OrchestratorResponse` decided, checked. A malformed response is an
-/// error (nothing of it is applied); an action Keel does not support yet (entities,
-/// worker-built rewinds) or a payload over the limit fails the orchestration instead.
+/// What a worker's `OrchestratorResponse` for the execution `execution_id` of
+/// `parent_instance_id` decided, checked. A malformed response is an error (nothing of
+/// it is applied); an action Keel does not support (worker-built rewinds), a payload
+/// over the limit or an entity id Keel refuses fails the orchestration instead.
 pub fn outcome_from_response(
     response: &proto::OrchestratorResponse,
     parent_instance_id: &str,
+    execution_id: &str,
     now: Timestamp,
 ) -> Result<(RemoteOutcome, Vec<Termination>)> {
     let mut actions = Vec::new();
@@ -441,13 +657,18 @@ pub fn outcome_from_response(
                 }
                 completion = Some(completion_from_proto(complete, now)?);
             }
-            OrchestratorActionType::SendEntityMessage(_) => {
-                refusal = refusal.or_else(|| {
-                    Some(FailureDetails::new(
-                        UNSUPPORTED_ERROR_TYPE,
-                        "durable entities are not supported by this Keel server yet",
-                    ))
-                });
+            OrchestratorActionType::SendEntityMessage(message) => {
+                match entity_action(id, message, parent_instance_id, execution_id)? {
+                    Ok(action) => {
+                        let input = match &action {
+                            Action::SignalEntity { input, .. } | Action::CallEntity { input, .. } => input.as_deref(),
+                            _ => None,
+                        };
+                        refusal = refusal.or_else(|| payload_failure_of("the entity operation input", input));
+                        actions.push(action);
+                    }
+                    Err(failure) => refusal = refusal.or(Some(failure)),
+                }
             }
             OrchestratorActionType::RewindOrchestration(_) => {
                 refusal = refusal.or_else(|| {
@@ -465,6 +686,117 @@ pub fn outcome_from_response(
         completion = Some(Completion::Failed { failure });
     }
     Ok((RemoteOutcome { actions, completion, custom_status }, terminations))
+}
+
+/// Error type of an orchestration that named an entity id Keel does not accept (the
+/// SDKs allow a few characters in keys that Keel refuses: `/ \ # ?`, control characters).
+pub const INVALID_ENTITY_ID_ERROR_TYPE: &str = "InvalidEntityId";
+
+/// An entity id from an orchestrator action, in Keel's normal form; refused ids fail
+/// the orchestration.
+fn action_entity_id(id: i32, what: &str, target: &str) -> std::result::Result<String, FailureDetails> {
+    EntityId::parse(target).map(|entity| entity.instance_id()).map_err(|message| {
+        FailureDetails::new(
+            INVALID_ENTITY_ID_ERROR_TYPE,
+            format!("{what} (action {id}) names '{target}', which is not a valid entity id: {message}"),
+        )
+    })
+}
+
+/// A `sendEntityMessage` action as a Keel action. `Err` of the outer result: the action
+/// is malformed; of the inner one: the orchestration is failed with these details.
+fn entity_action(
+    id: i32,
+    message: &proto::SendEntityMessageAction,
+    parent_instance_id: &str,
+    execution_id: &str,
+) -> Result<std::result::Result<Action, FailureDetails>> {
+    let required = |value: &str, what: &str| {
+        if value.is_empty() {
+            Err(Error::InvalidArgument(format!("entity action {id} has no {what}")))
+        } else {
+            Ok(())
+        }
+    };
+    let target = |target: &Option<String>, what: &str| {
+        let target = target.clone().unwrap_or_default();
+        required(&target, "targetInstanceId")?;
+        Ok::<_, Error>(action_entity_id(id, what, &target))
+    };
+    let action = match message.entity_message_type.as_ref() {
+        None => return Err(Error::InvalidArgument(format!("entity action {id} has no message type"))),
+        Some(EntityMessageType::EntityOperationSignaled(signal)) => {
+            required(&signal.request_id, "requestId")?;
+            limits::check_name("operation", &signal.operation).map_err(Error::InvalidArgument)?;
+            let target = match target(&signal.target_instance_id, "a signal")? {
+                Ok(target) => target,
+                Err(failure) => return Ok(Err(failure)),
+            };
+            Action::SignalEntity {
+                id,
+                request_id: signal.request_id.clone(),
+                target,
+                operation: signal.operation.clone(),
+                input: payload(signal.input.clone()),
+                scheduled_time: optional_timestamp(signal.scheduled_time.as_ref(), "the signal's scheduledTime")?,
+            }
+        }
+        Some(EntityMessageType::EntityOperationCalled(call)) => {
+            required(&call.request_id, "requestId")?;
+            limits::check_name("operation", &call.operation).map_err(Error::InvalidArgument)?;
+            let target = match target(&call.target_instance_id, "a call")? {
+                Ok(target) => target,
+                Err(failure) => return Ok(Err(failure)),
+            };
+            // The SDKs name the caller but not its execution: answers go to this one.
+            Action::CallEntity {
+                id,
+                request_id: call.request_id.clone(),
+                target,
+                operation: call.operation.clone(),
+                input: payload(call.input.clone()),
+                parent_instance_id: parent_instance_id.to_string(),
+                parent_execution_id: execution_id.to_string(),
+            }
+        }
+        Some(EntityMessageType::EntityLockRequested(lock)) => {
+            required(&lock.critical_section_id, "criticalSectionId")?;
+            let mut lock_set = Vec::with_capacity(lock.lock_set.len());
+            for target in &lock.lock_set {
+                match action_entity_id(id, "a lock request", target) {
+                    Ok(target) => lock_set.push(target),
+                    Err(failure) => return Ok(Err(failure)),
+                }
+            }
+            // The lock travels along the set in order: sorted and without duplicates,
+            // so that two critical sections never wait for each other.
+            lock_set.sort();
+            lock_set.dedup();
+            if lock_set.is_empty() {
+                return Err(Error::InvalidArgument(format!("lock request {id} names no entity")));
+            }
+            Action::LockEntities {
+                id,
+                critical_section_id: lock.critical_section_id.clone(),
+                lock_set,
+                parent_instance_id: parent_instance_id.to_string(),
+            }
+        }
+        Some(EntityMessageType::EntityUnlockSent(unlock)) => {
+            required(&unlock.critical_section_id, "criticalSectionId")?;
+            let target = match target(&unlock.target_instance_id, "an unlock")? {
+                Ok(target) => target,
+                Err(failure) => return Ok(Err(failure)),
+            };
+            Action::UnlockEntity {
+                id,
+                critical_section_id: unlock.critical_section_id.clone(),
+                target,
+                parent_instance_id: parent_instance_id.to_string(),
+            }
+        }
+    };
+    Ok(Ok(action))
 }
 
 /// A payload over the limit fails the orchestration (as it does for Rust orchestrators).
@@ -546,6 +878,35 @@ mod tests {
             EventKind::ExecutionTerminated { reason: Some("enough".into()) },
             EventKind::ExecutionRewound { reason: Some("again".into()) },
             EventKind::ContinueAsNew { input: Some("7".into()) },
+            EventKind::EntityOperationSignaled {
+                request_id: "r1".into(),
+                operation: "add".into(),
+                input: Some("5".into()),
+                scheduled_time: Some(at(7_000)),
+                target_instance_id: "@counter@k".into(),
+            },
+            EventKind::EntityOperationCalled {
+                request_id: "r2".into(),
+                operation: "get".into(),
+                input: None,
+                parent_instance_id: "o".into(),
+                parent_execution_id: "oe".into(),
+                target_instance_id: "@counter@k".into(),
+            },
+            EventKind::EntityOperationCompleted { request_id: "r2".into(), output: Some("5".into()) },
+            EventKind::EntityOperationFailed { request_id: "r3".into(), failure: FailureDetails::new("E", "no") },
+            EventKind::EntityLockRequested {
+                critical_section_id: "cs".into(),
+                lock_set: vec!["@a@1".into(), "@a@2".into()],
+                position: 1,
+                parent_instance_id: "o".into(),
+            },
+            EventKind::EntityLockGranted { critical_section_id: "cs".into(), lock_set: Vec::new() },
+            EventKind::EntityUnlockSent {
+                critical_section_id: "cs".into(),
+                parent_instance_id: "o".into(),
+                target_instance_id: "@a@1".into(),
+            },
             EventKind::ExecutionCompleted {
                 status: RuntimeStatus::Completed,
                 result: Some("\"ok\"".into()),
@@ -638,6 +999,7 @@ mod tests {
                 }),
             ]),
             "i",
+            "e",
             at(0),
         )
         .unwrap();
@@ -655,6 +1017,291 @@ mod tests {
         assert_eq!(outcome.completion, None);
     }
 
+    fn entity_message(kind: EntityMessageType) -> OrchestratorActionType {
+        OrchestratorActionType::SendEntityMessage(proto::SendEntityMessageAction { entity_message_type: Some(kind) })
+    }
+
+    #[test]
+    fn entity_messages_become_keel_actions() {
+        let (outcome, _) = outcome_from_response(
+            &response(vec![
+                entity_message(EntityMessageType::EntityOperationSignaled(proto::EntityOperationSignaledEvent {
+                    request_id: "r1".into(),
+                    operation: "add".into(),
+                    scheduled_time: Some(timestamp_to_proto(at(2_000))),
+                    input: Some("5".into()),
+                    target_instance_id: Some("@Counter@K1".into()),
+                })),
+                entity_message(EntityMessageType::EntityOperationCalled(proto::EntityOperationCalledEvent {
+                    request_id: "r2".into(),
+                    operation: "get".into(),
+                    input: Some(String::new()),
+                    parent_instance_id: Some("i".into()),
+                    target_instance_id: Some("@counter@k1".into()),
+                    ..Default::default()
+                })),
+                entity_message(EntityMessageType::EntityLockRequested(proto::EntityLockRequestedEvent {
+                    critical_section_id: "cs".into(),
+                    lock_set: vec!["@b@1".into(), "@a@2".into(), "@b@1".into()],
+                    position: 0,
+                    parent_instance_id: Some("i".into()),
+                })),
+                entity_message(EntityMessageType::EntityUnlockSent(proto::EntityUnlockSentEvent {
+                    critical_section_id: "cs".into(),
+                    parent_instance_id: Some("i".into()),
+                    target_instance_id: Some("@a@2".into()),
+                })),
+            ]),
+            "i",
+            "e",
+            at(0),
+        )
+        .unwrap();
+        assert_eq!(
+            outcome.actions,
+            vec![
+                Action::SignalEntity {
+                    id: 1,
+                    request_id: "r1".into(),
+                    target: "@counter@K1".into(),
+                    operation: "add".into(),
+                    input: Some("5".into()),
+                    scheduled_time: Some(at(2_000)),
+                },
+                Action::CallEntity {
+                    id: 2,
+                    request_id: "r2".into(),
+                    target: "@counter@k1".into(),
+                    operation: "get".into(),
+                    input: None,
+                    parent_instance_id: "i".into(),
+                    parent_execution_id: "e".into(),
+                },
+                Action::LockEntities {
+                    id: 3,
+                    critical_section_id: "cs".into(),
+                    lock_set: vec!["@a@2".into(), "@b@1".into()],
+                    parent_instance_id: "i".into(),
+                },
+                Action::UnlockEntity {
+                    id: 4,
+                    critical_section_id: "cs".into(),
+                    target: "@a@2".into(),
+                    parent_instance_id: "i".into(),
+                },
+            ]
+        );
+        assert_eq!(outcome.completion, None);
+        // The echo in history is the action, as the SDK replays it.
+        let echo = event_to_proto("i", &outcome.actions[1].to_history_event(at(0)));
+        assert_eq!(echo.event_id, 2);
+        let Some(EventType::EntityOperationCalled(called)) = echo.event_type else { panic!() };
+        assert_eq!((called.request_id.as_str(), called.parent_execution_id.as_deref()), ("r2", Some("e")));
+    }
+
+    #[test]
+    fn an_entity_id_keel_refuses_fails_the_orchestration_and_a_malformed_message_is_refused() {
+        let signal = |target: &str, request_id: &str| {
+            response(vec![entity_message(EntityMessageType::EntityOperationSignaled(
+                proto::EntityOperationSignaledEvent {
+                    request_id: request_id.into(),
+                    operation: "add".into(),
+                    target_instance_id: Some(target.into()),
+                    ..Default::default()
+                },
+            ))])
+        };
+        let (outcome, _) = outcome_from_response(&signal("@counter@a/b", "r"), "i", "e", at(0)).unwrap();
+        let Some(Completion::Failed { failure }) = outcome.completion else { panic!("{outcome:?}") };
+        assert_eq!(failure.error_type, INVALID_ENTITY_ID_ERROR_TYPE);
+        assert!(failure.error_message.contains("@counter@a/b"), "{failure}");
+        assert!(matches!(
+            outcome_from_response(&signal("@counter@a", ""), "i", "e", at(0)),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(outcome_from_response(&signal("", "r"), "i", "e", at(0)), Err(Error::InvalidArgument(_))));
+    }
+
+    fn entity_episode(operations: &[EventKind]) -> Box<EntityEpisode> {
+        use keel_store::{InstanceRecord, Message, OrchestrationItem, OrchestrationLock, StoredMessage};
+        let instance_id = "@counter@k1";
+        let item = OrchestrationItem {
+            lock: OrchestrationLock { instance_id: instance_id.into(), token: "l".into() },
+            instance: InstanceRecord {
+                instance_id: instance_id.into(),
+                name: "counter".into(),
+                version: None,
+                execution_id: "x".into(),
+                status: RuntimeStatus::Running,
+                input: None,
+                output: Some("1".into()),
+                custom_status: None,
+                failure: None,
+                parent: None,
+                scheduled_start: None,
+                created_at: at(0),
+                last_updated_at: at(0),
+                completed_at: None,
+                history_len: 0,
+            },
+            messages: operations
+                .iter()
+                .enumerate()
+                .map(|(i, kind)| StoredMessage {
+                    id: i as i64 + 1,
+                    message: Message {
+                        instance_id: instance_id.into(),
+                        execution_id: None,
+                        event: HistoryEvent::new(at(1), kind.clone()),
+                        visible_at: at(1),
+                    },
+                })
+                .collect(),
+            delivery_attempts: 1,
+        };
+        match keel::entity_episode::prepare_entity(&item, at(2)) {
+            keel::entity_episode::EntityIntake::Run(episode) => episode,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn two_operations() -> Box<EntityEpisode> {
+        entity_episode(&[
+            EventKind::EntityOperationSignaled {
+                request_id: "r1".into(),
+                operation: "add".into(),
+                input: Some("2".into()),
+                scheduled_time: None,
+                target_instance_id: "@counter@k1".into(),
+            },
+            EventKind::EntityOperationCalled {
+                request_id: "r2".into(),
+                operation: "get".into(),
+                input: None,
+                parent_instance_id: "o".into(),
+                parent_execution_id: "oe".into(),
+                target_instance_id: "@counter@k1".into(),
+            },
+        ])
+    }
+
+    #[test]
+    fn entity_batches_travel_as_their_operation_events() {
+        let episode = two_operations();
+        let request = entity_request(&episode);
+        assert_eq!(request.instance_id, "@counter@k1");
+        assert_eq!(request.entity_state.as_deref(), Some("1"));
+        assert_eq!(request.operation_requests.len(), 2);
+        assert!(matches!(request.operation_requests[0].event_type, Some(EventType::EntityOperationSignaled(_))));
+        let Some(EventType::EntityOperationCalled(called)) = &request.operation_requests[1].event_type else {
+            panic!()
+        };
+        assert_eq!(called.parent_instance_id.as_deref(), Some("o"));
+    }
+
+    fn success(result: &str) -> proto::OperationResult {
+        proto::OperationResult {
+            result_type: Some(ResultType::Success(proto::OperationResultSuccess {
+                result: Some(result.into()),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn entity_batch_results_become_outcomes() {
+        let episode = two_operations();
+        let failure = proto::OperationResult {
+            result_type: Some(ResultType::Failure(proto::OperationResultFailure {
+                failure_details: Some(failure_to_proto(&FailureDetails::new("builtins.ValueError", "no"))),
+                ..Default::default()
+            })),
+        };
+        let signal = |target: &str| proto::OperationAction {
+            id: 0,
+            operation_action_type: Some(OperationActionType::SendSignal(proto::SendSignalAction {
+                instance_id: target.into(),
+                name: "run".into(),
+                scheduled_time: Some(timestamp_to_proto(at(9_000))),
+                ..Default::default()
+            })),
+        };
+        let start = proto::OperationAction {
+            id: 0,
+            operation_action_type: Some(OperationActionType::StartNewOrchestration(
+                proto::StartNewOrchestrationAction {
+                    instance_id: "s1-2026-12-01T07:32:08.663224+00:00".into(),
+                    name: "target".into(),
+                    input: Some("\"hi\"".into()),
+                    ..Default::default()
+                },
+            )),
+        };
+        let result = proto::EntityBatchResult {
+            results: vec![success(""), failure],
+            actions: vec![signal("@Schedule@s1"), start],
+            entity_state: Some("3".into()),
+            completion_token: "t".into(),
+            ..Default::default()
+        };
+        let outcome = batch_outcome(&result, &episode).unwrap();
+        assert_eq!(outcome.state.as_deref(), Some("3"));
+        assert_eq!(outcome.results[0], Ok(None), "an empty result is no result");
+        assert_eq!(outcome.results[1].as_ref().unwrap_err().error_type, "builtins.ValueError");
+        assert_eq!(
+            outcome.actions,
+            vec![
+                EntityAction::Signal {
+                    target: "@schedule@s1".into(),
+                    operation: "run".into(),
+                    input: None,
+                    scheduled_time: Some(at(9_000)),
+                },
+                EntityAction::StartOrchestration {
+                    instance_id: "s1-2026-12-01T07:32:08.663224+00:00".into(),
+                    name: "target".into(),
+                    input: Some("\"hi\"".into()),
+                    scheduled_start: None,
+                },
+            ]
+        );
+        let deleted = proto::EntityBatchResult { results: vec![success("1"), success("1")], ..Default::default() };
+        assert_eq!(batch_outcome(&deleted, &episode).unwrap().state, None, "no entityState: no state");
+        let batch_failed = proto::EntityBatchResult {
+            failure_details: Some(failure_to_proto(&FailureDetails::new("Crash", "worker"))),
+            ..Default::default()
+        };
+        let outcome = batch_outcome(&batch_failed, &episode).unwrap();
+        assert_eq!(outcome.state.as_deref(), Some("1"), "a failed batch keeps the state");
+        assert!(outcome.results.iter().all(|result| result.as_ref().unwrap_err().error_type == "Crash"));
+    }
+
+    #[test]
+    fn malformed_entity_batch_results_are_refused() {
+        let episode = two_operations();
+        let one_result = proto::EntityBatchResult { results: vec![success("1")], ..Default::default() };
+        assert!(matches!(batch_outcome(&one_result, &episode), Err(Error::InvalidArgument(_))));
+        let bad_target = proto::EntityBatchResult {
+            results: vec![success("1"), success("1")],
+            actions: vec![proto::OperationAction {
+                id: 0,
+                operation_action_type: Some(OperationActionType::SendSignal(proto::SendSignalAction {
+                    instance_id: "not-an-entity".into(),
+                    name: "run".into(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        let Err(Error::InvalidArgument(message)) = batch_outcome(&bad_target, &episode) else { panic!() };
+        assert!(message.contains("not-an-entity"), "{message}");
+        let no_type = proto::EntityBatchResult {
+            results: vec![success("1"), proto::OperationResult::default()],
+            ..Default::default()
+        };
+        assert!(matches!(batch_outcome(&no_type, &episode), Err(Error::InvalidArgument(_))));
+    }
+
     #[test]
     fn completions_map_by_status() {
         let complete = |status: i32, result: Option<&str>, failure: Option<proto::TaskFailureDetails>| {
@@ -669,7 +1316,7 @@ mod tests {
                     )],
                     ..Default::default()
                 })]);
-            outcome_from_response(&response, "i", at(0)).map(|(outcome, _)| outcome.completion.unwrap())
+            outcome_from_response(&response, "i", "e", at(0)).map(|(outcome, _)| outcome.completion.unwrap())
         };
         assert_eq!(complete(1, Some("5"), None).unwrap(), Completion::Completed { output: Some("5".into()) });
         let failure = FailureDetails::new("builtins.ValueError", "no");
@@ -691,27 +1338,29 @@ mod tests {
 
     #[test]
     fn malformed_responses_are_refused_and_unsupported_ones_fail_the_orchestration() {
+        let rewind = response(vec![OrchestratorActionType::RewindOrchestration(Default::default())]);
+        let (outcome, _) = outcome_from_response(&rewind, "i", "e", at(0)).unwrap();
+        let Some(Completion::Failed { failure }) = outcome.completion else { panic!("{outcome:?}") };
+        assert_eq!(failure.error_type, UNSUPPORTED_ERROR_TYPE);
         let no_type = proto::OrchestratorResponse {
             actions: vec![OrchestratorAction { id: 1, orchestrator_action_type: None }],
             ..Default::default()
         };
-        assert!(matches!(outcome_from_response(&no_type, "i", at(0)), Err(Error::InvalidArgument(_))));
+        assert!(matches!(outcome_from_response(&no_type, "i", "e", at(0)), Err(Error::InvalidArgument(_))));
         let no_fire_at =
             response(vec![OrchestratorActionType::CreateTimer(proto::CreateTimerAction { fire_at: None })]);
-        assert!(matches!(outcome_from_response(&no_fire_at, "i", at(0)), Err(Error::InvalidArgument(_))));
+        assert!(matches!(outcome_from_response(&no_fire_at, "i", "e", at(0)), Err(Error::InvalidArgument(_))));
         let entity = response(vec![OrchestratorActionType::SendEntityMessage(proto::SendEntityMessageAction {
             entity_message_type: None,
         })]);
-        let (outcome, _) = outcome_from_response(&entity, "i", at(0)).unwrap();
-        let Some(Completion::Failed { failure }) = outcome.completion else { panic!("{outcome:?}") };
-        assert_eq!(failure.error_type, UNSUPPORTED_ERROR_TYPE);
+        assert!(matches!(outcome_from_response(&entity, "i", "e", at(0)), Err(Error::InvalidArgument(_))));
         let big = "1".repeat(limits::MAX_PAYLOAD_BYTES + 1);
         let too_large = response(vec![OrchestratorActionType::ScheduleTask(proto::ScheduleTaskAction {
             name: "A".into(),
             input: Some(big),
             ..Default::default()
         })]);
-        let (outcome, _) = outcome_from_response(&too_large, "i", at(0)).unwrap();
+        let (outcome, _) = outcome_from_response(&too_large, "i", "e", at(0)).unwrap();
         let Some(Completion::Failed { failure }) = outcome.completion else { panic!() };
         assert_eq!(failure.error_type, "PayloadTooLarge");
     }

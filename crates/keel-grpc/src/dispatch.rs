@@ -1,15 +1,17 @@
-//! Work for remote workers: [`GrpcRemoteWorkers`] takes the episodes and activity items
-//! that the in-process worker does not host (it is a [`keel::RemoteWorkers`]) and hands
-//! each to exactly one connected `GetWorkItems` stream, round-robin, within the
-//! concurrency each worker asked for and the work-item filters it set.
+//! Work for remote workers: [`GrpcRemoteWorkers`] takes the episodes, activity items and
+//! entity batches that the in-process worker does not host (it is a
+//! [`keel::RemoteWorkers`]) and hands each to exactly one connected `GetWorkItems`
+//! stream, round-robin, within the concurrency each worker asked for and the work-item
+//! filters it set.
 //!
 //! A handed-out item is *in flight* under a completion token that is unique per
 //! dispatch (a per-process nonce and a counter, so tokens of a previous server process
 //! never match). It stays in flight until the worker completes or abandons it; when its
 //! stream drops, it goes back to the task hub at once. Items that no stream can take
-//! wait here in order (they stay locked in the store; activity leases are renewed by
-//! the server), so that an orchestration started before any worker connects simply
-//! waits for one.
+//! wait here in order (they stay locked in the store; their leases are renewed by the
+//! server), so that an orchestration started before any worker connects simply waits
+//! for one. An entity has at most one batch here at a time: the batch holds the
+//! entity's instance lock until it is completed or given back.
 //!
 //! Nothing here touches the store: what must be written (give-backs, poisoned
 //! activities) becomes a [`Job`] that the server carries out.
@@ -21,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use keel::entity_episode::EntityEpisode;
 use keel::episode::RemoteEpisode;
 use keel::RemoteWorkers;
 use keel_store::{ActivityItem, ActivityLock, OrchestrationLock};
@@ -39,6 +42,7 @@ pub const MAX_WAITING_ITEMS: usize = 10_000;
 pub enum Work {
     Orchestration(Box<RemoteEpisode>),
     Activity(Box<ActivityItem>),
+    Entity(Box<EntityEpisode>),
 }
 
 impl Work {
@@ -46,6 +50,7 @@ impl Work {
         let request = match self {
             Work::Orchestration(episode) => Request::OrchestratorRequest(convert::orchestrator_request(episode)),
             Work::Activity(item) => Request::ActivityRequest(convert::activity_request(item)),
+            Work::Entity(episode) => Request::EntityRequestV2(convert::entity_request(episode)),
         };
         proto::WorkItem { request: Some(request), completion_token: token }
     }
@@ -56,6 +61,7 @@ impl Work {
         match (self, other) {
             (Work::Orchestration(a), Work::Orchestration(b)) => a.instance.instance_id == b.instance.instance_id,
             (Work::Activity(a), Work::Activity(b)) => a.lock.id == b.lock.id,
+            (Work::Entity(a), Work::Entity(b)) => a.instance.instance_id == b.instance.instance_id,
             _ => false,
         }
     }
@@ -87,6 +93,10 @@ impl Filters {
             }),
             // Keel keeps no activity versions: an activity filter matches by name.
             Work::Activity(item) => filters.activities.iter().any(|filter| filter.name == item.name),
+            // Entity names are case-insensitive (the SDKs send them in lower case).
+            Work::Entity(episode) => {
+                filters.entities.iter().any(|filter| filter.name.eq_ignore_ascii_case(&episode.id.name))
+            }
         }
     }
 }
@@ -97,8 +107,10 @@ struct Stream {
     filters: Filters,
     max_orchestrations: usize,
     max_activities: usize,
+    max_entities: usize,
     orchestrations: usize,
     activities: usize,
+    entities: usize,
 }
 
 impl Stream {
@@ -106,13 +118,21 @@ impl Stream {
         match work {
             Work::Orchestration(_) => self.orchestrations < self.max_orchestrations,
             Work::Activity(_) => self.activities < self.max_activities,
+            Work::Entity(_) => self.entities < self.max_entities,
         }
+    }
+
+    fn has_room(&self) -> bool {
+        self.orchestrations < self.max_orchestrations
+            || self.activities < self.max_activities
+            || self.entities < self.max_entities
     }
 
     fn count(&mut self, work: &Work, delta: isize) {
         let counter = match work {
             Work::Orchestration(_) => &mut self.orchestrations,
             Work::Activity(_) => &mut self.activities,
+            Work::Entity(_) => &mut self.entities,
         };
         *counter = counter.saturating_add_signed(delta);
     }
@@ -187,6 +207,7 @@ impl GrpcRemoteWorkers {
         request: &proto::GetWorkItemsRequest,
     ) -> (u64, mpsc::UnboundedReceiver<proto::WorkItem>) {
         let (sender, receiver) = mpsc::unbounded_channel();
+        // 0 (or less) is "no limit": the Python SDK never sets the entity limit.
         let limit = |max: i32| usize::try_from(max).ok().filter(|max| *max > 0).unwrap_or(usize::MAX);
         let mut state = self.lock();
         let id = state.next_stream_id;
@@ -198,8 +219,10 @@ impl GrpcRemoteWorkers {
                 filters: Filters { filters: request.work_item_filters.clone() },
                 max_orchestrations: limit(request.max_concurrent_orchestration_work_items),
                 max_activities: limit(request.max_concurrent_activity_work_items),
+                max_entities: limit(request.max_concurrent_entity_work_items),
                 orchestrations: 0,
                 activities: 0,
+                entities: 0,
             });
             self.pump(&mut state);
         }
@@ -243,7 +266,7 @@ impl GrpcRemoteWorkers {
     }
 
     /// The leases of the work held here (waiting or in flight), to renew: activity
-    /// items and the instances whose episodes wait for a worker.
+    /// items, and the instances whose episodes or entity batches wait for a worker.
     pub(crate) fn held_locks(&self) -> (Vec<ActivityLock>, Vec<OrchestrationLock>) {
         let state = self.lock();
         let waiting = state.waiting.iter();
@@ -254,6 +277,7 @@ impl GrpcRemoteWorkers {
             match work {
                 Work::Activity(item) => activities.push(item.lock.clone()),
                 Work::Orchestration(episode) => orchestrations.push(episode.lock.clone()),
+                Work::Entity(episode) => orchestrations.push(episode.lock.clone()),
             }
         }
         (activities, orchestrations)
@@ -318,11 +342,7 @@ impl GrpcRemoteWorkers {
             if let Err(work) = self.try_dispatch(state, work) {
                 still_waiting.push_back(work);
             }
-            let room = state
-                .streams
-                .iter()
-                .any(|s| s.orchestrations < s.max_orchestrations || s.activities < s.max_activities);
-            if !room {
+            if !state.streams.iter().any(Stream::has_room) {
                 break;
             }
         }
@@ -354,7 +374,7 @@ impl RemoteWorkers for GrpcRemoteWorkers {
     fn offer_orchestration(&self, episode: Box<RemoteEpisode>) -> Result<(), Box<RemoteEpisode>> {
         self.offer(Work::Orchestration(episode)).map_err(|work| match work {
             Work::Orchestration(episode) => episode,
-            Work::Activity(_) => unreachable!("an offered episode comes back as itself"),
+            _ => unreachable!("an offered episode comes back as itself"),
         })
     }
 
@@ -365,7 +385,14 @@ impl RemoteWorkers for GrpcRemoteWorkers {
         }
         self.offer(Work::Activity(item)).map_err(|work| match work {
             Work::Activity(item) => item,
-            Work::Orchestration(_) => unreachable!("an offered activity comes back as itself"),
+            _ => unreachable!("an offered activity comes back as itself"),
+        })
+    }
+
+    fn offer_entity(&self, episode: Box<EntityEpisode>) -> Result<(), Box<EntityEpisode>> {
+        self.offer(Work::Entity(episode)).map_err(|work| match work {
+            Work::Entity(episode) => episode,
+            _ => unreachable!("an offered entity batch comes back as itself"),
         })
     }
 }
@@ -431,7 +458,7 @@ mod tests {
         chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap()
     }
 
-    fn episode(instance_id: &str, name: &str, token: &str) -> Box<RemoteEpisode> {
+    fn item(instance_id: &str, name: &str, token: &str) -> OrchestrationItem {
         let instance = InstanceRecord {
             instance_id: instance_id.into(),
             name: name.into(),
@@ -460,7 +487,7 @@ mod tests {
                 scheduled_start: None,
             },
         );
-        let item = OrchestrationItem {
+        OrchestrationItem {
             lock: OrchestrationLock { instance_id: instance_id.into(), token: token.into() },
             instance,
             messages: vec![StoredMessage {
@@ -473,8 +500,11 @@ mod tests {
                 },
             }],
             delivery_attempts: 1,
-        };
-        match prepare_remote(&item, Vec::new(), now()) {
+        }
+    }
+
+    fn episode(instance_id: &str, name: &str, token: &str) -> Box<RemoteEpisode> {
+        match prepare_remote(&item(instance_id, name, token), Vec::new(), now()) {
             RemoteIntake::Run(episode) => episode,
             other => panic!("{other:?}"),
         }
@@ -490,6 +520,24 @@ mod tests {
             input: None,
             delivery_attempts: attempts,
         })
+    }
+
+    fn entity(instance_id: &str, token: &str) -> Box<EntityEpisode> {
+        let mut item = item(instance_id, "", token);
+        item.messages[0].message.event = HistoryEvent::new(
+            now(),
+            EventKind::EntityOperationSignaled {
+                request_id: "r".into(),
+                operation: "add".into(),
+                input: Some("1".into()),
+                scheduled_time: None,
+                target_instance_id: instance_id.into(),
+            },
+        );
+        match keel::entity_episode::prepare_entity(&item, now()) {
+            keel::entity_episode::EntityIntake::Run(episode) => episode,
+            other => panic!("{other:?}"),
+        }
     }
 
     fn request(max: i32) -> proto::GetWorkItemsRequest {
@@ -576,6 +624,42 @@ mod tests {
         assert_eq!(retry_after, Duration::ZERO);
         remote.offer_activity(activity(9, "Act", keel_core::limits::MAX_DELIVERY_ATTEMPTS + 1)).unwrap();
         assert!(matches!(jobs.recv().await, Some(Job::Poison(item)) if item.lock.id == 9));
+    }
+
+    #[tokio::test]
+    async fn entity_batches_go_to_streams_that_host_the_entity_and_hold_their_instance_lock() {
+        let remote = GrpcRemoteWorkers::new();
+        let mut jobs = remote.take_jobs().unwrap();
+        let mut counters_only = request(0);
+        counters_only.work_item_filters = Some(proto::WorkItemFilters {
+            orchestrations: vec![],
+            activities: vec![],
+            entities: vec![proto::EntityFilter { name: "counter".into() }],
+        });
+        let (_, mut orchestrations_only) = remote.connect(&proto::GetWorkItemsRequest {
+            work_item_filters: Some(proto::WorkItemFilters::default()),
+            ..request(0)
+        });
+        remote.offer_entity(entity("@account@a", "l1")).unwrap();
+        assert_eq!(remote.load(), (0, 1), "nobody hosts accounts: the batch waits");
+        assert_eq!(remote.held_locks().1.len(), 1, "its instance lease is renewed meanwhile");
+        // maxConcurrentEntityWorkItems = 0 (the Python SDK's) is no limit.
+        let stream = WorkItemStream::open(remote.clone(), &counters_only, Duration::from_secs(30));
+        remote.offer_entity(entity("@counter@a", "l2")).unwrap();
+        remote.offer_entity(entity("@counter@b", "l3")).unwrap();
+        assert!(tokens(&mut orchestrations_only).is_empty());
+        assert_eq!(remote.load(), (2, 1));
+        drop(stream);
+        for _ in 0..2 {
+            let Some(Job::GiveBack { work: Work::Entity(episode), .. }) = jobs.recv().await else { panic!() };
+            assert!(episode.id.name == "counter");
+        }
+        let (_, mut any) = remote.connect(&request(0));
+        let sent: Vec<proto::WorkItem> = std::iter::from_fn(|| any.try_recv().ok()).collect();
+        let Some(Request::EntityRequestV2(batch)) = &sent[0].request else { panic!("{sent:?}") };
+        assert_eq!(batch.instance_id, "@account@a");
+        let Some(Work::Entity(episode)) = remote.settle(&sent[0].completion_token) else { panic!() };
+        assert_eq!(episode.lock.token, "l1");
     }
 
     #[tokio::test]

@@ -43,7 +43,9 @@ impl From<Error> for tonic::Status {
                 ClientError::NotFound(_) => Code::NotFound,
                 ClientError::AlreadyExists { .. } => Code::AlreadyExists,
                 ClientError::InvalidState { .. } => Code::FailedPrecondition,
-                ClientError::UnknownOrchestrator(_) | ClientError::Invalid(_) => Code::InvalidArgument,
+                ClientError::UnknownOrchestrator(_) | ClientError::UnknownEntity(_) | ClientError::Invalid(_) => {
+                    Code::InvalidArgument
+                }
                 ClientError::Timeout { .. } => Code::DeadlineExceeded,
                 ClientError::Store(store) => store_code(store),
             },

@@ -1,13 +1,14 @@
 //! Keel speaks the Durable Task gRPC protocol: the official Durable Task SDKs (Python,
-//! JavaScript, .NET, Java, Go) run their orchestrators and activities on a Keel task hub
-//! and manage instances with their own clients.
+//! JavaScript, .NET, Java, Go) run their orchestrators, activities and durable entities
+//! on a Keel task hub and manage instances and entities with their own clients.
 //!
 //! - [`proto`]: the messages and the `TaskHubSidecarService` server, generated from
 //!   Keel's own `proto/orchestrator_service.proto` (no `package`: the SDKs call
 //!   `/TaskHubSidecarService/<Method>`).
-//! - [`GrpcRemoteWorkers`]: the in-process worker hands every orchestrator and activity
-//!   it does not host to the workers connected over `GetWorkItems`; their decisions are
-//!   committed like those of Rust orchestrators, so both kinds share one task hub.
+//! - [`GrpcRemoteWorkers`]: the in-process worker hands every orchestrator, activity and
+//!   entity it does not host to the workers connected over `GetWorkItems`; their
+//!   decisions are committed like those of Rust functions, so both kinds share one task
+//!   hub.
 //! - [`serve`]: the server, with an optional API key (`authorization: Bearer <key>`).
 //!
 //! ```no_run
@@ -194,6 +195,9 @@ async fn run_job(store: &dyn Store, job: dispatch::Job) {
         }
         dispatch::Job::GiveBack { work: dispatch::Work::Activity(item), retry_after } => {
             store.abandon_activity_item(&item.lock, retry_at(retry_after)).await
+        }
+        dispatch::Job::GiveBack { work: dispatch::Work::Entity(episode), retry_after } => {
+            store.abandon_orchestration_item(&episode.lock, retry_at(retry_after)).await
         }
         dispatch::Job::Poison(item) => {
             let failure = keel::FailureDetails::new(

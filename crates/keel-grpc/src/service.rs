@@ -1,15 +1,20 @@
 //! The `TaskHubSidecarService` implementation: the client RPCs are calls on a
 //! [`keel::Client`] (and the store for what the client does not offer), the worker RPCs
-//! go through the [`GrpcRemoteWorkers`] dispatcher and commit what workers decided.
+//! go through the [`GrpcRemoteWorkers`] dispatcher and commit what workers decided
+//! (orchestrator responses through `RemoteEpisode::complete`, entity batch results
+//! through `EntityEpisode::complete`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keel::episode::RemoteEpisode;
-use keel::{Client, ClientError, EventKind, HistoryEvent, InstanceQuery, PurgeFilter, RuntimeStatus, StartOptions};
-use keel_core::limits;
-use keel_store::{ActivityCompletion, ActivityItem, Message, Store};
+use keel::{
+    Client, ClientError, EntityId, EntityQuery, EventKind, HistoryEvent, InstanceQuery, PurgeFilter, RuntimeStatus,
+    StartOptions,
+};
+use keel_core::{limits, Action};
+use keel_store::{ActivityCompletion, ActivityItem, EpisodeCommit, Message, Store};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -62,6 +67,75 @@ fn required_id(instance_id: &str) -> Result<()> {
         return Err(Error::InvalidArgument("instanceId is required".into()));
     }
     Ok(())
+}
+
+/// An entity id from a request (`@name@key`).
+fn entity_id(instance_id: &str) -> Result<EntityId> {
+    EntityId::parse(instance_id).map_err(|message| Error::InvalidArgument(format!("instanceId: {message}")))
+}
+
+/// Which kind of work item a completion or abandon is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Orchestration,
+    Activity,
+    Entity,
+}
+
+impl Kind {
+    fn of(work: &Work) -> Kind {
+        match work {
+            Work::Orchestration(_) => Kind::Orchestration,
+            Work::Activity(_) => Kind::Activity,
+            Work::Entity(_) => Kind::Entity,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Orchestration => "an orchestration",
+            Kind::Activity => "an activity",
+            Kind::Entity => "an entity",
+        }
+    }
+}
+
+/// The times at which messages (and scheduled starts) a commit writes become visible,
+/// later than `now`: the dispatchers of this process must wake up then.
+fn due_times(commit: &EpisodeCommit, now: keel::Timestamp) -> Vec<keel::Timestamp> {
+    let messages = commit.messages.iter().map(|message| message.visible_at);
+    let starts = commit.new_instances.iter().filter_map(|instance| instance.scheduled_start);
+    messages.chain(starts).filter(|at| *at > now).collect()
+}
+
+/// Unlocks for the entity locks an ending execution still holds or waits for (the
+/// server ended it, or the worker did not release them): nobody else would release
+/// them. The SDKs release their locks themselves, so this is usually empty.
+fn unlocks_at_the_end(episode: &RemoteEpisode, actions: &[Action], now: keel::Timestamp) -> Vec<Action> {
+    let decided: Vec<HistoryEvent> = actions.iter().map(|action| action.to_history_event(now)).collect();
+    let history = episode.past_events.iter().chain(&episode.new_events).chain(&decided);
+    let held = keel_core::entity::unreleased_locks(history);
+    let mut next_id = episode
+        .past_events
+        .iter()
+        .chain(&episode.new_events)
+        .map(|event| event.event_id)
+        .chain(actions.iter().map(Action::id))
+        .max()
+        .unwrap_or(0);
+    let mut unlocks = Vec::new();
+    for (critical_section_id, targets) in held {
+        for target in targets {
+            next_id += 1;
+            unlocks.push(Action::UnlockEntity {
+                id: next_id,
+                critical_section_id: critical_section_id.clone(),
+                target,
+                parent_instance_id: episode.instance.instance_id.clone(),
+            });
+        }
+    }
+    unlocks
 }
 
 fn statuses(codes: &[i32]) -> Result<Vec<RuntimeStatus>> {
@@ -459,10 +533,7 @@ impl Sidecar {
         let Some(work) = self.remote.settle(&token) else { return Err(Error::UnknownToken(token)) };
         let episode = match work {
             Work::Orchestration(episode) => episode,
-            activity @ Work::Activity(_) => {
-                self.remote.give_back(activity, Duration::ZERO);
-                return Err(Error::InvalidArgument(format!("'{token}' is the token of an activity work item")));
-            }
+            other => return Err(self.wrong_kind(other, &token)),
         };
         let now = now();
         let decided = if !response.instance_id.is_empty() && response.instance_id != episode.instance.instance_id {
@@ -471,15 +542,24 @@ impl Sidecar {
                 response.instance_id, episode.instance.instance_id
             )))
         } else {
-            convert::outcome_from_response(&response, &episode.instance.instance_id, now)
+            convert::outcome_from_response(
+                &response,
+                &episode.instance.instance_id,
+                &episode.instance.execution_id,
+                now,
+            )
         };
-        let (outcome, terminations) = match decided {
+        let (mut outcome, terminations) = match decided {
             Ok(decided) => decided,
             Err(error) => {
                 self.remote.give_back(Work::Orchestration(episode), ABANDON_RETRY_DELAY);
                 return Err(error);
             }
         };
+        if outcome.completion.is_some() {
+            let unlocks = unlocks_at_the_end(&episode, &outcome.actions, now);
+            outcome.actions.extend(unlocks);
+        }
         let mut commit = RemoteEpisode::complete(*episode, outcome, now);
         for termination in terminations {
             commit.messages.push(Message {
@@ -489,9 +569,45 @@ impl Sidecar {
                 visible_at: now,
             });
         }
+        self.commit(commit, now).await
+    }
+
+    /// Commits one episode (or entity batch) and wakes this process's dispatchers when
+    /// what it wrote is due later (timers, delayed signals, scheduled starts).
+    async fn commit(&self, commit: EpisodeCommit, now: keel::Timestamp) -> Result<()> {
+        let due = due_times(&commit, now);
         let mut results = self.store.commit_episodes(vec![commit], now).await?;
         results.pop().unwrap_or(Ok(()))?;
+        for at in due {
+            self.store.notifications().orchestration_work_due(at);
+        }
         Ok(())
+    }
+
+    /// A completion came for another kind of work item than its token's: the item goes
+    /// back to the task hub at once.
+    fn wrong_kind(&self, work: Work, token: &str) -> Error {
+        let kind = Kind::of(&work);
+        self.remote.give_back(work, Duration::ZERO);
+        Error::InvalidArgument(format!("'{token}' is the token of {} work item", kind.name()))
+    }
+
+    async fn complete_entity(&self, result: proto::EntityBatchResult) -> Result<()> {
+        let token = result.completion_token.clone();
+        let Some(work) = self.remote.settle(&token) else { return Err(Error::UnknownToken(token)) };
+        let episode = match work {
+            Work::Entity(episode) => episode,
+            other => return Err(self.wrong_kind(other, &token)),
+        };
+        let outcome = match convert::batch_outcome(&result, &episode) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.remote.give_back(Work::Entity(episode), ABANDON_RETRY_DELAY);
+                return Err(error);
+            }
+        };
+        let now = now();
+        self.commit((*episode).complete(outcome, now), now).await
     }
 
     async fn complete_activity(&self, response: proto::ActivityResponse) -> Result<()> {
@@ -499,10 +615,7 @@ impl Sidecar {
         let Some(work) = self.remote.settle(&token) else { return Err(Error::UnknownToken(token)) };
         let item = match work {
             Work::Activity(item) => item,
-            episode @ Work::Orchestration(_) => {
-                self.remote.give_back(episode, Duration::ZERO);
-                return Err(Error::InvalidArgument(format!("'{token}' is the token of an orchestration work item")));
-            }
+            other => return Err(self.wrong_kind(other, &token)),
         };
         let mismatch = (!response.instance_id.is_empty() && response.instance_id != item.instance_id)
             || response.task_id != item.task_id;
@@ -533,14 +646,74 @@ impl Sidecar {
         record_activity_result(self.store.as_ref(), &item, kind).await
     }
 
-    async fn abandon(&self, token: String, is_orchestration: bool) -> Result<()> {
+    async fn abandon(&self, token: String, kind: Kind) -> Result<()> {
         let Some(work) = self.remote.settle(&token) else { return Err(Error::UnknownToken(token)) };
-        let matches = matches!((&work, is_orchestration), (Work::Orchestration(_), true) | (Work::Activity(_), false));
+        let actual = Kind::of(&work);
         self.remote.give_back(work, ABANDON_RETRY_DELAY);
-        if !matches {
-            return Err(Error::InvalidArgument(format!("'{token}' is the token of another kind of work item")));
+        if actual != kind {
+            return Err(Error::InvalidArgument(format!("'{token}' is the token of {} work item", actual.name())));
         }
         Ok(())
+    }
+
+    async fn signal_entity(&self, request: proto::SignalEntityRequest) -> Result<proto::SignalEntityResponse> {
+        let id = entity_id(&request.instance_id)?;
+        let scheduled_time =
+            request.scheduled_time.as_ref().map(|at| timestamp_from_proto(at, "scheduledTime")).transpose()?;
+        // Keel makes its own request id: a signal answers nobody, so the SDK's is not needed.
+        self.client.signal_entity_raw(&id, &request.name, payload(request.input), scheduled_time).await?;
+        Ok(proto::SignalEntityResponse {})
+    }
+
+    async fn get_entity(&self, request: proto::GetEntityRequest) -> Result<proto::GetEntityResponse> {
+        let id = entity_id(&request.instance_id)?;
+        // An entity exists while it has a state.
+        let entity = self.client.get_entity(&id).await?.filter(|entity| entity.exists());
+        Ok(proto::GetEntityResponse {
+            exists: entity.is_some(),
+            entity: entity.map(|entity| convert::entity_metadata(&entity, request.include_state)),
+        })
+    }
+
+    async fn query_entities(&self, request: proto::QueryEntitiesRequest) -> Result<proto::QueryEntitiesResponse> {
+        let query = request.query.unwrap_or_default();
+        let time =
+            |at: Option<&prost_types::Timestamp>, what: &str| at.map(|at| timestamp_from_proto(at, what)).transpose();
+        let page_size = query.page_size.and_then(|size| usize::try_from(size).ok()).unwrap_or(0).min(SCAN_PAGE);
+        let page = self
+            .client
+            .query_entities(&EntityQuery {
+                instance_id_prefix: payload(query.instance_id_starts_with),
+                last_modified_from: time(query.last_modified_from.as_ref(), "lastModifiedFrom")?,
+                last_modified_to: time(query.last_modified_to.as_ref(), "lastModifiedTo")?,
+                include_transient: query.include_transient,
+                page_size,
+                continuation: payload(query.continuation_token),
+            })
+            .await?;
+        Ok(proto::QueryEntitiesResponse {
+            entities: page
+                .entities
+                .iter()
+                .map(|entity| convert::entity_metadata(entity, query.include_state))
+                .collect(),
+            continuation_token: page.continuation,
+        })
+    }
+
+    async fn clean_entity_storage(
+        &self,
+        request: proto::CleanEntityStorageRequest,
+    ) -> Result<proto::CleanEntityStorageResponse> {
+        // One pass over every entity: no continuation token.
+        let cleaned =
+            self.client.clean_entity_storage(request.remove_empty_entities, request.release_orphaned_locks).await?;
+        let count = |n: u64| i32::try_from(n).unwrap_or(i32::MAX);
+        Ok(proto::CleanEntityStorageResponse {
+            continuation_token: None,
+            empty_entities_removed: count(cleaned.empty_entities_removed),
+            orphaned_locks_released: count(cleaned.orphaned_locks_released),
+        })
     }
 }
 
@@ -735,10 +908,56 @@ impl TaskHubSidecarService for Sidecar {
         request: Request<proto::AbandonActivityTaskRequest>,
     ) -> Result<Response<proto::AbandonActivityTaskResponse>, Status> {
         reply(
-            self.abandon(request.into_inner().completion_token, false)
+            self.abandon(request.into_inner().completion_token, Kind::Activity)
                 .await
                 .map(|()| proto::AbandonActivityTaskResponse {}),
         )
+    }
+
+    async fn abandon_task_entity_work_item(
+        &self,
+        request: Request<proto::AbandonEntityTaskRequest>,
+    ) -> Result<Response<proto::AbandonEntityTaskResponse>, Status> {
+        reply(
+            self.abandon(request.into_inner().completion_token, Kind::Entity)
+                .await
+                .map(|()| proto::AbandonEntityTaskResponse {}),
+        )
+    }
+
+    async fn complete_entity_task(
+        &self,
+        request: Request<proto::EntityBatchResult>,
+    ) -> Result<Response<proto::CompleteTaskResponse>, Status> {
+        reply(self.complete_entity(request.into_inner()).await.map(|()| proto::CompleteTaskResponse {}))
+    }
+
+    async fn signal_entity(
+        &self,
+        request: Request<proto::SignalEntityRequest>,
+    ) -> Result<Response<proto::SignalEntityResponse>, Status> {
+        reply(Sidecar::signal_entity(self, request.into_inner()).await)
+    }
+
+    async fn get_entity(
+        &self,
+        request: Request<proto::GetEntityRequest>,
+    ) -> Result<Response<proto::GetEntityResponse>, Status> {
+        reply(Sidecar::get_entity(self, request.into_inner()).await)
+    }
+
+    async fn query_entities(
+        &self,
+        request: Request<proto::QueryEntitiesRequest>,
+    ) -> Result<Response<proto::QueryEntitiesResponse>, Status> {
+        reply(Sidecar::query_entities(self, request.into_inner()).await)
+    }
+
+    async fn clean_entity_storage(
+        &self,
+        request: Request<proto::CleanEntityStorageRequest>,
+    ) -> Result<Response<proto::CleanEntityStorageResponse>, Status> {
+        reply(Sidecar::clean_entity_storage(self, request.into_inner()).await)
     }
 
     async fn abandon_task_orchestrator_work_item(
@@ -746,7 +965,7 @@ impl TaskHubSidecarService for Sidecar {
         request: Request<proto::AbandonOrchestrationTaskRequest>,
     ) -> Result<Response<proto::AbandonOrchestrationTaskResponse>, Status> {
         reply(
-            self.abandon(request.into_inner().completion_token, true)
+            self.abandon(request.into_inner().completion_token, Kind::Orchestration)
                 .await
                 .map(|()| proto::AbandonOrchestrationTaskResponse {}),
         )
@@ -756,6 +975,95 @@ impl TaskHubSidecarService for Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel::episode::{prepare_remote, RemoteIntake};
+    use keel_store::{InstanceRecord, OrchestrationItem, OrchestrationLock, StoredMessage};
+
+    fn at(millis: i64) -> keel::Timestamp {
+        chrono::DateTime::from_timestamp_millis(millis).unwrap()
+    }
+
+    #[test]
+    fn an_execution_that_ends_holding_locks_releases_them() {
+        let history = vec![
+            HistoryEvent::new(at(0), EventKind::OrchestratorStarted),
+            HistoryEvent::new(
+                at(0),
+                EventKind::ExecutionStarted {
+                    name: "O".into(),
+                    version: None,
+                    input: None,
+                    execution_id: "e".into(),
+                    parent: None,
+                    scheduled_start: None,
+                },
+            ),
+            HistoryEvent::with_id(
+                1,
+                at(0),
+                EventKind::EntityLockRequested {
+                    critical_section_id: "cs".into(),
+                    lock_set: vec!["@a@1".into(), "@a@2".into()],
+                    position: 0,
+                    parent_instance_id: "o".into(),
+                },
+            ),
+        ];
+        let item = OrchestrationItem {
+            lock: OrchestrationLock { instance_id: "o".into(), token: "l".into() },
+            instance: InstanceRecord {
+                instance_id: "o".into(),
+                name: "O".into(),
+                version: None,
+                execution_id: "e".into(),
+                status: RuntimeStatus::Running,
+                input: None,
+                output: None,
+                custom_status: None,
+                failure: None,
+                parent: None,
+                scheduled_start: None,
+                created_at: at(0),
+                last_updated_at: at(0),
+                completed_at: None,
+                history_len: history.len() as u64,
+            },
+            messages: vec![StoredMessage {
+                id: 1,
+                message: Message {
+                    instance_id: "o".into(),
+                    execution_id: None,
+                    event: HistoryEvent::new(at(1), EventKind::EventRaised { name: "go".into(), input: None }),
+                    visible_at: at(1),
+                },
+            }],
+            delivery_attempts: 1,
+        };
+        let RemoteIntake::Run(episode) = prepare_remote(&item, history, at(2)) else { panic!() };
+        // The worker released one of the two locks itself.
+        let actions = vec![Action::UnlockEntity {
+            id: 2,
+            critical_section_id: "cs".into(),
+            target: "@a@1".into(),
+            parent_instance_id: "o".into(),
+        }];
+        assert_eq!(
+            unlocks_at_the_end(&episode, &actions, at(2)),
+            vec![Action::UnlockEntity {
+                id: 3,
+                critical_section_id: "cs".into(),
+                target: "@a@2".into(),
+                parent_instance_id: "o".into(),
+            }]
+        );
+        let mut all = actions.clone();
+        all.push(Action::UnlockEntity {
+            id: 3,
+            critical_section_id: "cs".into(),
+            target: "@a@2".into(),
+            parent_instance_id: "o".into(),
+        });
+        assert!(unlocks_at_the_end(&episode, &all, at(2)).is_empty());
+    }
 
     #[test]
     fn client_deadlines_are_read_from_grpc_timeout() {

@@ -1,7 +1,8 @@
 //! The protocol on the wire, driven by the generated Rust client standing where an SDK
 //! worker would: the full round trip of an orchestration with an activity, completion
 //! tokens, a dropped stream giving its work back, a Rust orchestrator in the same task
-//! hub, and the API key. (The real Python SDK runs against `keel serve` in
+//! hub, an entity signalled by the client and called by an orchestration, and the API
+//! key. (The real Python SDK runs against `keel serve` in
 //! `tests/python`.)
 
 use std::time::Duration;
@@ -314,5 +315,172 @@ async fn the_api_key_is_required_when_set() {
         .await
         .unwrap();
     assert_eq!(started.into_inner().instance_id, "keyed");
+    hub.stop().await;
+}
+
+fn success(result: &str) -> proto::OperationResult {
+    proto::OperationResult {
+        result_type: Some(proto::operation_result::ResultType::Success(proto::OperationResultSuccess {
+            result: Some(result.into()),
+            ..Default::default()
+        })),
+    }
+}
+
+fn entity_request(item: &WorkItem) -> &proto::EntityRequest {
+    match &item.request {
+        Some(Request::EntityRequestV2(request)) => request,
+        other => panic!("expected an entity request, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn entities_round_trip_over_the_wire() {
+    let mut hub = Hub::start(None).await;
+    let mut stream = hub.work_items().await;
+    hub.client
+        .signal_entity(proto::SignalEntityRequest {
+            instance_id: "@counter@w1".into(),
+            name: "add".into(),
+            input: Some("5".into()),
+            request_id: "client-request".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let item = next_work(&mut stream).await;
+    let batch = entity_request(&item);
+    assert_eq!((batch.instance_id.as_str(), batch.entity_state.as_deref()), ("@counter@w1", None));
+    let [operation] = batch.operation_requests.as_slice() else { panic!("{batch:?}") };
+    let Some(EventType::EntityOperationSignaled(signal)) = &operation.event_type else { panic!("{operation:?}") };
+    assert_eq!((signal.operation.as_str(), signal.input.as_deref()), ("add", Some("5")));
+
+    // A result count that does not match is refused and nothing is applied: the batch
+    // comes again, under a new token.
+    let wrong = proto::EntityBatchResult { completion_token: item.completion_token.clone(), ..Default::default() };
+    let refused = hub.client.complete_entity_task(wrong).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let item = next_work(&mut stream).await;
+    assert_eq!(entity_request(&item).operation_requests.len(), 1);
+    let done = proto::EntityBatchResult {
+        results: vec![success("")],
+        entity_state: Some("5".into()),
+        completion_token: item.completion_token.clone(),
+        ..Default::default()
+    };
+    hub.client.complete_entity_task(done.clone()).await.unwrap();
+    let stale = hub.client.complete_entity_task(done).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::NotFound, "a token is settled once");
+    let entity = hub
+        .client
+        .get_entity(proto::GetEntityRequest { instance_id: "@counter@w1".into(), include_state: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(entity.exists);
+    assert_eq!(entity.entity.unwrap().serialized_state.as_deref(), Some("5"));
+
+    // An orchestration calls the entity and gets its answer.
+    let instance_id = hub.start_instance("Remote", "null").await;
+    let item = next_work(&mut stream).await;
+    let execution_id = orchestrator_request(&item).execution_id.clone();
+    let call = proto::EntityOperationCalledEvent {
+        request_id: "call-1".into(),
+        operation: "get".into(),
+        parent_instance_id: Some(instance_id.clone()),
+        target_instance_id: Some("@counter@w1".into()),
+        ..Default::default()
+    };
+    hub.client
+        .complete_orchestrator_task(proto::OrchestratorResponse {
+            instance_id: instance_id.clone(),
+            actions: vec![action(
+                1,
+                OrchestratorActionType::SendEntityMessage(proto::SendEntityMessageAction {
+                    entity_message_type: Some(
+                        proto::send_entity_message_action::EntityMessageType::EntityOperationCalled(call),
+                    ),
+                }),
+            )],
+            completion_token: item.completion_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let item = next_work(&mut stream).await;
+    let batch = entity_request(&item);
+    assert_eq!(batch.entity_state.as_deref(), Some("5"));
+    let Some(EventType::EntityOperationCalled(called)) = &batch.operation_requests[0].event_type else { panic!() };
+    assert_eq!(called.parent_instance_id.as_deref(), Some(instance_id.as_str()));
+    assert_eq!(called.parent_execution_id, execution_id, "the caller's execution, which the SDK does not send");
+    hub.client
+        .complete_entity_task(proto::EntityBatchResult {
+            results: vec![success("5")],
+            entity_state: Some("5".into()),
+            completion_token: item.completion_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let item = next_work(&mut stream).await;
+    let request = orchestrator_request(&item);
+    let echo = request
+        .past_events
+        .iter()
+        .find(|event| matches!(event.event_type, Some(EventType::EntityOperationCalled(_))))
+        .expect("the call is in history");
+    assert_eq!(echo.event_id, 1, "its event id is the action id");
+    let answer = request
+        .new_events
+        .iter()
+        .find_map(|event| match &event.event_type {
+            Some(EventType::EntityOperationCompleted(completed)) => Some(completed),
+            _ => None,
+        })
+        .expect("the answer is a new event");
+    assert_eq!((answer.request_id.as_str(), answer.output.as_deref()), ("call-1", Some("5")));
+    hub.client
+        .complete_orchestrator_task(proto::OrchestratorResponse {
+            instance_id: instance_id.clone(),
+            actions: vec![action(
+                2,
+                OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                    orchestration_status: proto::OrchestrationStatus::Completed as i32,
+                    result: Some("5".into()),
+                    ..Default::default()
+                }),
+            )],
+            completion_token: item.completion_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(hub.wait_for_completion(&instance_id).await.output.as_deref(), Some("5"));
+
+    // Queries return entity ids only; ids that are not entity ids are refused.
+    let page = hub
+        .client
+        .query_entities(proto::QueryEntitiesRequest {
+            query: Some(proto::EntityQuery { instance_id_starts_with: Some("@counter@".into()), ..Default::default() }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = page.entities.iter().map(|entity| entity.instance_id.as_str()).collect();
+    assert_eq!(ids, ["@counter@w1"]);
+    assert!(page.entities[0].serialized_state.is_none(), "no state unless asked for");
+    let bad = hub
+        .client
+        .get_entity(proto::GetEntityRequest { instance_id: "counter-w1".into(), include_state: false })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let missing = hub
+        .client
+        .get_entity(proto::GetEntityRequest { instance_id: "@counter@nobody".into(), include_state: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!missing.exists);
     hub.stop().await;
 }

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from durabletask import client, worker
 
+import entity_functions
 import orchestrations
 
 REPO = pathlib.Path(__file__).resolve().parents[4]
@@ -94,15 +95,19 @@ class KeelServer:
 
 
 def new_worker(address: str, metadata=None) -> worker.TaskHubGrpcWorker:
-    """A worker hosting ``orchestrations.py``; its work-item filters ask Keel for those
-    functions only, so that other workers on the same hub (the README example's, the
-    Rust one in ``keel serve``) keep theirs."""
+    """A worker hosting ``orchestrations.py``, ``entity_functions.py`` and the SDK's
+    scheduled tasks; its work-item filters ask Keel for those functions and entities
+    only, so that other workers on the same hub (the README example's, the Rust one in
+    ``keel serve``) keep theirs."""
     w = worker.TaskHubGrpcWorker(host_address=address, metadata=metadata)
     w.use_work_item_filters()
-    for orchestrator in orchestrations.ORCHESTRATORS:
+    for orchestrator in orchestrations.ORCHESTRATORS + entity_functions.ORCHESTRATORS:
         w.add_orchestrator(orchestrator)
     for activity in orchestrations.ACTIVITIES:
         w.add_activity(activity)
+    for entity in entity_functions.ENTITIES:
+        w.add_entity(entity)
+    w.configure_scheduled_tasks()
     return w
 
 

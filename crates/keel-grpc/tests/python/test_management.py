@@ -211,8 +211,13 @@ def test_status_codes(hub, stub):
         grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: stub.AbandonTaskActivityWorkItem(pb.AbandonActivityTaskRequest(completionToken="x"))) == \
         grpc.StatusCode.NOT_FOUND
-    assert code_of(lambda: stub.SignalEntity(pb.SignalEntityRequest(instanceId="@e@k", name="op"))) == \
-        grpc.StatusCode.UNIMPLEMENTED
+    assert code_of(lambda: stub.CompleteEntityTask(pb.EntityBatchResult(completionToken="nope"))) == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.AbandonTaskEntityWorkItem(pb.AbandonEntityTaskRequest(completionToken="x"))) == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.SignalEntity(pb.SignalEntityRequest(instanceId="e@k", name="op"))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: stub.GetEntity(pb.GetEntityRequest(instanceId="@e"))) == grpc.StatusCode.INVALID_ARGUMENT
     stub.Hello(__import__("google.protobuf.empty_pb2", fromlist=["Empty"]).Empty())
     stub.CreateTaskHub(pb.CreateTaskHubRequest())
 
