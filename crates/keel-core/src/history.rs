@@ -6,6 +6,8 @@
 //! one to one. Payloads (inputs, outputs, event data) are kept as opaque JSON
 //! text: the engine never parses what user code serialized.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +60,10 @@ pub struct FailureDetails {
     /// When true, retry policies give up at once.
     #[serde(default)]
     pub is_non_retriable: bool,
+    /// Structured facts about the failure (the protocol's `properties`); a typed failure
+    /// keeps its value here (see [`crate::failure::Failure`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 impl FailureDetails {
@@ -68,6 +74,7 @@ impl FailureDetails {
             stack_trace: None,
             inner_failure: None,
             is_non_retriable: false,
+            properties: BTreeMap::new(),
         }
     }
 }

@@ -78,7 +78,42 @@ pub fn failure_to_proto(failure: &FailureDetails) -> proto::TaskFailureDetails {
         stack_trace: failure.stack_trace.clone(),
         inner_failure: failure.inner_failure.as_deref().map(|inner| Box::new(failure_to_proto(inner))),
         is_non_retriable: failure.is_non_retriable,
-        properties: Default::default(),
+        properties: failure.properties.iter().map(|(key, value)| (key.clone(), json_to_proto(value))).collect(),
+    }
+}
+
+/// A JSON value as a `google.protobuf.Value`.
+fn json_to_proto(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(flag) => Kind::BoolValue(*flag),
+        serde_json::Value::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(text) => Kind::StringValue(text.clone()),
+        serde_json::Value::Array(items) => {
+            Kind::ListValue(prost_types::ListValue { values: items.iter().map(json_to_proto).collect() })
+        }
+        serde_json::Value::Object(fields) => Kind::StructValue(prost_types::Struct {
+            fields: fields.iter().map(|(key, value)| (key.clone(), json_to_proto(value))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A `google.protobuf.Value` as JSON (a number that JSON cannot hold becomes null).
+fn json_from_proto(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(flag)) => serde_json::Value::Bool(*flag),
+        Some(Kind::NumberValue(number)) => {
+            serde_json::Number::from_f64(*number).map_or(serde_json::Value::Null, serde_json::Value::Number)
+        }
+        Some(Kind::StringValue(text)) => serde_json::Value::String(text.clone()),
+        Some(Kind::ListValue(list)) => serde_json::Value::Array(list.values.iter().map(json_from_proto).collect()),
+        Some(Kind::StructValue(fields)) => serde_json::Value::Object(
+            fields.fields.iter().map(|(key, value)| (key.clone(), json_from_proto(value))).collect(),
+        ),
     }
 }
 
@@ -89,6 +124,7 @@ pub fn failure_from_proto(failure: &proto::TaskFailureDetails) -> FailureDetails
         stack_trace: failure.stack_trace.clone(),
         inner_failure: failure.inner_failure.as_deref().map(|inner| Box::new(failure_from_proto(inner))),
         is_non_retriable: failure.is_non_retriable,
+        properties: failure.properties.iter().map(|(key, value)| (key.clone(), json_from_proto(value))).collect(),
     }
 }
 
@@ -847,6 +883,9 @@ mod tests {
             stack_trace: Some("  File x".into()),
             inner_failure: Some(Box::new(FailureDetails::new("Inner", "cause"))),
             is_non_retriable: true,
+            properties: [("attempt".to_string(), serde_json::json!(2)), ("tags".to_string(), serde_json::json!(["a"]))]
+                .into_iter()
+                .collect(),
         };
         let kinds = vec![
             EventKind::OrchestratorStarted,
