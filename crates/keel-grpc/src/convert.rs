@@ -106,6 +106,10 @@ fn json_from_proto(value: &prost_types::Value) -> serde_json::Value {
     match &value.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::BoolValue(flag)) => serde_json::Value::Bool(*flag),
+        // Protobuf numbers are doubles: whole ones come back as the integers they were.
+        Some(Kind::NumberValue(number)) if number.fract() == 0.0 && number.abs() < 9_007_199_254_740_992.0 => {
+            serde_json::Value::from(*number as i64)
+        }
         Some(Kind::NumberValue(number)) => {
             serde_json::Number::from_f64(*number).map_or(serde_json::Value::Null, serde_json::Value::Number)
         }
