@@ -14,11 +14,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+pub use futures_util::future::Either;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::action::Action;
 use crate::entity::EntityId;
+use crate::failure::{ActivityError, Failure, Never, TaskFailure};
+use crate::handle::{Callable, Event, Orchestration, Target};
 use crate::history::{EventKind, FailureDetails, HistoryEvent, ParentInstance, Timestamp};
 use crate::limits;
 use crate::retry::RetryPolicy;
@@ -50,31 +53,70 @@ impl TaskError {
 /// Error type of a wait that timed out.
 pub const TIMEOUT_ERROR_TYPE: &str = "TimeoutError";
 
-/// Why an orchestration failed; becomes the instance's failure details.
+/// Error type of a timer whose fire time cannot be represented.
+pub const INVALID_TIMER_ERROR_TYPE: &str = "InvalidTimer";
+
+/// How an orchestrator ends other than by returning its output: a failure (which
+/// becomes the instance's failure details) or, from [`OrchestrationContext::continue_as_new`],
+/// a new execution.
 #[derive(Clone, Debug, PartialEq)]
-pub struct OrchestrationError(pub FailureDetails);
+pub struct OrchestrationError(pub(crate) Ending);
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Ending {
+    Failed(FailureDetails),
+    ContinueAsNew,
+}
 
 impl OrchestrationError {
     pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> OrchestrationError {
-        OrchestrationError(FailureDetails::new(error_type, message))
+        OrchestrationError::failed(FailureDetails::new(error_type, message))
     }
 
     /// A failure with error type `OrchestrationError`.
     pub fn msg(message: impl Into<String>) -> OrchestrationError {
         OrchestrationError::new("OrchestrationError", message)
     }
+
+    /// A failure with these details.
+    pub fn failed(details: FailureDetails) -> OrchestrationError {
+        OrchestrationError(Ending::Failed(details))
+    }
+
+    /// A failure made from any error (its full type path becomes the error type).
+    pub fn from_error<E: std::error::Error>(error: &E) -> OrchestrationError {
+        OrchestrationError::new(std::any::type_name::<E>(), error.to_string())
+    }
+
+    /// The failure's details; `None` for a continue-as-new.
+    pub fn details(&self) -> Option<&FailureDetails> {
+        match &self.0 {
+            Ending::Failed(details) => Some(details),
+            Ending::ContinueAsNew => None,
+        }
+    }
 }
 
 impl std::fmt::Display for OrchestrationError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        match &self.0 {
+            Ending::Failed(details) => details.fmt(f),
+            Ending::ContinueAsNew => f.write_str("the orchestration continues as new"),
+        }
     }
 }
 
 /// An uncaught task failure fails the orchestration with the task's failure details.
 impl From<TaskError> for OrchestrationError {
     fn from(error: TaskError) -> OrchestrationError {
-        OrchestrationError(error.details)
+        OrchestrationError::failed(error.details)
+    }
+}
+
+/// An uncaught typed failure fails the orchestration with its details.
+impl<E: Failure> From<TaskFailure<E>> for OrchestrationError {
+    fn from(failure: TaskFailure<E>) -> OrchestrationError {
+        OrchestrationError::failed(failure.details())
     }
 }
 
@@ -307,11 +349,6 @@ impl OrchestrationContext {
         })
     }
 
-    /// The input as raw JSON text.
-    pub fn raw_input(&self) -> Option<String> {
-        self.lock().input.clone()
-    }
-
     /// The time of the current episode, from history: the same on every replay.
     pub fn current_utc_datetime(&self) -> Timestamp {
         self.lock().current_time
@@ -351,10 +388,21 @@ impl OrchestrationContext {
         uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes())
     }
 
-    /// Sets the custom status that queries show, as JSON.
+    /// Sets the custom status that queries show, as JSON. A status that does not
+    /// serialize or is over the payload limit fails the orchestration.
     pub fn set_custom_status<T: Serialize>(&self, status: &T) {
-        let json = serde_json::to_string(status).ok();
-        self.lock().custom_status = json;
+        match serialize_input(status) {
+            Ok(json) => self.lock().custom_status = json,
+            Err(details) => self.fail(details),
+        }
+    }
+
+    /// Fails the execution at its next step (a context method's misuse).
+    fn fail(&self, details: FailureDetails) {
+        let mut state = self.lock();
+        if state.fatal.is_none() {
+            state.fatal = Some(details);
+        }
     }
 
     /// Clears the custom status.
@@ -362,12 +410,23 @@ impl OrchestrationContext {
         self.lock().custom_status = None;
     }
 
-    /// Schedules an activity and returns a future for its result.
-    pub fn call_activity<T: DeserializeOwned>(&self, name: &str, input: &impl Serialize) -> TaskFuture<T> {
-        match serialize_input(input) {
-            Ok(input) => self.schedule_activity(name, input),
-            Err(details) => TaskFuture::failed(self.clone(), format!("activity '{name}'"), details),
-        }
+    /// Calls an activity by name: the escape hatch for activities hosted elsewhere (an
+    /// SDK worker), whose types the compiler cannot know. Rust activities are called
+    /// through their handle ([`OrchestrationContext::call`]).
+    pub fn call_activity<T: DeserializeOwned>(&self, name: &str, input: &impl Serialize) -> Call<T, ActivityError> {
+        self.start_call(CallTarget::activity(name), None, input)
+    }
+
+    /// Calls a sub-orchestration by name (the escape hatch, see
+    /// [`OrchestrationContext::call_activity`]); `instance_id` defaults to
+    /// `"{instance_id}:{sequence}"`.
+    pub fn call_sub_orchestrator<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        instance_id: Option<&str>,
+        input: &impl Serialize,
+    ) -> Call<T, ActivityError> {
+        self.start_call(CallTarget::sub_orchestration(name), instance_id.map(str::to_string), input)
     }
 
     fn schedule_activity<T>(&self, name: &str, input: Option<String>) -> TaskFuture<T> {
@@ -378,70 +437,7 @@ impl OrchestrationContext {
         TaskFuture::new(self.clone(), id, format!("activity '{name}' (#{id})"))
     }
 
-    /// Calls an activity, retrying failures per `policy` with durable timers between attempts.
-    pub fn call_activity_with_retry<T: DeserializeOwned + Send + 'static>(
-        &self,
-        name: &str,
-        input: &impl Serialize,
-        policy: &RetryPolicy,
-    ) -> impl Future<Output = Result<T, TaskError>> + Send + 'static {
-        let context = self.clone();
-        let name = name.to_string();
-        let input = serialize_input(input);
-        let policy = policy.clone();
-        async move {
-            let input = input.map_err(|details| TaskError { task: format!("activity '{name}'"), details })?;
-            context.retry(&policy, || context.schedule_activity::<T>(&name, input.clone())).await
-        }
-    }
-
-    async fn retry<T, F>(&self, policy: &RetryPolicy, mut attempt_once: impl FnMut() -> F) -> Result<T, TaskError>
-    where
-        F: Future<Output = Result<T, TaskError>>,
-    {
-        let first_attempt_at = self.current_utc_datetime();
-        let mut attempt = 1;
-        loop {
-            let error = match attempt_once().await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
-            };
-            let now = self.current_utc_datetime();
-            match policy.next_delay(attempt, &error.details, first_attempt_at, now) {
-                Some(delay) => {
-                    self.create_timer(now + chrono_duration(delay)).await;
-                    attempt += 1;
-                }
-                None => return Err(error),
-            }
-        }
-    }
-
-    /// Starts a sub-orchestration with the id `"{instance_id}:{sequence}"` and returns a
-    /// future for its output.
-    pub fn call_sub_orchestrator<T: DeserializeOwned>(&self, name: &str, input: &impl Serialize) -> TaskFuture<T> {
-        self.call_sub_orchestrator_with_id(name, None, input)
-    }
-
-    /// Starts a sub-orchestration, with the given instance id if any.
-    pub fn call_sub_orchestrator_with_id<T: DeserializeOwned>(
-        &self,
-        name: &str,
-        instance_id: Option<&str>,
-        input: &impl Serialize,
-    ) -> TaskFuture<T> {
-        match serialize_input(input) {
-            Ok(input) => self.schedule_sub_orchestration(name, instance_id.map(str::to_string), input),
-            Err(details) => TaskFuture::failed(self.clone(), format!("sub-orchestration '{name}'"), details),
-        }
-    }
-
-    fn schedule_sub_orchestration<T>(
-        &self,
-        name: &str,
-        instance_id: Option<String>,
-        input: Option<String>,
-    ) -> TaskFuture<T> {
+    fn schedule_sub_orchestration<T>(&self, name: &str, instance_id: String, input: Option<String>) -> TaskFuture<T> {
         let mut state = self.lock();
         if state.critical_section.as_ref().is_some_and(|section| section.granted) {
             drop(state);
@@ -451,43 +447,15 @@ impl OrchestrationContext {
                 locking_rules_violation("a critical section cannot start sub-orchestrations"),
             );
         }
-        let parent_id = state.instance_id.clone();
         let id = state.take_action(|id| Action::CreateSubOrchestration {
             id,
             name: name.to_string(),
-            instance_id: instance_id.unwrap_or_else(|| format!("{parent_id}:{id}")),
+            instance_id,
             input,
         });
         state.open_tasks.insert(id, TaskSlot::default());
         drop(state);
         TaskFuture::new(self.clone(), id, format!("sub-orchestration '{name}' (#{id})"))
-    }
-
-    /// Calls a sub-orchestration with retries. Every attempt uses the same child
-    /// instance id (given, or `"{instance_id}:{sequence of the first attempt}"`).
-    pub fn call_sub_orchestrator_with_retry<T: DeserializeOwned + Send + 'static>(
-        &self,
-        name: &str,
-        instance_id: Option<&str>,
-        input: &impl Serialize,
-        policy: &RetryPolicy,
-    ) -> impl Future<Output = Result<T, TaskError>> + Send + 'static {
-        let context = self.clone();
-        let name = name.to_string();
-        let input = serialize_input(input);
-        let policy = policy.clone();
-        let child_id = instance_id.map(str::to_string).unwrap_or_else(|| {
-            let state = self.lock();
-            format!("{}:{}", state.instance_id, state.next_sequence)
-        });
-        async move {
-            let input = input.map_err(|details| TaskError { task: format!("sub-orchestration '{name}'"), details })?;
-            context
-                .retry(&policy, || {
-                    context.schedule_sub_orchestration::<T>(&name, Some(child_id.clone()), input.clone())
-                })
-                .await
-        }
     }
 
     /// A durable timer that fires at `fire_at`. Dropping the future cancels it.
@@ -499,9 +467,91 @@ impl OrchestrationContext {
         TimerFuture { inner: TaskFuture::new(self.clone(), id, format!("timer (#{id})")) }
     }
 
-    /// A durable timer that fires `delay` after the current time.
+    /// A durable timer that fires `delay` after the current time. A delay past the
+    /// end of time fails the orchestration (`InvalidTimer`).
     pub fn sleep(&self, delay: Duration) -> TimerFuture {
-        self.create_timer(self.current_utc_datetime() + chrono_duration(delay))
+        let now = self.current_utc_datetime();
+        let fire_at = chrono::Duration::from_std(delay).ok().and_then(|delay| now.checked_add_signed(delay));
+        match fire_at {
+            Some(fire_at) => self.create_timer(fire_at),
+            None => {
+                self.fail(FailureDetails::new(
+                    INVALID_TIMER_ERROR_TYPE,
+                    format!("a timer of {delay:?} from {now} ends after the last representable time"),
+                ));
+                self.create_timer(Timestamp::MAX_UTC)
+            }
+        }
+    }
+
+    /// Waits for the event `event` (see [`OrchestrationContext::wait_for_external_event`]);
+    /// `.timeout(d)` on the result gives up after `d`.
+    pub fn wait<T: DeserializeOwned>(&self, event: Event<T>) -> EventFuture<T> {
+        self.wait_for_external_event(event.name())
+    }
+
+    /// Calls an activity or a sub-orchestration through its handle and returns a future
+    /// for its typed result. The call is scheduled now; `.with_retry(policy)` retries it.
+    /// A sub-orchestration gets the instance id `"{instance_id}:{sequence}"`.
+    pub fn call<H: Callable>(&self, handle: H, input: &H::Input) -> Call<H::Output, H::Failure> {
+        let target = match handle.target() {
+            Target::Activity(name) => CallTarget::activity(name),
+            Target::SubOrchestration(name) => CallTarget::sub_orchestration(name),
+        };
+        self.start_call(target, None, input)
+    }
+
+    /// Calls a sub-orchestration under the given instance id.
+    pub fn call_with_instance_id<I: Serialize, O: DeserializeOwned>(
+        &self,
+        orchestration: Orchestration<I, O>,
+        instance_id: &str,
+        input: &I,
+    ) -> Call<O, Never> {
+        self.start_call(CallTarget::sub_orchestration(orchestration.name()), Some(instance_id.to_string()), input)
+    }
+
+    /// Schedules the first attempt of a call. A sub-orchestration's instance id is fixed
+    /// here, so every attempt (and every call of a fan-out) has its own.
+    fn start_call<O, E>(&self, mut target: CallTarget, instance_id: Option<String>, input: &impl Serialize) -> Call<O, E> {
+        if target.sub_orchestration {
+            target.instance_id = Some(instance_id.unwrap_or_else(|| {
+                let state = self.lock();
+                format!("{}:{}", state.instance_id, state.next_sequence)
+            }));
+        }
+        let input = serialize_input(input);
+        let attempt = self.attempt(&target, &input);
+        Call { context: self.clone(), target, input, attempt, _failure: PhantomData }
+    }
+
+    /// Schedules one attempt of a call.
+    fn attempt<O>(&self, target: &CallTarget, input: &Result<Option<String>, FailureDetails>) -> TaskFuture<O> {
+        let kind = if target.sub_orchestration { "sub-orchestration" } else { "activity" };
+        match (input, &target.instance_id) {
+            (Err(details), _) => TaskFuture::failed(self.clone(), format!("{kind} '{}'", target.name), details.clone()),
+            (Ok(input), Some(instance_id)) => {
+                self.schedule_sub_orchestration(&target.name, instance_id.clone(), input.clone())
+            }
+            (Ok(input), None) => self.schedule_activity(&target.name, input.clone()),
+        }
+    }
+
+    /// Waits for the first of two futures of any types; the other is dropped (a timer
+    /// is cancelled, a wait given up).
+    pub fn race<A: Future, B: Future>(&self, a: A, b: B) -> Race<A, B> {
+        Race { a: Box::pin(a), b: Box::pin(b) }
+    }
+
+    /// Waits for all futures; the results in the order given, or the first failure in
+    /// that order.
+    pub fn try_when_all<T, E, F: Future<Output = Result<T, E>>>(
+        &self,
+        futures: impl IntoIterator<Item = F>,
+    ) -> impl Future<Output = Result<Vec<T>, E>> {
+        // Collected now, so every call in `futures` is scheduled now.
+        let all = futures_util::future::join_all(futures);
+        async move { all.await.into_iter().collect() }
     }
 
     /// Waits for an external event (names are case-insensitive). Events raised before
@@ -523,34 +573,14 @@ impl OrchestrationContext {
         EventFuture { context: self.clone(), waiter, key, name: name.to_string(), _output: PhantomData }
     }
 
-    /// Waits for an external event at most `timeout` (a durable timer); on timeout the
-    /// result is a [`TaskError`] for which [`TaskError::is_timeout`] is true.
-    pub fn wait_for_external_event_with_timeout<T: DeserializeOwned + Send + 'static>(
-        &self,
-        name: &str,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<T, TaskError>> + Send + 'static {
-        let event = self.wait_for_external_event::<T>(name);
-        let timer = self.sleep(timeout);
-        let name = name.to_string();
-        async move {
-            match futures_util::future::select(event, timer).await {
-                futures_util::future::Either::Left((result, _timer)) => result,
-                futures_util::future::Either::Right(((), _event)) => Err(TaskError {
-                    task: format!("wait for event '{name}'"),
-                    details: FailureDetails::new(
-                        TIMEOUT_ERROR_TYPE,
-                        format!("event '{name}' was not received within {timeout:?}"),
-                    ),
-                }),
-            }
-        }
-    }
-
     /// Sends an event to another instance (fire and forget). Events to instances that
     /// do not exist are dropped.
+    /// Data that does not serialize or is over the payload limit fails the orchestration.
     pub fn send_event(&self, instance_id: &str, event_name: &str, data: &impl Serialize) {
-        let input = serialize_input(data).unwrap_or(None);
+        let input = match serialize_input(data) {
+            Ok(input) => input,
+            Err(details) => return self.fail(details),
+        };
         let mut state = self.lock();
         state.take_action(|id| Action::SendEvent {
             id,
@@ -560,21 +590,27 @@ impl OrchestrationContext {
         });
     }
 
-    /// Ends this execution when the orchestrator returns and starts a new one with
-    /// `input` and a fresh history. Unconsumed external events are dropped.
-    pub fn continue_as_new(&self, input: &impl Serialize) {
-        self.request_continue_as_new(input, false);
+    /// Ends this execution and starts a new one with `input` and a fresh history:
+    /// `return ctx.continue_as_new(&next);`. Unconsumed external events are dropped. An
+    /// input that does not serialize or is over the payload limit fails the orchestration.
+    pub fn continue_as_new<T>(&self, input: &impl Serialize) -> Result<T, OrchestrationError> {
+        self.request_continue_as_new(input, false)
     }
 
     /// Like [`OrchestrationContext::continue_as_new`], but external events that were
     /// received and not consumed are delivered to the new execution.
-    pub fn continue_as_new_preserving_events(&self, input: &impl Serialize) {
-        self.request_continue_as_new(input, true);
+    pub fn continue_as_new_preserving_events<T>(&self, input: &impl Serialize) -> Result<T, OrchestrationError> {
+        self.request_continue_as_new(input, true)
     }
 
-    fn request_continue_as_new(&self, input: &impl Serialize, preserve_unprocessed_events: bool) {
-        let input = serialize_input(input).unwrap_or(None);
+    fn request_continue_as_new<T>(
+        &self,
+        input: &impl Serialize,
+        preserve_unprocessed_events: bool,
+    ) -> Result<T, OrchestrationError> {
+        let input = serialize_input(input).map_err(OrchestrationError::failed)?;
         self.lock().continue_as_new = Some(ContinueAsNewRequest { input, preserve_unprocessed_events });
+        Err(OrchestrationError(Ending::ContinueAsNew))
     }
 
     /// Sends a one-way operation to an entity (created on its first operation). The
@@ -715,11 +751,11 @@ impl OrchestrationContext {
         futures_util::future::join_all(futures)
     }
 
-    /// Waits for the first of the futures; returns its output and index.
-    pub fn when_any<F: Future + Unpin>(&self, futures: impl IntoIterator<Item = F>) -> WhenAny<F> {
-        let futures: Vec<F> = futures.into_iter().collect();
-        assert!(!futures.is_empty(), "when_any needs at least one future");
-        WhenAny { futures }
+    /// Waits for the first of the futures (of one type; see
+    /// [`OrchestrationContext::race`] for two of different types); returns its output and
+    /// index. The others are dropped. Never completes when `futures` is empty.
+    pub fn when_any<F: Future>(&self, futures: impl IntoIterator<Item = F>) -> WhenAny<F> {
+        WhenAny { futures: futures.into_iter().map(Box::pin).collect() }
     }
 }
 
@@ -867,11 +903,6 @@ impl<T> TaskFuture<T> {
         TaskFuture { context, id: None, task, early_failure: Some(details), _output: PhantomData }
     }
 
-    /// The sequence number of this task (`None` if it could not be scheduled).
-    pub fn sequence_number(&self) -> Option<i32> {
-        self.id
-    }
-
     fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<TaskOutcome> {
         let Some(id) = self.id else {
             let details = self.early_failure.take().expect("a task future was polled after it completed");
@@ -983,20 +1014,177 @@ impl<T> Drop for EventFuture<T> {
 /// The future of [`OrchestrationContext::when_any`].
 #[must_use = "futures do nothing unless awaited"]
 pub struct WhenAny<F> {
-    futures: Vec<F>,
+    futures: Vec<Pin<Box<F>>>,
 }
 
-impl<F: Future + Unpin> Future for WhenAny<F> {
+impl<F: Future> Future for WhenAny<F> {
     /// The first output and the index of its future.
     type Output = (F::Output, usize);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         for (index, future) in this.futures.iter_mut().enumerate() {
-            if let Poll::Ready(output) = Pin::new(future).poll(cx) {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
                 return Poll::Ready((output, index));
             }
         }
         Poll::Pending
+    }
+}
+
+/// The future of [`OrchestrationContext::race`]: `Left` if the first future finished
+/// first, `Right` if the second did.
+#[must_use = "futures do nothing unless awaited"]
+pub struct Race<A, B> {
+    a: Pin<Box<A>>,
+    b: Pin<Box<B>>,
+}
+
+impl<A: Future, B: Future> Future for Race<A, B> {
+    type Output = Either<A::Output, B::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(output) = self.a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(output));
+        }
+        self.b.as_mut().poll(cx).map(Either::Right)
+    }
+}
+
+/// A typed call of an activity or sub-orchestration ([`OrchestrationContext::call`]):
+/// the output, or a [`TaskFailure`] that holds the activity's own failure type.
+#[must_use = "futures do nothing unless awaited"]
+pub struct Call<O, E> {
+    context: OrchestrationContext,
+    target: CallTarget,
+    input: Result<Option<String>, FailureDetails>,
+    attempt: TaskFuture<O>,
+    _failure: PhantomData<fn() -> E>,
+}
+
+impl<O: DeserializeOwned, E: Failure> Future for Call<O, E> {
+    type Output = Result<O, TaskFailure<E>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        Pin::new(&mut this.attempt).poll(cx).map(|result| result.map_err(TaskFailure::from_task_error))
+    }
+}
+
+/// What a [`Call`] runs: an activity, or a sub-orchestration with the instance id
+/// every attempt uses.
+#[derive(Clone, Debug)]
+struct CallTarget {
+    name: String,
+    sub_orchestration: bool,
+    instance_id: Option<String>,
+}
+
+impl CallTarget {
+    fn activity(name: &str) -> CallTarget {
+        CallTarget { name: name.to_string(), sub_orchestration: false, instance_id: None }
+    }
+
+    fn sub_orchestration(name: &str) -> CallTarget {
+        CallTarget { name: name.to_string(), sub_orchestration: true, instance_id: None }
+    }
+}
+
+/// A typed predicate of [`Retrying::only_if`].
+type FailurePredicate<E> = Arc<dyn Fn(&TaskFailure<E>) -> bool + Send + Sync>;
+
+impl<O: DeserializeOwned + Send + 'static, E: Failure> Call<O, E> {
+    /// Retries the call per `policy`, with durable timers between attempts. The first
+    /// attempt is the one already scheduled.
+    pub fn with_retry(self, policy: RetryPolicy) -> Retrying<O, E> {
+        Retrying { call: Some(self), policy, predicate: None, running: None }
+    }
+}
+
+/// A call with retries ([`Call::with_retry`]).
+#[must_use = "futures do nothing unless awaited"]
+pub struct Retrying<O, E> {
+    call: Option<Call<O, E>>,
+    policy: RetryPolicy,
+    predicate: Option<FailurePredicate<E>>,
+    running: Option<Pin<Box<dyn Future<Output = Result<O, TaskFailure<E>>> + Send>>>,
+}
+
+impl<O: DeserializeOwned + Send + 'static, E: Failure> Retrying<O, E> {
+    /// Retries only the failures for which `retry` returns true (it sees the typed
+    /// failure); the policy's own rules (attempts, timeout) still apply.
+    pub fn only_if(mut self, retry: impl Fn(&TaskFailure<E>) -> bool + Send + Sync + 'static) -> Retrying<O, E> {
+        self.predicate = Some(Arc::new(retry));
+        self
+    }
+
+    fn start(&mut self) -> Pin<Box<dyn Future<Output = Result<O, TaskFailure<E>>> + Send>> {
+        let Call { context, target, input, attempt, .. } = self.call.take().expect("a retrying call starts once");
+        let policy = self.policy.clone();
+        let predicate = self.predicate.take();
+        Box::pin(async move {
+            let first_attempt_at = context.current_utc_datetime();
+            let mut attempt = attempt;
+            let mut number = 1;
+            loop {
+                let error = match attempt.await {
+                    Ok(output) => return Ok(output),
+                    Err(error) => error,
+                };
+                let failure = TaskFailure::from_task_error(error);
+                if predicate.as_ref().is_some_and(|retry| !retry(&failure)) {
+                    return Err(failure);
+                }
+                let now = context.current_utc_datetime();
+                match policy.next_delay(number, &failure.details(), first_attempt_at, now) {
+                    Some(delay) => {
+                        context.create_timer(now + chrono_duration(delay)).await;
+                        number += 1;
+                        attempt = context.attempt(&target, &input);
+                    }
+                    None => return Err(failure),
+                }
+            }
+        })
+    }
+}
+
+impl<O: DeserializeOwned + Send + 'static, E: Failure> Future for Retrying<O, E> {
+    type Output = Result<O, TaskFailure<E>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.running.is_none() {
+            let running = self.start();
+            self.running = Some(running);
+        }
+        self.running.as_mut().expect("started above").as_mut().poll(cx)
+    }
+}
+
+/// A wait for an event that gives up after a while ([`EventFuture::timeout`]): the
+/// event's data, or `None` when the time ran out first.
+#[must_use = "futures do nothing unless awaited"]
+pub struct EventTimeout<T> {
+    event: EventFuture<T>,
+    timer: TimerFuture,
+}
+
+impl<T: DeserializeOwned> Future for EventTimeout<T> {
+    type Output = Result<Option<T>, TaskError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(result) = Pin::new(&mut this.event).poll(cx) {
+            return Poll::Ready(result.map(Some));
+        }
+        Pin::new(&mut this.timer).poll(cx).map(|()| Ok(None))
+    }
+}
+
+impl<T> EventFuture<T> {
+    /// Gives up waiting after `timeout` (a durable timer, started now).
+    pub fn timeout(self, timeout: Duration) -> EventTimeout<T> {
+        let timer = self.context.sleep(timeout);
+        EventTimeout { event: self, timer }
     }
 }

@@ -8,6 +8,8 @@
 pub mod action;
 pub mod context;
 pub mod entity;
+pub mod failure;
+pub mod handle;
 pub mod history;
 pub mod limits;
 pub mod replay;

@@ -23,7 +23,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 
 use crate::action::{Action, Completion};
-use crate::context::{lock, OrchestrationContext, OrchestrationError, State, TaskOutcome};
+use crate::context::{lock, Ending, OrchestrationContext, OrchestrationError, State, TaskOutcome};
 use crate::history::{EventKind, FailureDetails, HistoryEvent};
 
 /// The boxed future of a running orchestrator: its output is JSON text.
@@ -45,6 +45,26 @@ where
             let output = future.await?;
             Ok(Some(serde_json::to_string(&output)?))
         })
+    })
+}
+
+/// Wraps an orchestrator function that takes its input as a parameter
+/// (`async fn(OrchestrationContext, I) -> Result<O, OrchestrationError>`); an input that
+/// does not fit `I` fails the instance (`InvalidInput`).
+pub fn typed_orchestrator<I, O, F, Fut>(function: F) -> Orchestrator
+where
+    I: serde::de::DeserializeOwned + Send + 'static,
+    O: Serialize + 'static,
+    F: Fn(OrchestrationContext, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, OrchestrationError>> + Send + 'static,
+{
+    let function = Arc::new(function);
+    orchestrator(move |context: OrchestrationContext| {
+        let function = function.clone();
+        async move {
+            let input: I = context.input()?;
+            function(context, input).await
+        }
     })
 }
 
@@ -392,8 +412,10 @@ impl Execution {
             let fatal = lock(&self.state).fatal.clone();
             let completion = match (fatal, outcome) {
                 (Some(failure), _) => Completion::Failed { failure },
-                (None, Err(OrchestrationError(failure))) => Completion::Failed { failure },
-                (None, Ok(output)) => {
+                (None, Err(OrchestrationError(Ending::Failed(failure)))) => Completion::Failed { failure },
+                // The output, or the continue-as-new the orchestrator asked for.
+                (None, result) => {
+                    let output = result.ok().flatten();
                     let state = lock(&self.state);
                     match &state.continue_as_new {
                         Some(request) => Completion::ContinuedAsNew {

@@ -42,32 +42,57 @@ impl std::fmt::Debug for RetryPolicy {
     }
 }
 
+/// A retry policy that cannot work: zero attempts, a zero interval, a backoff below 1.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid retry policy: {0}")]
+pub struct InvalidRetryPolicy(pub String);
+
+impl From<InvalidRetryPolicy> for crate::context::OrchestrationError {
+    fn from(error: InvalidRetryPolicy) -> crate::context::OrchestrationError {
+        crate::context::OrchestrationError::new("InvalidRetryPolicy", error.0)
+    }
+}
+
 impl RetryPolicy {
-    /// `max_attempts` attempts in all, `first_retry_interval` apart, no backoff; the
-    /// maximum interval defaults to one hour (the isolated .NET SDK's default).
-    pub fn new(max_attempts: u32, first_retry_interval: Duration) -> RetryPolicy {
-        assert!(max_attempts >= 1, "a retry policy needs at least one attempt");
-        assert!(!first_retry_interval.is_zero(), "the first retry interval must be > 0");
-        RetryPolicy {
+    /// `max_attempts` attempts in all (at least 1), `first_retry_interval` (more than 0)
+    /// apart, no backoff; the maximum interval defaults to one hour (the isolated .NET
+    /// SDK's default).
+    pub fn new(max_attempts: u32, first_retry_interval: Duration) -> Result<RetryPolicy, InvalidRetryPolicy> {
+        if max_attempts == 0 {
+            return Err(InvalidRetryPolicy("a retry policy needs at least one attempt".into()));
+        }
+        if first_retry_interval.is_zero() {
+            return Err(InvalidRetryPolicy("the first retry interval must be more than zero".into()));
+        }
+        Ok(RetryPolicy {
             max_attempts,
             first_retry_interval,
             backoff_coefficient: 1.0,
             max_retry_interval: Duration::from_secs(3600).max(first_retry_interval),
             retry_timeout: None,
             handle: None,
+        })
+    }
+
+    /// Each delay is the previous one times `coefficient` (at least 1.0).
+    pub fn with_backoff_coefficient(mut self, coefficient: f64) -> Result<RetryPolicy, InvalidRetryPolicy> {
+        if !(coefficient >= 1.0 && coefficient.is_finite()) {
+            return Err(InvalidRetryPolicy(format!("the backoff coefficient must be at least 1.0, not {coefficient}")));
         }
-    }
-
-    pub fn with_backoff_coefficient(mut self, coefficient: f64) -> RetryPolicy {
-        assert!(coefficient >= 1.0, "the backoff coefficient must be >= 1.0");
         self.backoff_coefficient = coefficient;
-        self
+        Ok(self)
     }
 
-    pub fn with_max_retry_interval(mut self, max: Duration) -> RetryPolicy {
-        assert!(max >= self.first_retry_interval, "the max interval must be >= the first interval");
+    /// No delay is longer than `max` (at least the first interval).
+    pub fn with_max_retry_interval(mut self, max: Duration) -> Result<RetryPolicy, InvalidRetryPolicy> {
+        if max < self.first_retry_interval {
+            return Err(InvalidRetryPolicy(format!(
+                "the max interval ({max:?}) must not be shorter than the first ({:?})",
+                self.first_retry_interval
+            )));
+        }
         self.max_retry_interval = max;
-        self
+        Ok(self)
     }
 
     pub fn with_retry_timeout(mut self, timeout: Duration) -> RetryPolicy {
@@ -132,8 +157,9 @@ mod tests {
     #[test]
     fn exponential_backoff_is_capped() {
         let policy = RetryPolicy::new(10, Duration::from_secs(1))
-            .with_backoff_coefficient(2.0)
-            .with_max_retry_interval(Duration::from_secs(5));
+            .and_then(|policy| policy.with_backoff_coefficient(2.0))
+            .and_then(|policy| policy.with_max_retry_interval(Duration::from_secs(5)))
+            .unwrap();
         let delays: Vec<_> =
             (1..=5).map(|attempt| policy.next_delay(attempt, &failure(), at(0), at(0)).unwrap().as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 5, 5]);
@@ -141,25 +167,35 @@ mod tests {
 
     #[test]
     fn gives_up_after_the_last_attempt() {
-        let policy = RetryPolicy::new(3, Duration::from_secs(1));
+        let policy = RetryPolicy::new(3, Duration::from_secs(1)).unwrap();
         assert!(policy.next_delay(2, &failure(), at(0), at(0)).is_some());
         assert!(policy.next_delay(3, &failure(), at(0), at(0)).is_none());
     }
 
     #[test]
     fn retry_timeout_counts_from_the_first_attempt() {
-        let policy = RetryPolicy::new(100, Duration::from_secs(10)).with_retry_timeout(Duration::from_secs(30));
+        let policy = RetryPolicy::new(100, Duration::from_secs(10)).unwrap().with_retry_timeout(Duration::from_secs(30));
         assert!(policy.next_delay(1, &failure(), at(0), at(5)).is_some());
         assert!(policy.next_delay(2, &failure(), at(0), at(25)).is_none());
     }
 
     #[test]
     fn predicate_and_non_retriable_stop_retries() {
-        let policy = RetryPolicy::new(5, Duration::from_secs(1)).with_handle(|f| f.error_type != "Fatal");
+        let policy = RetryPolicy::new(5, Duration::from_secs(1)).unwrap().with_handle(|f| f.error_type != "Fatal");
         assert!(policy.next_delay(1, &FailureDetails::new("Fatal", "x"), at(0), at(0)).is_none());
         let mut non_retriable = failure();
         non_retriable.is_non_retriable = true;
         assert!(policy.next_delay(1, &non_retriable, at(0), at(0)).is_none());
         assert!(policy.next_delay(1, &failure(), at(0), at(0)).is_some());
+    }
+
+    #[test]
+    fn impossible_policies_are_errors_not_panics() {
+        assert!(RetryPolicy::new(0, Duration::from_secs(1)).is_err());
+        assert!(RetryPolicy::new(1, Duration::ZERO).is_err());
+        let policy = RetryPolicy::new(2, Duration::from_secs(5)).unwrap();
+        assert!(policy.clone().with_backoff_coefficient(0.5).is_err());
+        assert!(policy.clone().with_backoff_coefficient(f64::NAN).is_err());
+        assert!(policy.with_max_retry_interval(Duration::from_secs(1)).is_err());
     }
 }

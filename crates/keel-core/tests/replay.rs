@@ -6,6 +6,8 @@ use chrono::DateTime;
 use keel_core::action::{Action, Completion};
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_core::replay::{orchestrator, Execution, Orchestrator, NON_DETERMINISM_ERROR_TYPE, PANIC_ERROR_TYPE};
+use keel_core::failure::{Failure, TaskFailure};
+use keel_core::handle::{Activity, Event, Orchestration};
 use keel_core::{OrchestrationContext, OrchestrationError, RetryPolicy};
 
 fn at(secs: i64) -> Timestamp {
@@ -221,13 +223,15 @@ fn events_raised_before_the_wait_are_buffered_in_order() {
     assert_eq!(result.completion, Some(Completion::Completed { output: Some("[\"one\",\"two\"]".into()) }));
 }
 
+const APPROVAL: Event<bool> = Event::new("Approval");
+
 fn approval_with_timeout() -> Orchestrator {
     orchestrator(|ctx: OrchestrationContext| async move {
-        match ctx.wait_for_external_event_with_timeout::<bool>("Approval", Duration::from_secs(30)).await {
-            Ok(approved) => Ok(if approved { "approved" } else { "rejected" }.to_string()),
-            Err(error) if error.is_timeout() => Ok("timed out".to_string()),
-            Err(error) => Err(error.into()),
-        }
+        Ok(match ctx.wait(APPROVAL).timeout(Duration::from_secs(30)).await? {
+            Some(true) => "approved",
+            Some(false) => "rejected",
+            None => "timed out",
+        })
     })
 }
 
@@ -248,28 +252,174 @@ fn a_timeout_that_beats_the_event_wins_and_later_events_are_buffered() {
     assert_eq!(result.completion, Some(Completion::Completed { output: Some("\"timed out\"".into()) }));
 }
 
+/// The failure of the `Flaky` activity.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum FlakyError {
+    Busy { attempt: u32 },
+    Broken,
+}
+
+impl std::fmt::Display for FlakyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+keel_core::impl_failure!(FlakyError);
+
+const FLAKY: Activity<(), String, FlakyError> = Activity::new("Flaky");
+
+fn flaky_failed(id: i32, failure: FlakyError) -> HistoryEvent {
+    HistoryEvent::new(at(0), EventKind::TaskFailed { task_scheduled_id: id, failure: failure.to_details() })
+}
+
 #[test]
 fn retries_wait_on_durable_timers_and_give_up_after_the_last_attempt() {
     let retrying = orchestrator(|ctx: OrchestrationContext| async move {
-        let policy = RetryPolicy::new(3, Duration::from_secs(10)).with_backoff_coefficient(2.0);
-        match ctx.call_activity_with_retry::<String>("Flaky", &(), &policy).await {
+        let policy = RetryPolicy::new(3, Duration::from_secs(10))?.with_backoff_coefficient(2.0)?;
+        match ctx.call(FLAKY, &()).with_retry(policy).await {
             Ok(value) => Ok(value),
-            Err(error) => Ok(format!("gave up: {}", error.error_type())),
+            Err(TaskFailure::Activity(failure)) => Ok(format!("gave up: {failure}")),
+            Err(TaskFailure::Other(error)) => Err(error.into()),
         }
     });
     let mut execution = Execution::new("i1", retrying);
     let r = execution.run_episode(&[], &[episode_start(0), started("Retry", "null")]);
     assert_eq!(activity_names(&r.actions), vec![(0, "Flaky".into())]);
-    let r = execution.run_episode(&[], &[episode_start(1), task_failed(0, "Boom")]);
+    let r = execution.run_episode(&[], &[episode_start(1), flaky_failed(0, FlakyError::Busy { attempt: 1 })]);
     assert_eq!(r.actions, vec![Action::CreateTimer { id: 1, fire_at: at(11) }]);
     let r = execution.run_episode(&[], &[episode_start(11), timer_fired(1, at(11))]);
     assert_eq!(activity_names(&r.actions), vec![(2, "Flaky".into())]);
-    let r = execution.run_episode(&[], &[episode_start(12), task_failed(2, "Boom")]);
+    let r = execution.run_episode(&[], &[episode_start(12), flaky_failed(2, FlakyError::Busy { attempt: 2 })]);
     assert_eq!(r.actions, vec![Action::CreateTimer { id: 3, fire_at: at(32) }], "backoff doubles the delay");
     let r = execution.run_episode(&[], &[episode_start(32), timer_fired(3, at(32))]);
     assert_eq!(activity_names(&r.actions), vec![(4, "Flaky".into())]);
-    let r = execution.run_episode(&[], &[episode_start(33), task_failed(4, "Boom")]);
-    assert_eq!(r.completion, Some(Completion::Completed { output: Some("\"gave up: Boom\"".into()) }));
+    let r = execution.run_episode(&[], &[episode_start(33), flaky_failed(4, FlakyError::Busy { attempt: 3 })]);
+    assert_eq!(
+        r.completion,
+        Some(Completion::Completed { output: Some("\"gave up: Busy { attempt: 3 }\"".into()) }),
+        "the orchestrator got the typed failure back"
+    );
+}
+
+#[test]
+fn a_typed_retry_predicate_sees_the_typed_failure() {
+    let retrying = orchestrator(|ctx: OrchestrationContext| async move {
+        let policy = RetryPolicy::new(5, Duration::from_secs(1))?;
+        let result = ctx
+            .call(FLAKY, &())
+            .with_retry(policy)
+            .only_if(|failure| matches!(failure, TaskFailure::Activity(FlakyError::Busy { .. })))
+            .await;
+        Ok(match result {
+            Err(TaskFailure::Activity(FlakyError::Broken)) => "broken, not retried".to_string(),
+            other => format!("{other:?}"),
+        })
+    });
+    let mut execution = Execution::new("i1", retrying);
+    execution.run_episode(&[], &[episode_start(0), started("Retry", "null")]);
+    let r = execution.run_episode(&[], &[episode_start(1), flaky_failed(0, FlakyError::Busy { attempt: 1 })]);
+    assert_eq!(r.actions, vec![Action::CreateTimer { id: 1, fire_at: at(2) }], "busy is retried");
+    execution.run_episode(&[], &[episode_start(2), timer_fired(1, at(2))]);
+    let r = execution.run_episode(&[], &[episode_start(3), flaky_failed(2, FlakyError::Broken)]);
+    assert_eq!(r.completion, Some(Completion::Completed { output: Some("\"broken, not retried\"".into()) }));
+}
+
+#[test]
+fn failures_that_are_not_the_declared_type_stay_distinguishable() {
+    let calling = orchestrator(|ctx: OrchestrationContext| async move {
+        Ok(match ctx.call(FLAKY, &()).await {
+            Err(TaskFailure::Other(error)) => format!("other: {}", error.error_type()),
+            other => format!("{other:?}"),
+        })
+    });
+    let history = [episode_start(0), started("Call", "null"), scheduled(0, "Flaky")];
+    let result = Execution::new("i1", calling).run_episode(&history, &[episode_start(1), task_failed(0, "Panic")]);
+    assert_eq!(result.completion, Some(Completion::Completed { output: Some("\"other: Panic\"".into()) }));
+}
+
+/// Fans out three sub-orchestrations with retry: each gets its own instance id.
+#[test]
+fn fanned_out_sub_orchestrations_with_retry_get_distinct_ids() {
+    const CHILD: Orchestration<u32, u32> = Orchestration::new("Child");
+    let fan_out = orchestrator(|ctx: OrchestrationContext| async move {
+        let policy = RetryPolicy::new(2, Duration::from_secs(1))?;
+        let calls = (0..3).map(|n| ctx.call(CHILD, &n).with_retry(policy.clone()));
+        let results = ctx.try_when_all(calls).await?;
+        Ok(results.into_iter().sum::<u32>())
+    });
+    let first = Execution::new("parent", fan_out).run_episode(&[], &[episode_start(0), started("FanOut", "null")]);
+    let ids: Vec<&str> = first
+        .actions
+        .iter()
+        .map(|action| match action {
+            Action::CreateSubOrchestration { instance_id, .. } => instance_id.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, ["parent:0", "parent:1", "parent:2"]);
+}
+
+#[test]
+fn when_any_and_race_take_the_first_of_futures_of_any_kind() {
+    let racing = orchestrator(|ctx: OrchestrationContext| async move {
+        let calls = vec![ctx.call_activity::<String>("A", &()), ctx.call_activity::<String>("B", &())];
+        let (first, index) = ctx.when_any(calls).await;
+        let winner = format!("{index}:{}", first?);
+        let raced = match ctx.race(ctx.wait(APPROVAL), ctx.sleep(Duration::from_secs(5))).await {
+            keel_core::context::Either::Left(approved) => format!("event {}", approved?),
+            keel_core::context::Either::Right(()) => "timer".to_string(),
+        };
+        Ok(format!("{winner}, {raced}"))
+    });
+    let mut execution = Execution::new("i1", racing);
+    let r = execution.run_episode(&[], &[episode_start(0), started("Race", "null")]);
+    assert_eq!(activity_names(&r.actions), vec![(0, "A".into()), (1, "B".into())]);
+    let r = execution.run_episode(&[], &[episode_start(1), task_completed(1, "\"b\"")]);
+    assert_eq!(r.actions, vec![Action::CreateTimer { id: 2, fire_at: at(6) }]);
+    let r = execution.run_episode(&[], &[episode_start(2), raised("Approval", "true")]);
+    assert_eq!(r.completion, Some(Completion::Completed { output: Some("\"1:b, event true\"".into()) }));
+}
+
+#[test]
+fn misused_context_methods_fail_the_orchestration_with_clear_errors() {
+    let cases: Vec<(&str, Orchestrator)> = vec![
+        (
+            "PayloadTooLarge",
+            orchestrator(|ctx: OrchestrationContext| async move {
+                ctx.set_custom_status(&"x".repeat(keel_core::limits::MAX_PAYLOAD_BYTES + 1));
+                ctx.sleep(Duration::from_secs(1)).await;
+                Ok(())
+            }),
+        ),
+        (
+            "PayloadTooLarge",
+            orchestrator(|ctx: OrchestrationContext| async move {
+                ctx.send_event("other", "E", &"x".repeat(keel_core::limits::MAX_PAYLOAD_BYTES + 1));
+                ctx.sleep(Duration::from_secs(1)).await;
+                Ok(())
+            }),
+        ),
+        (
+            "PayloadTooLarge",
+            orchestrator(|ctx: OrchestrationContext| async move {
+                ctx.continue_as_new::<()>(&"x".repeat(keel_core::limits::MAX_PAYLOAD_BYTES + 1))
+            }),
+        ),
+        (
+            keel_core::context::INVALID_TIMER_ERROR_TYPE,
+            orchestrator(|ctx: OrchestrationContext| async move {
+                ctx.sleep(Duration::from_secs(u64::MAX)).await;
+                Ok(())
+            }),
+        ),
+    ];
+    for (expected, orchestrator) in cases {
+        let result = Execution::new("i1", orchestrator).run_episode(&[], &[episode_start(0), started("M", "null")]);
+        let Some(Completion::Failed { failure }) = &result.completion else { panic!("{expected}: {result:?}") };
+        assert_eq!(failure.error_type, expected, "{failure:?}");
+        assert!(result.actions.is_empty(), "{expected}: nothing was sent: {:?}", result.actions);
+    }
 }
 
 #[test]
@@ -303,8 +453,7 @@ fn continue_as_new_carries_unconsumed_events_when_asked() {
     let eternal = orchestrator(|ctx: OrchestrationContext| async move {
         let n: u32 = ctx.input()?;
         ctx.sleep(Duration::from_secs(1)).await;
-        ctx.continue_as_new_preserving_events(&(n + 1));
-        Ok(())
+        ctx.continue_as_new_preserving_events::<()>(&(n + 1))
     });
     let history = [episode_start(0), started("Eternal", "4"), timer_created(0, at(1))];
     let result = Execution::new("i1", eternal)
