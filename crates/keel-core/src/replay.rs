@@ -365,6 +365,11 @@ impl Execution {
             "non-deterministic orchestration: at sequence number {}, history has {expected} but {found}",
             event.event_id
         );
+        // The first divergence is the one to report.
+        if matches!(&self.completion, Some(Completion::Failed { failure }) if failure.error_type == NON_DETERMINISM_ERROR_TYPE)
+        {
+            return;
+        }
         // Non-determinism overrides an outcome not reported yet: it was computed by code
         // that does not match its history.
         self.completion = None;

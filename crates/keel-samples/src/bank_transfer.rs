@@ -11,11 +11,13 @@
 //! `{"transferred":true,"fromBalance":…,"toBalance":…}`, or `transferred: false` when the
 //! source does not hold the amount.
 
-use keel::{EntityContext, EntityError, EntityId, OrchestrationContext, OrchestrationError, WorkerBuilder};
+use keel::{EntityContext, EntityError, EntityId, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
 use serde::{Deserialize, Serialize};
 
 /// The entity's name.
 pub const ACCOUNT: &str = "Account";
+
+pub const BANK_TRANSFER: Orchestration<Transfer, TransferResult> = Orchestration::new("BankTransfer");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Transfer {
@@ -34,7 +36,7 @@ pub struct TransferResult {
 
 /// Registers the `Account` entity and the `BankTransfer` orchestrator.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
-    worker.entity(ACCOUNT, account).orchestrator("BankTransfer", bank_transfer)
+    worker.entity(ACCOUNT, account).orchestration(BANK_TRANSFER, bank_transfer)
 }
 
 /// One operation on an account; returns the balance after it.
@@ -62,8 +64,7 @@ pub fn account(ctx: &mut EntityContext<i64>) -> Result<i64, EntityError> {
 }
 
 /// The orchestrator: lock both accounts, then withdraw and deposit inside the lock.
-pub async fn bank_transfer(ctx: OrchestrationContext) -> Result<TransferResult, OrchestrationError> {
-    let transfer: Transfer = ctx.input()?;
+pub async fn bank_transfer(ctx: OrchestrationContext, transfer: Transfer) -> Result<TransferResult, OrchestrationError> {
     if transfer.from == transfer.to {
         return Err(OrchestrationError::new("InvalidTransfer", "the source and the target are the same account"));
     }

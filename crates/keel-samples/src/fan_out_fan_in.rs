@@ -6,7 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, WorkerBuilder};
+use keel::{Activity, ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
+
+/// The input is the root directory (`null` is refused with a clear error).
+pub const BACKUP_SITE_CONTENT: Orchestration<Option<String>, u64> = Orchestration::new("BackupSiteContent");
+pub const GET_FILE_LIST: Activity<String, Vec<String>> = Activity::new("GetFileList");
+pub const COPY_FILE_TO_BLOB: Activity<String, u64> = Activity::new("CopyFileToBlob");
 
 /// The most files one backup takes; a larger tree fails the listing.
 pub const MAX_FILES: usize = 10_000;
@@ -14,25 +19,20 @@ pub const MAX_FILES: usize = 10_000;
 /// Registers `BackupSiteContent`, `GetFileList` and `CopyFileToBlob`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
-        .orchestrator("BackupSiteContent", backup_site_content)
-        .activity("GetFileList", get_file_list)
-        .activity("CopyFileToBlob", copy_file_to_blob)
+        .orchestration(BACKUP_SITE_CONTENT, backup_site_content)
+        .activity(GET_FILE_LIST, get_file_list)
+        .activity(COPY_FILE_TO_BLOB, copy_file_to_blob)
 }
 
 /// The orchestrator: list, copy every file in parallel, add up the bytes.
-pub async fn backup_site_content(ctx: OrchestrationContext) -> Result<u64, OrchestrationError> {
-    let root: Option<String> = ctx.input()?;
+pub async fn backup_site_content(ctx: OrchestrationContext, root: Option<String>) -> Result<u64, OrchestrationError> {
     let root = root.filter(|root| !root.trim().is_empty()).ok_or_else(|| {
         OrchestrationError::new("InvalidInput", "the input must be the directory to back up, as a JSON string")
     })?;
-    let files: Vec<String> = ctx.call_activity("GetFileList", &root).await?;
+    let files = ctx.call(GET_FILE_LIST, &root).await?;
     ctx.set_custom_status(&serde_json::json!({ "files": files.len() }));
-    let copies = ctx.when_all(files.iter().map(|file| ctx.call_activity::<u64>("CopyFileToBlob", file))).await;
-    let mut total_bytes = 0;
-    for copied in copies {
-        total_bytes += copied?;
-    }
-    Ok(total_bytes)
+    let copies = ctx.try_when_all(files.iter().map(|file| ctx.call(COPY_FILE_TO_BLOB, file))).await?;
+    Ok(copies.into_iter().sum())
 }
 
 async fn get_file_list(ctx: ActivityContext, root: String) -> Result<Vec<String>, ActivityError> {

@@ -15,7 +15,7 @@ use keel::StartOptions;
 use keel_http::{ApiError, DurableClient};
 use serde::Deserialize;
 
-use crate::place_order::{Order, OrderItem};
+use crate::place_order::{Order, OrderItem, PLACE_ORDER};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,9 +50,9 @@ async fn place_order(
         None => DEFAULT_TIMEOUT,
     };
     let options = StartOptions { instance_id: Some(format!("order-{order_id}")), ..StartOptions::default() };
-    let instance_id = durable.client().start_with("PlaceOrder", &order, options).await?;
-    tracing::info!(instance_id = %instance_id, function = "PlaceOrder", "order placed over the app route");
+    let instance = durable.client().start_with_options(PLACE_ORDER, &order, options).await?;
+    tracing::info!(instance_id = %instance.id(), function = PLACE_ORDER.name(), "order placed over the app route");
     durable
-        .wait_for_completion_or_create_check_status_response(&instance_id, timeout, timeout.min(Duration::from_secs(1)))
+        .wait_for_completion_or_create_check_status_response(instance.id(), timeout, timeout.min(Duration::from_secs(1)))
         .await
 }

@@ -9,11 +9,14 @@
 
 use std::time::Duration;
 
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, WorkerBuilder};
+use keel::{Activity, ActivityContext, Event, Never, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
 use serde::{Deserialize, Serialize};
 
-/// The name of the event that carries the approver's answer.
-pub const APPROVAL_EVENT: &str = "Approval";
+pub const APPROVAL_WORKFLOW: Orchestration<ApprovalRequest, String> = Orchestration::new("ApprovalWorkflow");
+pub const REQUEST_APPROVAL: Activity<ApprovalRequest, (), Never> = Activity::new("RequestApproval");
+pub const ESCALATE: Activity<ApprovalRequest, (), Never> = Activity::new("Escalate");
+/// The event that carries the approver's answer.
+pub const APPROVAL: Event<bool> = Event::new("Approval");
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -28,35 +31,33 @@ pub struct ApprovalRequest {
 /// Registers `ApprovalWorkflow`, `RequestApproval` and `Escalate`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
-        .orchestrator("ApprovalWorkflow", approval_workflow)
-        .activity("RequestApproval", request_approval)
-        .activity("Escalate", escalate)
+        .orchestration(APPROVAL_WORKFLOW, approval_workflow)
+        .activity(REQUEST_APPROVAL, request_approval)
+        .activity(ESCALATE, escalate)
 }
 
 /// The orchestrator: request, then wait for the answer or the deadline.
-pub async fn approval_workflow(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let request: ApprovalRequest = ctx.input()?;
+pub async fn approval_workflow(ctx: OrchestrationContext, request: ApprovalRequest) -> Result<String, OrchestrationError> {
     let timeout = match request.timeout_seconds {
         Some(seconds) => Duration::try_from_secs_f64(seconds)
             .map_err(|_| OrchestrationError::new("InvalidInput", "timeoutSeconds must be a positive number"))?,
         None => DEFAULT_TIMEOUT,
     };
-    ctx.call_activity::<()>("RequestApproval", &request).await?;
+    ctx.call(REQUEST_APPROVAL, &request).await?;
     ctx.set_custom_status(&"waiting for approval");
-    let outcome = match ctx.wait_for_external_event_with_timeout::<bool>(APPROVAL_EVENT, timeout).await {
-        Ok(true) => "Approved",
-        Ok(false) => "Rejected",
-        Err(error) if error.is_timeout() => {
-            ctx.call_activity::<()>("Escalate", &request).await?;
+    let outcome = match ctx.wait(APPROVAL).timeout(timeout).await? {
+        Some(true) => "Approved",
+        Some(false) => "Rejected",
+        None => {
+            ctx.call(ESCALATE, &request).await?;
             "Escalated"
         }
-        Err(error) => return Err(error.into()),
     };
     ctx.set_custom_status(&outcome);
     Ok(outcome.to_string())
 }
 
-async fn request_approval(ctx: ActivityContext, request: ApprovalRequest) -> Result<(), ActivityError> {
+async fn request_approval(ctx: ActivityContext, request: ApprovalRequest) -> Result<(), Never> {
     tracing::info!(
         instance_id = %ctx.instance_id,
         function = %ctx.name,
@@ -67,7 +68,7 @@ async fn request_approval(ctx: ActivityContext, request: ApprovalRequest) -> Res
     Ok(())
 }
 
-async fn escalate(ctx: ActivityContext, request: ApprovalRequest) -> Result<(), ActivityError> {
+async fn escalate(ctx: ActivityContext, request: ApprovalRequest) -> Result<(), Never> {
     tracing::info!(instance_id = %ctx.instance_id, function = %ctx.name, request = %request.request, "escalated");
     Ok(())
 }

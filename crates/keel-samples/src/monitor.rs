@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, WorkerBuilder};
+use keel::{Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
 use serde::{Deserialize, Serialize};
 
 const DEFAULT_POLLING_INTERVAL: Duration = Duration::from_secs(30 * 60);
@@ -47,52 +47,56 @@ pub struct MonitorOutcome {
     pub alert_sent: bool,
 }
 
+/// The input may be missing (`null`): the monitor then fails with a clear error.
+pub const WEATHER_MONITOR: Orchestration<Option<MonitorRequest>, MonitorOutcome> =
+    Orchestration::new("WeatherMonitor");
+pub const GET_IS_CLEAR: Activity<WeatherCheck, bool, Never> = Activity::new("GetIsClear");
+pub const SEND_GOOD_WEATHER_ALERT: Activity<String, (), Never> = Activity::new("SendGoodWeatherAlert");
+
 /// Registers `WeatherMonitor`, `GetIsClear` and `SendGoodWeatherAlert`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
-        .orchestrator("WeatherMonitor", weather_monitor)
-        .activity("GetIsClear", get_is_clear)
-        .activity("SendGoodWeatherAlert", send_good_weather_alert)
+        .orchestration(WEATHER_MONITOR, weather_monitor)
+        .activity(GET_IS_CLEAR, get_is_clear)
+        .activity(SEND_GOOD_WEATHER_ALERT, send_good_weather_alert)
 }
 
 /// The orchestrator: check, then sleep on a durable timer, until clear or expired.
-pub async fn weather_monitor(ctx: OrchestrationContext) -> Result<MonitorOutcome, OrchestrationError> {
-    let request: Option<MonitorRequest> = ctx.input()?;
+pub async fn weather_monitor(
+    ctx: OrchestrationContext,
+    request: Option<MonitorRequest>,
+) -> Result<MonitorOutcome, OrchestrationError> {
     let missing = |what: &str| OrchestrationError::new("InvalidInput", format!("the monitor request needs a {what}"));
     let request = request.ok_or_else(|| missing("body"))?;
     let location = request.location.clone().ok_or_else(|| missing("location"))?;
     let phone = request.phone.clone().filter(|phone| !phone.is_empty()).ok_or_else(|| missing("phone"))?;
     let interval = request.polling_interval_seconds.map_or(DEFAULT_POLLING_INTERVAL, Duration::from_secs);
     let expiry = request.expiry_seconds.map_or(DEFAULT_EXPIRY, Duration::from_secs);
-    let expires_at = ctx.current_utc_datetime() + to_chrono(expiry);
+    let started_at = ctx.current_utc_datetime();
 
     let mut checks = 0;
-    while ctx.current_utc_datetime() < expires_at {
+    while (ctx.current_utc_datetime() - started_at).to_std().unwrap_or_default() < expiry {
         checks += 1;
         let check = WeatherCheck { location: location.clone(), check: checks };
-        let clear: bool = ctx.call_activity("GetIsClear", &check).await?;
+        let clear = ctx.call(GET_IS_CLEAR, &check).await?;
         ctx.set_custom_status(&serde_json::json!({ "checks": checks, "clear": clear }));
         if clear {
-            ctx.call_activity::<()>("SendGoodWeatherAlert", &phone).await?;
+            ctx.call(SEND_GOOD_WEATHER_ALERT, &phone).await?;
             return Ok(MonitorOutcome { checks, alert_sent: true });
         }
         ctx.log(tracing::Level::INFO, format!("not clear yet after {checks} checks; next check in {interval:?}"));
-        ctx.create_timer(ctx.current_utc_datetime() + to_chrono(interval)).await;
+        ctx.sleep(interval).await;
     }
     Ok(MonitorOutcome { checks, alert_sent: false })
 }
 
-fn to_chrono(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
-}
-
-async fn get_is_clear(ctx: ActivityContext, check: WeatherCheck) -> Result<bool, ActivityError> {
+async fn get_is_clear(ctx: ActivityContext, check: WeatherCheck) -> Result<bool, Never> {
     let clear = !check.location.city.eq_ignore_ascii_case("Seattle") && check.check >= 3;
     tracing::info!(instance_id = %ctx.instance_id, function = %ctx.name, city = %check.location.city, clear, "weather checked");
     Ok(clear)
 }
 
-async fn send_good_weather_alert(ctx: ActivityContext, phone: String) -> Result<(), ActivityError> {
+async fn send_good_weather_alert(ctx: ActivityContext, phone: String) -> Result<(), Never> {
     tracing::info!(instance_id = %ctx.instance_id, function = %ctx.name, %phone, "good weather alert sent");
     Ok(())
 }

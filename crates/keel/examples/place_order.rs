@@ -1,75 +1,76 @@
-//! The order workflow of the README: four activities in sequence, on the embedded
-//! SQLite task hub `keel.db` in the working directory.
+//! The order workflow: reserve stock, take the payment, ship, email. A declined
+//! payment — a typed failure the orchestrator matches on — is compensated by releasing
+//! the reservation. On the embedded SQLite task hub `keel.db` in the working directory.
 //!
 //! `cargo run --release -p keel --example place_order`
 
 use std::time::Duration;
 
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, Worker};
+use keel::{Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, Outcome};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
-    order_id: String,
+    id: String,
     customer: String,
-    items: Vec<Item>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Item {
-    sku: String,
     quantity: u32,
 }
 
-/// The orchestrator: deterministic code, replayed from its history after a restart.
-async fn place_order(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let order: Order = ctx.input()?;
-    ctx.call_activity::<bool>("CheckAndReserveInventory", &order).await?;
-    ctx.call_activity::<String>("ProcessPayment", &order).await?;
-    let tracking: String = ctx.call_activity("ScheduleShipping", &order).await?;
-    ctx.call_activity::<()>("EmailCustomer", &tracking).await?;
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+enum PaymentError {
+    #[error("the card of {0} was declined")]
+    Declined(String),
+}
+keel::impl_failure!(PaymentError);
+
+const PLACE_ORDER: Orchestration<Order, String> = Orchestration::new("PlaceOrder");
+const RESERVE: Activity<Order, bool, Never> = Activity::new("CheckAndReserveInventory");
+const PAY: Activity<Order, String, PaymentError> = Activity::new("ProcessPayment");
+const RELEASE: Activity<Order, (), Never> = Activity::new("ReleaseInventory");
+const SHIP: Activity<Order, String, Never> = Activity::new("ScheduleShipping");
+const EMAIL: Activity<String, (), Never> = Activity::new("EmailCustomer");
+
+async fn place_order(ctx: OrchestrationContext, order: Order) -> Result<String, OrchestrationError> {
+    if !ctx.call(RESERVE, &order).await? {
+        return Err(OrchestrationError::new("OutOfStock", format!("order {} cannot be served", order.id)));
+    }
+    if let Err(failure) = ctx.call(PAY, &order).await {
+        ctx.call(RELEASE, &order).await?; // compensate, then fail with the payment's failure
+        return Err(failure.into());
+    }
+    let tracking = ctx.call(SHIP, &order).await?;
+    ctx.call(EMAIL, &tracking).await?;
     Ok(tracking)
-}
-
-async fn check_and_reserve_inventory(_ctx: ActivityContext, order: Order) -> Result<bool, ActivityError> {
-    Ok(order.items.iter().all(|item| item.quantity > 0))
-}
-
-async fn process_payment(_ctx: ActivityContext, order: Order) -> Result<String, ActivityError> {
-    Ok(format!("payment-{}", order.order_id))
-}
-
-async fn schedule_shipping(_ctx: ActivityContext, order: Order) -> Result<String, ActivityError> {
-    Ok(format!("TRACK-{}", order.order_id.to_uppercase()))
-}
-
-async fn email_customer(ctx: ActivityContext, tracking: String) -> Result<(), ActivityError> {
-    println!("[{}] emailing tracking number {tracking}", ctx.instance_id);
-    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let store = keel::store::open(keel::store::DEFAULT_STORE_URL).await?;
-    let worker = Worker::builder(store)
-        .orchestrator("PlaceOrder", place_order)
-        .activity("CheckAndReserveInventory", check_and_reserve_inventory)
-        .activity("ProcessPayment", process_payment)
-        .activity("ScheduleShipping", schedule_shipping)
-        .activity("EmailCustomer", email_customer)
+    let worker = keel::Worker::builder(store)
+        .orchestration(PLACE_ORDER, place_order)
+        .activity(RESERVE, |_: ActivityContext, order: Order| async move { Ok(order.quantity <= 100) })
+        .activity(PAY, |_: ActivityContext, order: Order| async move {
+            match order.customer.starts_with("declined") {
+                true => Err(PaymentError::Declined(order.customer)),
+                false => Ok(format!("PAY-{}", order.id)),
+            }
+        })
+        .activity(RELEASE, |_: ActivityContext, _: Order| async { Ok(()) })
+        .activity(SHIP, |_: ActivityContext, order: Order| async move { Ok(format!("TRACK-{}", order.id)) })
+        .activity(EMAIL, |ctx: ActivityContext, tracking: String| async move {
+            Ok(println!("[{}] emailing tracking number {tracking}", ctx.instance_id))
+        })
         .build()
         .start();
-    let client = worker.client();
-
-    let order = Order {
-        order_id: "o-1".into(),
-        customer: "ada@example.com".into(),
-        items: vec![Item { sku: "A1".into(), quantity: 2 }],
-    };
-    let instance_id = client.start_new("PlaceOrder", &order).await?;
-    println!("started PlaceOrder as instance {instance_id}");
-    let done = client.wait_for_completion(&instance_id, Duration::from_secs(30)).await?;
-    println!("{}: {} with output {}", instance_id, done.status, done.output.unwrap_or_default());
+    for customer in ["ada@example.com", "declined@example.com"] {
+        let order = Order { id: format!("o-{}", &customer[..3]), customer: customer.into(), quantity: 2 };
+        let instance = worker.client().start(PLACE_ORDER, &order).await?;
+        match instance.wait(Duration::from_secs(30)).await? {
+            Outcome::Completed(tracking) => println!("{}: shipped as {tracking}", order.id),
+            Outcome::Failed(failure) => println!("{}: failed: {}", order.id, failure.error_message),
+            other => println!("{}: {other:?}", order.id),
+        }
+    }
     worker.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

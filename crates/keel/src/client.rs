@@ -5,10 +5,15 @@
 //! (unknown orchestrator, bad id, oversized payload, events for finished instances)
 //! are refused before anything is written.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::marker::PhantomData;
+
 use keel_core::entity::{EntityId, EntityScheduler};
+use keel_core::handle::{Event, Orchestration};
+use keel_core::history::FailureDetails;
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_core::limits;
 use keel_store::{EntityQuery, InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, PurgeFilter, Store};
@@ -68,7 +73,18 @@ pub struct StartOptions {
     /// Do not start before this time.
     pub scheduled_start: Option<Timestamp>,
     pub version: Option<String>,
+    /// Tags kept with the instance (the Durable Task protocol's orchestration tags).
+    pub tags: BTreeMap<String, String>,
+    /// Which statuses of an existing instance with the same id this start replaces.
+    /// `None`: any finished one (Keel's default). A listed Pending, Running or Suspended
+    /// instance is terminated and replaced in one store transaction (its parent hears
+    /// that it was terminated, the entity locks it holds are released); an existing
+    /// instance whose status is not listed is refused (`AlreadyExists`).
+    pub replaceable: Option<Vec<RuntimeStatus>>,
 }
+
+/// How often a replacing start reads an instance that keeps changing under it again.
+const REPLACE_ATTEMPTS: usize = 5;
 
 /// How often a waiting client looks at the store even without a notification (changes
 /// made by other processes).
@@ -124,6 +140,82 @@ impl EntityMetadata {
     }
 }
 
+/// How an instance ended, with its output typed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome<O> {
+    Completed(O),
+    Failed(FailureDetails),
+    /// The termination's reason.
+    Terminated(Option<String>),
+    Canceled,
+}
+
+/// A typed handle of an orchestration instance: its id and what its output is.
+#[derive(Clone, Debug)]
+pub struct Instance<O> {
+    client: Client,
+    instance_id: String,
+    _output: PhantomData<fn() -> O>,
+}
+
+impl<O: serde::de::DeserializeOwned> Instance<O> {
+    pub fn id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Waits at most `timeout` for the instance to end; its outcome.
+    pub async fn wait(&self, timeout: Duration) -> Result<Outcome<O>> {
+        let status = self.client.wait_for_completion(&self.instance_id, timeout).await?;
+        self.outcome_of(status).map(|outcome| outcome.expect("a finished instance has an outcome"))
+    }
+
+    /// The instance's status now, with its outcome once it ended.
+    pub async fn status(&self) -> Result<InstanceState<O>> {
+        let record = self.client.existing(&self.instance_id).await?;
+        let custom_status = record
+            .custom_status
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|error| ClientError::Invalid(format!("the custom status is not JSON: {error}")))?;
+        Ok(InstanceState {
+            runtime_status: record.status,
+            name: record.name.clone(),
+            created_at: record.created_at,
+            last_updated_at: record.last_updated_at,
+            custom_status,
+            outcome: self.outcome_of(record)?,
+        })
+    }
+
+    fn outcome_of(&self, record: InstanceRecord) -> Result<Option<Outcome<O>>> {
+        Ok(Some(match record.status {
+            RuntimeStatus::Completed => Outcome::Completed(record.output_as().map_err(|error| {
+                ClientError::Invalid(format!("the output of '{}' does not fit its type: {error}", self.instance_id))
+            })?),
+            RuntimeStatus::Failed => Outcome::Failed(record.failure.unwrap_or_else(|| {
+                FailureDetails::new("Unknown", "the instance failed without failure details")
+            })),
+            RuntimeStatus::Terminated => Outcome::Terminated(record.output_as::<Option<String>>().ok().flatten()),
+            RuntimeStatus::Canceled => Outcome::Canceled,
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// An instance's state as [`Instance::status`] reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceState<O> {
+    pub runtime_status: RuntimeStatus,
+    /// The orchestration's name.
+    pub name: String,
+    pub created_at: Timestamp,
+    pub last_updated_at: Timestamp,
+    pub custom_status: Option<serde_json::Value>,
+    /// Set once the instance ended.
+    pub outcome: Option<Outcome<O>>,
+}
+
 /// One page of an entity query.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntityPage {
@@ -173,7 +265,35 @@ impl Client {
             .unwrap_or_default()
     }
 
-    /// Starts an orchestration with a new random instance id; returns the id.
+    /// Starts the orchestration of `handle` with a new random instance id; returns the
+    /// typed handle of the instance.
+    pub async fn start<I: Serialize, O>(&self, handle: Orchestration<I, O>, input: &I) -> Result<Instance<O>> {
+        self.start_with_options(handle, input, StartOptions::default()).await
+    }
+
+    /// Starts the orchestration of `handle` with options (instance id, scheduled start).
+    pub async fn start_with_options<I: Serialize, O>(
+        &self,
+        handle: Orchestration<I, O>,
+        input: &I,
+        options: StartOptions,
+    ) -> Result<Instance<O>> {
+        let instance_id = self.start_with(handle.name(), input, options).await?;
+        Ok(self.instance(handle, &instance_id))
+    }
+
+    /// The typed handle of an existing instance of the orchestration `handle`.
+    pub fn instance<I, O>(&self, _handle: Orchestration<I, O>, instance_id: &str) -> Instance<O> {
+        Instance { client: self.clone(), instance_id: instance_id.to_string(), _output: PhantomData }
+    }
+
+    /// Raises the event `event` on an instance; its data type is the handle's.
+    pub async fn raise<T: Serialize>(&self, instance_id: &str, event: Event<T>, data: &T) -> Result<()> {
+        self.raise_event(instance_id, event.name(), data).await
+    }
+
+    /// Starts an orchestration by name (the escape hatch for orchestrations hosted by
+    /// SDK workers) with a new random instance id; returns the id.
     pub async fn start_new(&self, name: &str, input: &impl Serialize) -> Result<String> {
         self.start_with(name, input, StartOptions::default()).await
     }
@@ -200,23 +320,56 @@ impl Client {
         limits::check_instance_id(&instance_id).map_err(ClientError::Invalid)?;
         refuse_entity_id(&instance_id)?;
         let created_at = self.clock.now();
-        self.store
-            .create_instance(NewInstance {
-                instance_id: instance_id.clone(),
-                execution_id: uuid::Uuid::new_v4().to_string(),
-                name: name.to_string(),
-                version: options.version,
-                input,
-                parent: None,
-                scheduled_start: options.scheduled_start,
-                created_at,
-            })
-            .await?;
+        let instance = NewInstance {
+            instance_id: instance_id.clone(),
+            execution_id: uuid::Uuid::new_v4().simple().to_string(),
+            name: name.to_string(),
+            version: options.version,
+            input,
+            parent: None,
+            scheduled_start: options.scheduled_start,
+            created_at,
+            tags: options.tags,
+        };
+        match &options.replaceable {
+            None => self.store.create_instance(instance).await?,
+            Some(replaceable) => self.create_replacing(instance, replaceable).await?,
+        }
         if let Some(at) = options.scheduled_start {
             self.store.notifications().orchestration_work_due(at);
         }
         tracing::debug!(%instance_id, function = name, "started");
         Ok(instance_id)
+    }
+
+    /// Creates `instance`, replacing an existing instance with its id whose status is
+    /// one of `replaceable` (terminating it if it has not finished), atomically.
+    async fn create_replacing(&self, instance: NewInstance, replaceable: &[RuntimeStatus]) -> Result<()> {
+        for _ in 0..REPLACE_ATTEMPTS {
+            let Some(existing) = self.store.get_instance(&instance.instance_id).await? else {
+                match self.store.create_instance(instance.clone()).await {
+                    Err(keel_store::Error::AlreadyExists { .. }) => continue, // created meanwhile
+                    created => return Ok(created?),
+                }
+            };
+            if !replaceable.contains(&existing.status) {
+                return Err(ClientError::AlreadyExists { instance_id: existing.instance_id, status: existing.status });
+            }
+            let notices = if existing.status.is_terminal() {
+                Vec::new()
+            } else {
+                let history = self.store.read_history(&existing.instance_id).await?;
+                crate::episode::termination_notices(&existing, &history, self.clock.now())
+            };
+            match self.store.replace_instance(instance.clone(), &existing, notices).await {
+                Err(keel_store::Error::InvalidState { .. }) => continue, // it changed meanwhile
+                replaced => return Ok(replaced?),
+            }
+        }
+        Err(ClientError::Store(keel_store::Error::Backend {
+            message: format!("instance '{}' kept changing while it was being replaced", instance.instance_id),
+            retryable: true,
+        }))
     }
 
     /// The instance's state, or `None` if there is no such instance.
@@ -247,7 +400,8 @@ impl Client {
         what: &'static str,
         done: impl Fn(RuntimeStatus) -> bool,
     ) -> Result<InstanceStatus> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout too long to add to the clock waits without a deadline.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         let mut changes = self.store.notifications().subscribe_instance_changes();
         loop {
             changes.borrow_and_update();
@@ -255,11 +409,12 @@ impl Client {
             if done(status.status) {
                 return Ok(status);
             }
-            let wait = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WAIT_FALLBACK_POLL));
+            let next_poll = tokio::time::Instant::now() + WAIT_FALLBACK_POLL;
+            let wait = tokio::time::sleep_until(deadline.map_or(next_poll, |deadline| deadline.min(next_poll)));
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = wait => {
-                    if tokio::time::Instant::now() >= deadline {
+                    if deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
                         return Err(ClientError::Timeout { instance_id: instance_id.to_string(), what, timeout });
                     }
                 }
@@ -288,11 +443,23 @@ impl Client {
         Ok(())
     }
 
-    /// Terminates a running, pending or suspended instance.
+    /// Terminates a running, pending or suspended instance; its output is `reason` (a
+    /// JSON string).
     pub async fn terminate(&self, instance_id: &str, reason: Option<&str>) -> Result<()> {
+        let output = reason.map(|reason| serde_json::to_string(reason).expect("a string always serializes"));
+        self.terminate_raw(instance_id, output).await
+    }
+
+    /// Terminates an instance with an output given as JSON text (checked to be JSON),
+    /// which becomes its output unchanged.
+    pub async fn terminate_raw(&self, instance_id: &str, output: Option<String>) -> Result<()> {
+        if let Some(output) = &output {
+            check_json("termination output", output)?;
+        }
+        limits::check_payload("termination output", output.as_deref()).map_err(ClientError::Invalid)?;
         let status = self.existing(instance_id).await?;
         refuse_if_terminal(&status, "terminating")?;
-        self.send(instance_id, EventKind::ExecutionTerminated { reason: reason.map(str::to_string) }, false).await?;
+        self.send(instance_id, EventKind::ExecutionTerminated { reason: output }, false).await?;
         Ok(())
     }
 
@@ -331,14 +498,16 @@ impl Client {
         Ok(())
     }
 
-    /// Starts a finished instance again with its original input; with
-    /// `new_instance_id` under a new id (returned), else under the same id.
+    /// Starts an instance again with its original input (and tags): with
+    /// `new_instance_id` under a new id (returned), leaving the old one alone, else under
+    /// the same id, which only a finished instance allows.
     pub async fn restart(&self, instance_id: &str, new_instance_id: bool) -> Result<String> {
         let status = self.existing(instance_id).await?;
         let options = StartOptions {
             instance_id: (!new_instance_id).then(|| instance_id.to_string()),
-            scheduled_start: None,
             version: status.version.clone(),
+            tags: status.tags.clone(),
+            ..StartOptions::default()
         };
         self.start_raw(&status.name, status.input.clone(), options).await
     }

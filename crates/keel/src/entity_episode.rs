@@ -180,13 +180,14 @@ impl EntityEpisode {
                 EntityAction::StartOrchestration { instance_id, name, input, scheduled_start } => {
                     let start = NewInstance {
                         instance_id,
-                        execution_id: uuid::Uuid::new_v4().to_string(),
+                        execution_id: uuid::Uuid::new_v4().simple().to_string(),
                         name,
                         version: None,
                         input,
                         parent: None,
                         scheduled_start,
                         created_at: now,
+                        tags: Default::default(),
                     };
                     match start.check() {
                         Ok(()) if !keel_core::entity::is_entity_instance_id(&start.instance_id) => {

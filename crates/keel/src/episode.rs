@@ -351,7 +351,7 @@ impl RemoteEpisode {
             Some(Completion::ContinuedAsNew { input, carryover_events }) => {
                 // The next execution starts in its own episode: a fresh, empty history
                 // and a start message for it.
-                let next_execution_id = uuid::Uuid::new_v4().to_string();
+                let next_execution_id = uuid::Uuid::new_v4().simple().to_string();
                 commit.replace_history = Some(next_execution_id.clone());
                 commit.history = Vec::new();
                 let start = HistoryEvent::new(
@@ -425,7 +425,7 @@ fn apply_result(
             }
             Some(Completion::ContinuedAsNew { input: next_input, carryover_events }) => {
                 // A new execution with a fresh history starts right away.
-                execution_id = uuid::Uuid::new_v4().to_string();
+                execution_id = uuid::Uuid::new_v4().simple().to_string();
                 input = next_input;
                 let mut history = vec![
                     HistoryEvent::new(now, EventKind::OrchestratorStarted),
@@ -501,7 +501,7 @@ fn record_actions(
             }),
             Action::CreateSubOrchestration { id, name, instance_id, input } => commit.new_instances.push(NewInstance {
                 instance_id: instance_id.clone(),
-                execution_id: uuid::Uuid::new_v4().to_string(),
+                execution_id: uuid::Uuid::new_v4().simple().to_string(),
                 name: name.clone(),
                 version: None,
                 input: input.clone(),
@@ -513,6 +513,7 @@ fn record_actions(
                 }),
                 scheduled_start: None,
                 created_at: now,
+                tags: Default::default(),
             }),
             Action::SendEvent { instance_id, name, input, .. } => commit.messages.push(Message {
                 instance_id: instance_id.clone(),
@@ -564,7 +565,7 @@ fn finish(
     let (output, failure) = match completion {
         Completion::Completed { output } => (output.clone(), None),
         Completion::Failed { failure } => (None, Some(failure.clone())),
-        Completion::Terminated { reason } => (reason.as_ref().map(|reason| json_string(reason)), None),
+        Completion::Terminated { reason } => (reason.as_deref().map(termination_output), None),
         Completion::ContinuedAsNew { .. } => unreachable!("continue-as-new starts a new execution"),
     };
     commit.state = Some(InstanceUpdate {
@@ -600,9 +601,36 @@ fn finish(
     }
 }
 
-/// A reason text as the JSON string that the output field holds.
-fn json_string(text: &str) -> String {
-    serde_json::to_string(text).expect("a string always serializes")
+/// A termination's output: the JSON value it carries, unchanged. A plain-text reason
+/// (written by a Keel before termination outputs were JSON) becomes a JSON string.
+fn termination_output(reason: &str) -> String {
+    match serde_json::from_str::<serde::de::IgnoredAny>(reason) {
+        Ok(_) => reason.to_string(),
+        Err(_) => serde_json::to_string(reason).expect("a string always serializes"),
+    }
+}
+
+/// What the end of `instance`'s execution by a termination tells others, when it ends
+/// without an episode (a start that replaces it): a sub-orchestration's parent hears that
+/// it was terminated, and the entities whose locks `history` holds are released.
+pub(crate) fn termination_notices(instance: &InstanceRecord, history: &[HistoryEvent], now: Timestamp) -> Vec<Message> {
+    let mut commit = EpisodeCommit {
+        lock: keel_store::OrchestrationLock { instance_id: instance.instance_id.clone(), token: String::new() },
+        consumed: Vec::new(),
+        replace_history: None,
+        history: Vec::new(),
+        state: None,
+        activities: Vec::new(),
+        messages: Vec::new(),
+        new_instances: Vec::new(),
+    };
+    for (critical_section_id, targets) in keel_core::entity::unreleased_locks(history.iter()) {
+        for target in targets {
+            commit.messages.push(unlock_message(instance, &critical_section_id, &target, now));
+        }
+    }
+    finish(&mut commit, instance, None, None, &Completion::Terminated { reason: None }, now);
+    commit.messages
 }
 
 /// Rewinds a failed instance: replays its history without the failures and runs on.
@@ -663,6 +691,7 @@ mod tests {
             last_updated_at: at(0),
             completed_at: None,
             history_len: 0,
+            tags: Default::default(),
         };
         let start = HistoryEvent::new(
             at(1),

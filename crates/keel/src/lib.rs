@@ -42,10 +42,18 @@ pub mod entity_episode;
 pub mod episode;
 pub mod registry;
 pub mod store;
+pub mod testing;
 pub mod worker;
 
 pub use activity::{ActivityContext, ActivityError};
-pub use client::{Client, ClientError, EntityMetadata, EntityPage, EntityStorageCleaned, InstanceStatus, StartOptions};
+pub use client::{
+    Client, ClientError, EntityMetadata, EntityPage, EntityStorageCleaned, Instance, InstanceState, InstanceStatus,
+    Outcome, StartOptions,
+};
+pub use keel_core::context::{Call, Either, EventTimeout, Race, Retrying};
+pub use keel_core::failure::{Failure, Never, TaskFailure};
+pub use keel_core::handle::{Activity, Event, Orchestration};
+pub use keel_core::impl_failure;
 pub use entity::{EntityContext, EntityError};
 pub use episode::{NOT_REGISTERED_ERROR_TYPE, POISON_ERROR_TYPE};
 pub use keel_core::context::{CriticalSection, LockFuture};

@@ -5,14 +5,14 @@ use std::collections::HashMap;
 
 use keel_core::Orchestrator;
 
-use crate::activity::Activity;
+use crate::activity::ErasedActivity;
 use crate::entity::Entity;
 
 /// Orchestrators, activities and entities by name.
 #[derive(Clone, Default)]
 pub struct Registry {
     orchestrators: HashMap<String, (String, Orchestrator)>,
-    activities: HashMap<String, (String, Activity)>,
+    activities: HashMap<String, (String, ErasedActivity)>,
     entities: HashMap<String, (String, Entity)>,
 }
 
@@ -35,7 +35,7 @@ impl Registry {
     }
 
     /// Registers an activity. Panics if the name is taken.
-    pub fn add_activity(&mut self, name: &str, activity: Activity) {
+    pub fn add_activity(&mut self, name: &str, activity: ErasedActivity) {
         let previous = self.activities.insert(name.to_lowercase(), (name.to_string(), activity));
         assert!(previous.is_none(), "activity '{name}' is registered twice");
     }
@@ -60,7 +60,7 @@ impl Registry {
         self.orchestrators.get(&name.to_lowercase()).map(|(_, orchestrator)| orchestrator)
     }
 
-    pub fn activity(&self, name: &str) -> Option<&Activity> {
+    pub fn activity(&self, name: &str) -> Option<&ErasedActivity> {
         self.activities.get(&name.to_lowercase()).map(|(_, activity)| activity)
     }
 

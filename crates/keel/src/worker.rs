@@ -17,7 +17,9 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent};
 use keel_core::replay::Execution;
-use keel_core::{limits, Orchestrator};
+use keel_core::failure::Failure;
+use keel_core::handle::{Activity, Orchestration};
+use keel_core::limits;
 use keel_store::{ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, Store};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,7 +27,7 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::activity::{Activity, ActivityContext, ActivityError};
+use crate::activity::{ActivityContext, ErasedActivity};
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::entity::{EntityContext, EntityError, ENTITY_NOT_REGISTERED_ERROR_TYPE};
@@ -92,33 +94,31 @@ pub struct WorkerBuilder {
 }
 
 impl WorkerBuilder {
-    /// Registers an orchestrator: `async fn(OrchestrationContext) -> Result<R, OrchestrationError>`.
-    pub fn orchestrator<F, Fut, R>(mut self, name: &str, function: F) -> WorkerBuilder
+    /// Registers the orchestration of `handle`:
+    /// `async fn(OrchestrationContext, I) -> Result<O, OrchestrationError>`. The compiler
+    /// checks the function against the handle's input and output types.
+    pub fn orchestration<I, O, F, Fut>(mut self, handle: Orchestration<I, O>, function: F) -> WorkerBuilder
     where
-        F: Fn(keel_core::OrchestrationContext) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<R, keel_core::OrchestrationError>> + Send + 'static,
-        R: Serialize,
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + 'static,
+        F: Fn(keel_core::OrchestrationContext, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, keel_core::OrchestrationError>> + Send + 'static,
     {
-        self.registry.add_orchestrator(name, keel_core::orchestrator(function));
+        self.registry.add_orchestrator(handle.name(), keel_core::replay::typed_orchestrator(function));
         self
     }
 
-    /// Registers an orchestrator whose types are already erased.
-    pub fn orchestrator_erased(mut self, name: &str, orchestrator: Orchestrator) -> WorkerBuilder {
-        self.registry.add_orchestrator(name, orchestrator);
-        self
-    }
-
-    /// Registers an activity: `async fn(ActivityContext, I) -> Result<O, E>`.
-    pub fn activity<F, Fut, I, O, E>(mut self, name: &str, function: F) -> WorkerBuilder
+    /// Registers the activity of `handle`: `async fn(ActivityContext, I) -> Result<O, E>`
+    /// with the handle's input, output and failure types.
+    pub fn activity<I, O, E, F, Fut>(mut self, handle: Activity<I, O, E>, function: F) -> WorkerBuilder
     where
-        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<O, E>> + Send + 'static,
         I: DeserializeOwned + Send + 'static,
         O: Serialize,
-        E: Into<ActivityError>,
+        E: Failure,
+        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, E>> + Send + 'static,
     {
-        self.registry.add_activity(name, crate::activity::activity(function));
+        self.registry.add_activity(handle.name(), crate::activity::activity(function));
         self
     }
 
@@ -138,20 +138,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// Registers an activity whose types are already erased.
-    pub fn activity_erased(mut self, name: &str, activity: Activity) -> WorkerBuilder {
-        self.registry.add_activity(name, activity);
-        self
-    }
-
     pub fn options(mut self, options: WorkerOptions) -> WorkerBuilder {
         self.options = options;
-        self
-    }
-
-    /// Uses another clock (tests).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> WorkerBuilder {
-        self.clock = clock;
         self
     }
 
@@ -740,7 +728,7 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
 async fn run_with_lease_renewal(
     shared: &Shared,
     lock: &ActivityLock,
-    activity: &Activity,
+    activity: &ErasedActivity,
     context: ActivityContext,
     input: Option<String>,
 ) -> Result<Option<String>, FailureDetails> {
