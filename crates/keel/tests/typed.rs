@@ -159,3 +159,18 @@ async fn typed_failures_travel_through_a_real_task_hub() {
     assert_eq!(paid.wait(WAIT).await.unwrap(), Outcome::Completed("PAY-X".to_string()));
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+#[test]
+fn a_timer_past_the_end_of_time_is_bad_input_not_a_panic() {
+    use keel_samples::monitor::{self, Location, MonitorRequest, GET_IS_CLEAR, WEATHER_MONITOR};
+    let request = MonitorRequest {
+        location: Some(Location { state: "WA".into(), city: "Seattle".into() }),
+        phone: Some("+1-555-0100".into()),
+        polling_interval_seconds: Some(u64::MAX),
+        expiry_seconds: Some(u64::MAX),
+    };
+    let mut test = OrchestrationTest::start(WEATHER_MONITOR, monitor::weather_monitor, &Some(request));
+    test.complete(GET_IS_CLEAR, &false);
+    let Some(Outcome::Failed(failure)) = test.outcome() else { panic!("{:?}", test.outcome()) };
+    assert_eq!(failure.error_type, keel_core::context::INVALID_TIMER_ERROR_TYPE, "{failure:?}");
+}
