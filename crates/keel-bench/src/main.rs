@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use keel::{ActivityContext, ActivityError, Client, OrchestrationContext, OrchestrationError, StartOptions, Worker};
+use keel::{
+    Activity, ActivityContext, Client, Never, Orchestration, OrchestrationContext, OrchestrationError, StartOptions,
+    Worker,
+};
 use keel_store::Store;
 use serde_json::json;
 
@@ -104,28 +107,33 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers })
 }
 
-async fn noop(_ctx: ActivityContext, input: serde_json::Value) -> Result<serde_json::Value, ActivityError> {
+/// `length` activities one after the other; the output is `length`.
+const CHAIN: Orchestration<u32, u32> = Orchestration::new("Chain");
+/// `width` activities at once; the output is how many succeeded.
+const FAN_OUT: Orchestration<u32, usize> = Orchestration::new("FanOut");
+/// Returns its input.
+const NOOP: Activity<u32, u32, Never> = Activity::new("Noop");
+
+async fn noop(_ctx: ActivityContext, input: u32) -> Result<u32, Never> {
     Ok(input)
 }
 
-async fn chain(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
-    let length: u32 = ctx.input()?;
+async fn chain(ctx: OrchestrationContext, length: u32) -> Result<u32, OrchestrationError> {
     let mut value = 0u32;
     for _ in 0..length {
-        value = ctx.call_activity::<u32>("Noop", &(value + 1)).await?;
+        value = ctx.call(NOOP, &(value + 1)).await?;
     }
     Ok(value)
 }
 
-async fn fan_out(ctx: OrchestrationContext) -> Result<usize, OrchestrationError> {
-    let width: u32 = ctx.input()?;
-    let results = ctx.when_all((0..width).map(|i| ctx.call_activity::<u32>("Noop", &i))).await;
+async fn fan_out(ctx: OrchestrationContext, width: u32) -> Result<usize, OrchestrationError> {
+    let results = ctx.when_all((0..width).map(|i| ctx.call(NOOP, &i))).await;
     Ok(results.into_iter().filter(Result::is_ok).count())
 }
 
 /// A worker hosting the standard scenarios' functions.
 fn standard_worker(store: Arc<dyn Store>) -> Worker {
-    Worker::builder(store).orchestrator("Chain", chain).orchestrator("FanOut", fan_out).activity("Noop", noop).build()
+    Worker::builder(store).orchestration(CHAIN, chain).orchestration(FAN_OUT, fan_out).activity(NOOP, noop).build()
 }
 
 /// A fresh task hub with its workers.
@@ -218,8 +226,8 @@ fn round2(value: f64) -> f64 {
 async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
     let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
-    let id = bench.client.start_new("Chain", &100u32).await?;
-    let done = bench.client.wait_for_completion(&id, WAIT).await?;
+    let instance = bench.client.start(CHAIN, &100).await?;
+    let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(done.output.as_deref() == Some("100"), "chain ended wrong: {done:?}");
     let worker_rss = bench.finish().await;
@@ -231,8 +239,8 @@ async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
 async fn run_fanout(args: &Args) -> anyhow::Result<serde_json::Value> {
     let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
-    let id = bench.client.start_new("FanOut", &1000u32).await?;
-    let done = bench.client.wait_for_completion(&id, WAIT).await?;
+    let instance = bench.client.start(FAN_OUT, &1000).await?;
+    let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(done.output.as_deref() == Some("1000"), "fan-out ended wrong: {done:?}");
     let worker_rss = bench.finish().await;
@@ -251,7 +259,7 @@ async fn run_throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
         let client = bench.client.clone();
         starts.push(tokio::spawn(async move {
             let options = StartOptions { instance_id: Some(format!("t-{n}")), ..StartOptions::default() };
-            client.start_with("Chain", &LENGTH, options).await
+            client.start_with_options(CHAIN, &LENGTH, options).await.map(|instance| instance.id().to_string())
         }));
     }
     let mut ids = Vec::with_capacity(INSTANCES);
@@ -283,10 +291,10 @@ async fn run_latency(args: &Args) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
     for _ in 0..INSTANCES {
         let begin = Instant::now();
-        let id = bench.client.start_new("Chain", &1u32).await?;
-        let done = bench.client.wait_for_completion(&id, WAIT).await?;
+        let instance = bench.client.start(CHAIN, &1).await?;
+        let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
         latencies.push(begin.elapsed().as_secs_f64() * 1000.0);
-        anyhow::ensure!(done.output.as_deref() == Some("1"), "{id} ended wrong: {done:?}");
+        anyhow::ensure!(done.output.as_deref() == Some("1"), "{} ended wrong: {done:?}", instance.id());
     }
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     latencies.sort_by(f64::total_cmp);

@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, Worker};
+use keel::{Orchestration, OrchestrationContext, OrchestrationError, Worker};
 use serde_json::json;
 
 use crate::hub::HubSpec;
-use crate::{peak_rss_mib, round2, Bench, WAIT};
+use crate::{noop, peak_rss_mib, round2, Bench, FAN_OUT, NOOP, WAIT};
 
 /// Sizes of the large fan-out, run one after another on fresh task hubs.
 const LARGE_FAN_OUT_SIZES: [u32; 3] = [10_000, 50_000, 100_000];
@@ -22,13 +22,16 @@ const LONG_CHAIN_WINDOW: u32 = 1_000;
 /// How long the idle scenario leaves the host alone.
 const IDLE_FOR: Duration = Duration::from_secs(10);
 
+/// `length` activities one after the other; the output is the time at which each window
+/// of activities ended.
+const TIMED_CHAIN: Orchestration<u32, Vec<i64>> = Orchestration::new("TimedChain");
+
 /// A chain that reports, through custom status, the time at which each window of
 /// activities ended (orchestration time: the episode clock, the same on replay).
-async fn timed_chain(ctx: OrchestrationContext) -> Result<Vec<i64>, OrchestrationError> {
-    let length: u32 = ctx.input()?;
+async fn timed_chain(ctx: OrchestrationContext, length: u32) -> Result<Vec<i64>, OrchestrationError> {
     let mut window_ends = vec![ctx.current_utc_datetime().timestamp_micros()];
     for step in 1..=length {
-        let _: u32 = ctx.call_activity("Noop", &step).await?;
+        ctx.call(NOOP, &step).await?;
         if step % LONG_CHAIN_WINDOW == 0 {
             window_ends.push(ctx.current_utc_datetime().timestamp_micros());
         }
@@ -36,17 +39,13 @@ async fn timed_chain(ctx: OrchestrationContext) -> Result<Vec<i64>, Orchestratio
     Ok(window_ends)
 }
 
-async fn noop(_ctx: ActivityContext, input: serde_json::Value) -> Result<serde_json::Value, ActivityError> {
-    Ok(input)
-}
-
 pub(crate) async fn run_large_fanout(bench_store: &str, hub: &HubSpec) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut rows = Vec::new();
     for size in LARGE_FAN_OUT_SIZES {
         let bench = Bench::new(hub).await?;
         let started = Instant::now();
-        let id = bench.client.start_new("FanOut", &size).await?;
-        let done = bench.client.wait_for_completion(&id, WAIT).await?;
+        let instance = bench.client.start(FAN_OUT, &size).await?;
+        let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
         let wall = started.elapsed().as_secs_f64() * 1000.0;
         anyhow::ensure!(
             done.output.as_deref() == Some(size.to_string().as_str()),
@@ -62,12 +61,12 @@ pub(crate) async fn run_large_fanout(bench_store: &str, hub: &HubSpec) -> anyhow
 
 pub(crate) async fn run_long_history(bench_store: &str, hub: &HubSpec) -> anyhow::Result<serde_json::Value> {
     let bench = Bench::with_worker(hub, |store| {
-        Worker::builder(store).orchestrator("TimedChain", timed_chain).activity("Noop", noop).build().start()
+        Worker::builder(store).orchestration(TIMED_CHAIN, timed_chain).activity(NOOP, noop).build().start()
     })
     .await?;
     let started = Instant::now();
-    let id = bench.client.start_new("TimedChain", &LONG_CHAIN).await?;
-    let done = bench.client.wait_for_completion(&id, WAIT).await?;
+    let instance = bench.client.start(TIMED_CHAIN, &LONG_CHAIN).await?;
+    let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     let window_ends: Vec<i64> = done.output_as()?;
     anyhow::ensure!(

@@ -179,6 +179,10 @@ impl Session {
         let top = filter.top.to_string();
         let statuses = filter.statuses.join(",");
         let mut parameters = vec![("top", top.as_str())];
+        // The table shows no inputs; `--json` prints the host's list as it is (with them).
+        if !self.json {
+            parameters.push(("showInput", "false"));
+        }
         if !statuses.is_empty() {
             parameters.push(("runtimeStatus", &statuses));
         }

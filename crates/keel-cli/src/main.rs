@@ -1,6 +1,7 @@
-//! `keel`: `keel serve` runs the function host (the sample app on a task hub, the
-//! Durable Functions HTTP API and the dashboard); the other subcommands drive a
-//! running host over that API (`keel entity …` its entities).
+//! `keel`: `keel serve` runs the function host (on a task hub: the Durable Functions
+//! HTTP API, the dashboard, the gRPC endpoint for the Durable Task SDKs, and with
+//! `--samples` the sample app); the other subcommands drive a running host over that
+//! API (`keel entity …` its entities).
 
 mod commands;
 mod output;
@@ -20,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the function host: the sample app, the HTTP API and the dashboard.
+    /// Run the function host: the HTTP API, the dashboard, gRPC for the SDKs (and the sample app with --samples).
     Serve(serve::ServeArgs),
     /// Start an orchestration.
     Start {

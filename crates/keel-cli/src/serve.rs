@@ -1,5 +1,10 @@
-//! `keel serve`: the function host with the sample app, on a task hub, with logs in
-//! text or JSON.
+//! `keel serve`: the function host on a task hub (the sample app with `--samples`),
+//! with logs in text or JSON.
+//!
+//! Which worker runs a function: the host's Rust worker runs what it registers (the
+//! sample app's functions with `--samples`, nothing without), matching names without
+//! regard to case; everything else goes to the SDK workers connected over gRPC. So
+//! without `--samples` no function of the host ever answers for an SDK worker's.
 
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -28,9 +33,30 @@ pub struct ServeArgs {
     /// The largest request body accepted, in bytes.
     #[arg(long, default_value_t = ApiSettings::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    /// Host the sample app (PlaceOrder, HelloCities, …, the Counter and Account entities
+    /// and the /api/orders route). Without it the host runs no functions of its own:
+    /// every orchestrator, activity and entity goes to the SDK workers connected over gRPC.
+    #[arg(long)]
+    samples: bool,
     /// The log line format (on stderr); RUST_LOG sets the levels.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve HTTP and gRPC over TLS with this certificate (PEM, the chain if any);
+    /// needs --tls-key.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The certificate and key files, read.
+fn tls_files(args: &ServeArgs) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| anyhow::anyhow!("could not read {}: {error}", path.display()))
+    };
+    Ok(Some((read(cert)?, read(key)?)))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -41,17 +67,21 @@ enum LogFormat {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let tls = tls_files(&args)?;
     let api_key = args.api_key.filter(|key| !key.is_empty());
     let config = HostConfig {
         address: SocketAddr::new(args.host, args.port),
         store_url: args.store.clone(),
         api: ApiSettings { api_key: api_key.clone(), max_body_bytes: args.max_body_bytes, ..ApiSettings::default() },
+        tls: tls.clone().map(|(certificate_pem, key_pem)| keel_http::TlsIdentity { certificate_pem, key_pem }),
         ..HostConfig::default()
     };
-    // Orchestrators and activities the sample app does not host go to the workers
-    // connected over gRPC.
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // Orchestrators, activities and entities the host's own worker does not register go
+    // to the workers connected over gRPC.
     let remote = keel_grpc::GrpcRemoteWorkers::new();
-    let app = keel_samples::app().functions({
+    let app = if args.samples { keel_samples::app() } else { keel_http::App::new() };
+    let app = app.functions({
         let remote = remote.clone();
         move |worker| worker.remote_workers(remote)
     });
@@ -64,16 +94,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let address = host.local_addr();
     let names = host.client().orchestrator_names();
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "keel: listening on http://{address} (task hub {})", args.store)?;
-    writeln!(stdout, "  dashboard:       http://{address}/")?;
-    writeln!(stdout, "  management API:  http://{address}{}", keel_http::MANAGEMENT_BASE_PATH)?;
-    writeln!(stdout, "  start:           POST http://{address}/api/orchestrators/{{name}}")?;
-    writeln!(stdout, "  orchestrators:   {}", names.join(", "))?;
+    writeln!(stdout, "keel: listening on {scheme}://{address} (task hub {})", args.store)?;
+    writeln!(stdout, "  dashboard:       {scheme}://{address}/")?;
+    writeln!(stdout, "  management API:  {scheme}://{address}{}", keel_http::MANAGEMENT_BASE_PATH)?;
+    writeln!(stdout, "  start:           POST {scheme}://{address}/api/orchestrators/{{name}}")?;
+    if names.is_empty() {
+        writeln!(
+            stdout,
+            "  orchestrators:   none of its own (--samples hosts the sample app); SDK workers run every function"
+        )?;
+    } else {
+        writeln!(stdout, "  orchestrators:   {}", names.join(", "))?;
+    }
     let entities = host.client().entity_names();
     if !entities.is_empty() {
         writeln!(stdout, "  entities:        {}", entities.join(", "))?;
     }
     writeln!(stdout, "  gRPC (Durable Task SDKs): {grpc_address}")?;
+    if let Some(cert) = &args.tls_cert {
+        writeln!(stdout, "  TLS:             HTTP and gRPC, certificate {}", cert.display())?;
+    }
     if api_key.is_some() {
         writeln!(stdout, "  API key:         required (x-functions-key header or code= parameter)")?;
     }
@@ -85,7 +125,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         grpc_listener,
         host.client().store().clone(),
         remote,
-        keel_grpc::Options { api_key: api_key.clone(), ..keel_grpc::Options::default() },
+        keel_grpc::Options {
+            api_key: api_key.clone(),
+            tls: tls.map(|(certificate_pem, key_pem)| keel_grpc::TlsIdentity { certificate_pem, key_pem }),
+            ..keel_grpc::Options::default()
+        },
         async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         },

@@ -121,7 +121,8 @@ async fn a_declined_payment_is_compensated_and_reported_as_failed() {
     let events = with_history["historyEvents"].as_array().unwrap();
     let failed = events.iter().find(|event| event["EventType"] == "TaskFailed").expect("a TaskFailed row");
     assert_eq!(failed["FunctionName"], "ProcessPayment");
-    assert_eq!(failed["FailureDetails"]["ErrorType"], "PaymentDeclined");
+    let activity_error_type = failed["FailureDetails"]["ErrorType"].as_str().unwrap_or_default();
+    assert!(activity_error_type.ends_with("::PaymentError"), "the typed failure's type path: {activity_error_type}");
     assert!(failed["ScheduledTime"].is_string());
     let released =
         events.iter().any(|event| event["EventType"] == "TaskCompleted" && event["FunctionName"] == "ReleaseInventory");
@@ -355,16 +356,17 @@ async fn lists_filter_and_page_with_continuation_tokens() {
         http().get(server.api("/instances?runtimeStatus=Running,Pending")).send().await.unwrap().json().await.unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0]["instanceId"], "other-1");
-    assert_eq!(running[0]["input"], Value::Null, "lists leave inputs out unless showInput=true");
-    let with_input: Vec<Value> = http()
-        .get(server.api("/instances?runtimeStatus=Running&runtimeStatus=Suspended&showInput=true"))
+    assert_eq!(running[0]["input"], json!({"request": "x"}), "lists show inputs unless showInput=false");
+    let without_input: Vec<Value> = http()
+        .get(server.api("/instances?runtimeStatus=Running&runtimeStatus=Suspended&showInput=false"))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(with_input[0]["input"], json!({"request": "x"}));
+    assert_eq!(without_input.len(), 1);
+    assert_eq!(without_input[0]["input"], Value::Null);
     let future: Vec<Value> = http()
         .get(server.api("/instances?createdTimeFrom=2999-01-01T00:00:00Z"))
         .send()
@@ -416,6 +418,138 @@ async fn purge_by_filter_needs_a_start_time_and_deletes_finished_instances() {
 }
 
 #[tokio::test]
+async fn trailing_slashes_list_and_purge_like_the_plain_routes() {
+    let server = Server::start(&[]);
+    for n in 0..3 {
+        start(&server, "HelloCities", Some(&format!("slash-{n}")), None).await;
+    }
+    for n in 0..3 {
+        wait_until_finished(&server, &format!("slash-{n}")).await;
+    }
+    signal(&server, "Counter", "s1", "add", Some(json!(2))).await;
+    wait_for_entity(&server, "Counter", "s1", Some(json!(2))).await;
+    let list = |path: &'static str| {
+        let url = server.api(path);
+        async move {
+            let response = http().get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.json::<Vec<Value>>().await.unwrap()
+        }
+    };
+    let ids = |list: &[Value]| list.iter().map(|status| status["instanceId"].clone()).collect::<Vec<_>>();
+    assert_eq!(list("/instances/").await, list("/instances").await);
+    assert_eq!(ids(&list("/instances/?instanceIdPrefix=slash-&top=2").await), ["slash-0", "slash-1"]);
+    assert_eq!(list("/entities/").await.len(), 1);
+    assert_eq!(list("/entities/Counter/").await, list("/entities/Counter").await);
+
+    let response = http().delete(server.api("/instances/")).send().await.unwrap();
+    assert_eq!(response.status(), 400, "purge by filter needs createdTimeFrom, slash or not");
+    let response =
+        http().delete(server.api("/instances/?createdTimeFrom=2000-01-01T00:00:00.000000Z")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"instancesDeleted": 3}));
+    assert_eq!(instance_count(&server).await, 0);
+}
+
+#[tokio::test]
+async fn the_rpc_base_url_path_is_an_alias_of_the_management_api() {
+    let server = Server::start(&[]);
+    let rpc = |path: &str| server.url(&format!("/durabletask{path}"));
+    let response = http()
+        .post(rpc("/orchestrators/ApprovalWorkflow/via-rpc"))
+        .json(&json!({"request": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let payload: Value = response.json().await.unwrap();
+    assert_eq!(payload["id"], "via-rpc");
+    assert!(
+        payload["statusQueryGetUri"].as_str().unwrap().starts_with(&server.api("/instances/via-rpc?")),
+        "management URLs stay the webhook URLs, as a Functions host's do: {payload}"
+    );
+    wait_for_status(&server, "via-rpc", &["Running"]).await;
+    let response = http().get(rpc("/instances/via-rpc")).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(header(&response, "location"), Some(rpc("/instances/via-rpc").as_str()), "Location = the request URL");
+    let listed: Vec<Value> =
+        http().get(rpc("/instances/?runtimeStatus=Running")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["input"], json!({"request": "x"}));
+    let response = http().post(rpc("/instances/via-rpc/raiseEvent/Approval")).json(&true).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(wait_until_finished(&server, "via-rpc").await["output"], "Approved");
+    let response = http().post(rpc("/entities/Counter/r1?op=add")).json(&5).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    wait_for_entity(&server, "Counter", "r1", Some(json!(5))).await;
+    let response = http().get(rpc("/entities/Counter/r1")).send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), 5);
+    let response = http().delete(rpc("/instances/via-rpc")).send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"instancesDeleted": 1}));
+
+    let response = http().post(rpc("/orchestrators/NoSuchThing")).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["ExceptionMessage"].as_str().unwrap().contains("NoSuchThing"), "{error}");
+    let response = http().get(rpc("/no/such/route")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "NotFound");
+}
+
+#[tokio::test]
+async fn instance_ids_that_are_not_ascii_page_with_opaque_tokens() {
+    let server = Server::start(&[]);
+    let ids = ["заказ-1", "заказ-2", "注文-3", "a b"];
+    for id in ids {
+        start(&server, "HelloCities", Some(&keel_http::percent_encode(id)), None).await;
+    }
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..10 {
+        let mut request = http().get(server.api("/instances?top=1&showInput=false"));
+        if let Some(token) = &token {
+            request = request.header("x-ms-continuation-token", token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        token = header(&response, "x-ms-continuation-token").map(str::to_string);
+        let page: Vec<Value> = response.json().await.unwrap();
+        seen.extend(page.iter().map(|status| status["instanceId"].as_str().unwrap().to_string()));
+        match &token {
+            Some(token) => assert!(
+                token.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'),
+                "{token}"
+            ),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(seen, expected, "every page, in id order");
+
+    let response = http().get(server.api("/instances")).header("x-ms-continuation-token", "not a token!").send().await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "BadRequest");
+}
+
+#[tokio::test]
+async fn without_samples_the_host_runs_no_functions_of_its_own() {
+    let server = Server::start_without_samples(&[]);
+    let names: Vec<String> = http().get(server.api("/orchestrators")).send().await.unwrap().json().await.unwrap();
+    assert!(names.is_empty(), "{names:?}");
+    let response = http().post(server.url("/api/orders/o-1")).json(&json!({})).send().await.unwrap();
+    assert_eq!(response.status(), 404, "the sample app's route is not there");
+    // Any name starts, and waits for an SDK worker that hosts it; so does a signal to
+    // `Counter`: no Rust orchestrator or counter answers.
+    let id = start(&server, "HelloCities", Some("for-an-sdk-worker"), None).await;
+    signal(&server, "Counter", "c1", "add", Some(json!(1))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status_of(&server, &id, "").await.1["runtimeStatus"], "Pending");
+    assert_eq!(entity_state(&server, "Counter", "c1").await, None);
+}
+
+#[tokio::test]
 async fn bad_requests_get_a_json_4xx_and_write_nothing() {
     let server = Server::start(&["--max-body-bytes", "2048"]);
     let id = start(&server, "ApprovalWorkflow", Some("target"), Some(json!({"request": "x"}))).await;
@@ -462,6 +596,10 @@ async fn bad_requests_get_a_json_4xx_and_write_nothing() {
         assert_eq!(header(&response, "content-type"), Some("application/json"), "{what}");
         let body: Value = response.json().await.unwrap();
         assert!(body["message"].is_string() && body["error"].is_string(), "{what}: {body}");
+        // The fields of the Functions host's error bodies, beside Keel's.
+        assert_eq!(body["Message"], body["message"], "{what}: {body}");
+        assert_eq!(body["ExceptionMessage"], body["message"], "{what}: {body}");
+        assert_eq!(body["ExceptionType"], body["error"], "{what}: {body}");
     }
     assert_eq!(instance_count(&server).await, before, "nothing was written");
     let (_, status) = status_of(&server, &id, "?showHistory=true").await;
@@ -482,6 +620,8 @@ async fn with_an_api_key_every_api_and_trigger_request_must_carry_it() {
         server.url("/api/orders/o-1"),
         server.api("/entities"),
         server.api("/entities/Counter/c1"),
+        server.url("/durabletask/instances"),
+        server.url("/durabletask/instances/x"),
     ] {
         assert_eq!(http().get(&url).send().await.unwrap().status(), 401, "{url}");
     }

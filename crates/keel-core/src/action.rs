@@ -9,60 +9,103 @@ use crate::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Tim
 /// A decision of the orchestrator that has side effects outside it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
+    /// Runs an activity (`TaskScheduled`); its result comes back as `TaskCompleted` or
+    /// `TaskFailed` under `id`.
     ScheduleTask {
+        /// The action's sequence number.
         id: i32,
+        /// The activity to run, as registered.
         name: String,
+        /// The activity's input, JSON text; `None` reads as `null`.
         input: Option<String>,
     },
+    /// A durable timer (`TimerCreated`): a `TimerFired` message under `id` that becomes
+    /// visible at `fire_at`.
     CreateTimer {
+        /// The action's sequence number.
         id: i32,
+        /// When the timer fires.
         fire_at: Timestamp,
     },
+    /// Starts a sub-orchestration (`SubOrchestrationInstanceCreated`); its end comes
+    /// back as `SubOrchestrationInstanceCompleted` or `…Failed` under `id`.
     CreateSubOrchestration {
+        /// The action's sequence number.
         id: i32,
+        /// The orchestration to start, as registered.
         name: String,
+        /// The child instance's id.
         instance_id: String,
+        /// The child's input, JSON text; `None` reads as `null`.
         input: Option<String>,
     },
+    /// Raises an event on another instance (`EventSent`), fire and forget: an event to
+    /// an instance that does not exist is dropped.
     SendEvent {
+        /// The action's sequence number.
         id: i32,
+        /// The instance that receives the event.
         instance_id: String,
+        /// The event's name (matched case-insensitively by the receiver).
         name: String,
+        /// The event's data, JSON text.
         input: Option<String>,
     },
     /// A one-way operation on the entity with instance id `target`, delivered at
     /// `scheduled_time` (or at once).
     SignalEntity {
+        /// The action's sequence number.
         id: i32,
+        /// A GUID that identifies this request (deterministic: from the context).
         request_id: String,
+        /// The entity's instance id, `@{name}@{key}`.
         target: String,
+        /// The operation the entity runs.
         operation: String,
+        /// The operation's input, JSON text.
         input: Option<String>,
+        /// When the entity receives the signal; `None` for at once.
         scheduled_time: Option<Timestamp>,
     },
     /// A two-way operation: the entity answers the caller (`parent_instance_id`,
     /// `parent_execution_id`) under `request_id`.
     CallEntity {
+        /// The action's sequence number.
         id: i32,
+        /// A GUID that identifies this request; the answer carries it back.
         request_id: String,
+        /// The entity's instance id, `@{name}@{key}`.
         target: String,
+        /// The operation the entity runs.
         operation: String,
+        /// The operation's input, JSON text.
         input: Option<String>,
+        /// The calling orchestration's instance id: where the answer goes.
         parent_instance_id: String,
+        /// The calling execution: the answer is dropped if the caller has moved on to
+        /// another one.
         parent_execution_id: String,
     },
     /// Locks `lock_set` (sorted, distinct entity instance ids) for a critical section.
     LockEntities {
+        /// The action's sequence number.
         id: i32,
+        /// A GUID that identifies the critical section.
         critical_section_id: String,
+        /// The entities to lock: sorted, distinct instance ids, at least one.
         lock_set: Vec<String>,
+        /// The orchestration that owns the critical section; the grant goes to it.
         parent_instance_id: String,
     },
     /// Releases a critical section's lock on one entity.
     UnlockEntity {
+        /// The action's sequence number.
         id: i32,
+        /// The critical section that holds the lock.
         critical_section_id: String,
+        /// The entity to unlock, by instance id.
         target: String,
+        /// The orchestration that owns the critical section.
         parent_instance_id: String,
     },
 }
@@ -167,24 +210,37 @@ impl Action {
 /// How an execution ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Completion {
+    /// The orchestrator returned its output.
     Completed {
+        /// The output, JSON text.
         output: Option<String>,
     },
+    /// The orchestrator failed (an error it returned, a panic, non-determinism, a
+    /// broken limit).
     Failed {
+        /// What went wrong; it becomes the instance's failure details.
         failure: FailureDetails,
     },
+    /// A client terminated the instance.
     Terminated {
+        /// The termination's output, JSON text; it becomes the instance's output.
         reason: Option<String>,
     },
     /// A new execution of the same instance starts with `input`; `carryover_events`
     /// (external events not consumed yet, when asked to preserve them) are delivered to it.
+    /// `version` moves the instance to another orchestration version (`None`: keeps it).
     ContinuedAsNew {
+        /// The new execution's input, JSON text.
         input: Option<String>,
+        /// `EventRaised` events for the new execution, in arrival order.
         carryover_events: Vec<HistoryEvent>,
+        /// The orchestration version the new execution runs; `None` keeps the current one.
+        version: Option<String>,
     },
 }
 
 impl Completion {
+    /// The runtime status the instance takes.
     pub fn status(&self) -> RuntimeStatus {
         match self {
             Completion::Completed { .. } => RuntimeStatus::Completed,

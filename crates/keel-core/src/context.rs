@@ -32,19 +32,23 @@ use crate::retry::RetryPolicy;
 pub struct TaskError {
     /// What failed, e.g. `activity 'ProcessPayment' (#1)`.
     pub task: String,
+    /// The failure as history records it.
     pub details: FailureDetails,
 }
 
 impl TaskError {
+    /// The failure's error type ([`FailureDetails::error_type`]).
     pub fn error_type(&self) -> &str {
         &self.details.error_type
     }
 
+    /// The failure's message ([`FailureDetails::error_message`]).
     pub fn message(&self) -> &str {
         &self.details.error_message
     }
 
-    /// True when this is the timeout of [`OrchestrationContext::wait_for_external_event_with_timeout`].
+    /// True when the error type is [`TIMEOUT_ERROR_TYPE`]. Keel's own waits do not fail
+    /// on a timeout: [`EventFuture::timeout`] yields `None`.
     pub fn is_timeout(&self) -> bool {
         self.details.error_type == TIMEOUT_ERROR_TYPE
     }
@@ -69,6 +73,7 @@ pub(crate) enum Ending {
 }
 
 impl OrchestrationError {
+    /// A failure with this error type and message.
     pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> OrchestrationError {
         OrchestrationError::failed(FailureDetails::new(error_type, message))
     }
@@ -152,6 +157,8 @@ impl TaskSlot {
 #[derive(Clone, Debug)]
 pub(crate) struct ContinueAsNewRequest {
     pub(crate) input: Option<String>,
+    /// The version the next execution runs (`None`: the current one).
+    pub(crate) version: Option<String>,
     pub(crate) preserve_unprocessed_events: bool,
 }
 
@@ -168,6 +175,7 @@ pub(crate) struct BufferedEvent {
 pub(crate) struct State {
     pub(crate) instance_id: String,
     pub(crate) name: String,
+    pub(crate) version: Option<String>,
     pub(crate) execution_id: String,
     pub(crate) input: Option<String>,
     pub(crate) parent: Option<ParentInstance>,
@@ -212,6 +220,7 @@ impl State {
         State {
             instance_id: instance_id.to_string(),
             name: String::new(),
+            version: None,
             execution_id: String::new(),
             input: None,
             parent: None,
@@ -308,6 +317,72 @@ pub(crate) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// The handle an orchestrator uses to do everything durable. Cheap to clone.
+///
+/// Calls go through handles ([`OrchestrationContext::call`]); a wait for an event can
+/// give up after a while ([`OrchestrationContext::wait`], [`EventFuture::timeout`]);
+/// [`OrchestrationContext::race`] takes whichever of two futures finishes first. Each
+/// call records an action; the runtime carries it out and feeds the result back as a
+/// history event, here done by hand with an [`Execution`](crate::Execution):
+///
+/// ```
+/// use std::time::Duration;
+/// use chrono::DateTime;
+/// use keel_core::handle::{Activity, Event, Orchestration};
+/// use keel_core::context::Either;
+/// use keel_core::{orchestrator, Action, Completion, EventKind, Execution, HistoryEvent};
+/// use keel_core::{OrchestrationContext, OrchestrationError};
+///
+/// const PLACE_ORDER: Orchestration<u64, String> = Orchestration::new("PlaceOrder");
+/// const CHARGE: Activity<u64, String> = Activity::new("Charge");
+/// const APPROVAL: Event<bool> = Event::new("Approval");
+///
+/// async fn place_order(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
+///     let amount: u64 = ctx.input()?;
+///     if amount > 1_000 {
+///         // A manager has a day to answer; `None` when nobody did.
+///         match ctx.wait(APPROVAL).timeout(Duration::from_secs(86_400)).await? {
+///             Some(true) => {}
+///             Some(false) => return Err(OrchestrationError::msg("rejected")),
+///             None => return Err(OrchestrationError::msg("nobody approved the order")),
+///         }
+///     }
+///     // The payment, unless it takes more than a minute.
+///     match ctx.race(ctx.call(CHARGE, &amount), ctx.sleep(Duration::from_secs(60))).await {
+///         Either::Left(receipt) => Ok(receipt?),
+///         Either::Right(()) => Err(OrchestrationError::msg("the payment took too long")),
+///     }
+/// }
+///
+/// let t0 = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+/// let start = [
+///     HistoryEvent::new(t0, EventKind::OrchestratorStarted),
+///     HistoryEvent::new(
+///         t0,
+///         EventKind::ExecutionStarted {
+///             name: PLACE_ORDER.name().into(),
+///             version: None,
+///             input: Some("250".into()),
+///             execution_id: "e1".into(),
+///             parent: None,
+///             scheduled_start: None,
+///         },
+///     ),
+/// ];
+/// let mut execution = Execution::new("order-17", orchestrator(place_order));
+///
+/// // First episode: no approval needed; the charge (#0) and its one-minute timer (#1).
+/// let episode = execution.run_episode(&[], &start);
+/// assert!(matches!(&episode.actions[..],
+///     [Action::ScheduleTask { id: 0, name, .. }, Action::CreateTimer { id: 1, .. }] if name == "Charge"));
+///
+/// // The charge returns before the timer fires: the orchestration completes.
+/// let charged = HistoryEvent::new(
+///     t0,
+///     EventKind::TaskCompleted { task_scheduled_id: 0, result: Some(r#""receipt-1""#.into()) },
+/// );
+/// let episode = execution.run_episode(&[], &[HistoryEvent::new(t0, EventKind::OrchestratorStarted), charged]);
+/// assert_eq!(episode.completion, Some(Completion::Completed { output: Some(r#""receipt-1""#.into()) }));
+/// ```
 #[derive(Clone, Debug)]
 pub struct OrchestrationContext {
     pub(crate) state: Arc<Mutex<State>>,
@@ -322,6 +397,7 @@ impl OrchestrationContext {
         lock(&self.state)
     }
 
+    /// The instance's id; the same for all its executions.
     pub fn instance_id(&self) -> String {
         self.lock().instance_id.clone()
     }
@@ -329,6 +405,12 @@ impl OrchestrationContext {
     /// The orchestrator's name as the instance was started with.
     pub fn name(&self) -> String {
         self.lock().name.clone()
+    }
+
+    /// The orchestration version the instance was started with (see the worker's
+    /// versioning options); `None` for an unversioned instance.
+    pub fn version(&self) -> Option<String> {
+        self.lock().version.clone()
     }
 
     /// The current execution (a new one starts with each continue-as-new).
@@ -447,12 +529,8 @@ impl OrchestrationContext {
                 locking_rules_violation("a critical section cannot start sub-orchestrations"),
             );
         }
-        let id = state.take_action(|id| Action::CreateSubOrchestration {
-            id,
-            name: name.to_string(),
-            instance_id,
-            input,
-        });
+        let id =
+            state.take_action(|id| Action::CreateSubOrchestration { id, name: name.to_string(), instance_id, input });
         state.open_tasks.insert(id, TaskSlot::default());
         drop(state);
         TaskFuture::new(self.clone(), id, format!("sub-orchestration '{name}' (#{id})"))
@@ -513,7 +591,12 @@ impl OrchestrationContext {
 
     /// Schedules the first attempt of a call. A sub-orchestration's instance id is fixed
     /// here, so every attempt (and every call of a fan-out) has its own.
-    fn start_call<O, E>(&self, mut target: CallTarget, instance_id: Option<String>, input: &impl Serialize) -> Call<O, E> {
+    fn start_call<O, E>(
+        &self,
+        mut target: CallTarget,
+        instance_id: Option<String>,
+        input: &impl Serialize,
+    ) -> Call<O, E> {
         if target.sub_orchestration {
             target.instance_id = Some(instance_id.unwrap_or_else(|| {
                 let state = self.lock();
@@ -609,7 +692,28 @@ impl OrchestrationContext {
         preserve_unprocessed_events: bool,
     ) -> Result<T, OrchestrationError> {
         let input = serialize_input(input).map_err(OrchestrationError::failed)?;
-        self.lock().continue_as_new = Some(ContinueAsNewRequest { input, preserve_unprocessed_events });
+        let mut state = self.lock();
+        let version = state.continue_as_new.take().and_then(|request| request.version);
+        state.continue_as_new = Some(ContinueAsNewRequest { input, version, preserve_unprocessed_events });
+        Err(OrchestrationError(Ending::ContinueAsNew))
+    }
+
+    /// Continues as new (see [`OrchestrationContext::continue_as_new`]) on another
+    /// version of the orchestration: the next execution runs that version's code.
+    pub fn continue_as_new_with_version<T>(
+        &self,
+        input: &impl Serialize,
+        version: &str,
+    ) -> Result<T, OrchestrationError> {
+        if let Err(message) = limits::check_name("version", version) {
+            return Err(OrchestrationError::new("InvalidInput", message));
+        }
+        let input = serialize_input(input).map_err(OrchestrationError::failed)?;
+        self.lock().continue_as_new = Some(ContinueAsNewRequest {
+            input,
+            version: Some(version.to_string()),
+            preserve_unprocessed_events: false,
+        });
         Err(OrchestrationError(Ending::ContinueAsNew))
     }
 
@@ -1107,8 +1211,11 @@ pub struct Retrying<O, E> {
     call: Option<Call<O, E>>,
     policy: RetryPolicy,
     predicate: Option<FailurePredicate<E>>,
-    running: Option<Pin<Box<dyn Future<Output = Result<O, TaskFailure<E>>> + Send>>>,
+    running: Option<CallAttempts<O, E>>,
 }
+
+/// The boxed loop of a retried call's attempts.
+type CallAttempts<O, E> = Pin<Box<dyn Future<Output = Result<O, TaskFailure<E>>> + Send>>;
 
 impl<O: DeserializeOwned + Send + 'static, E: Failure> Retrying<O, E> {
     /// Retries only the failures for which `retry` returns true (it sees the typed
@@ -1118,7 +1225,7 @@ impl<O: DeserializeOwned + Send + 'static, E: Failure> Retrying<O, E> {
         self
     }
 
-    fn start(&mut self) -> Pin<Box<dyn Future<Output = Result<O, TaskFailure<E>>> + Send>> {
+    fn start(&mut self) -> CallAttempts<O, E> {
         let Call { context, target, input, attempt, .. } = self.call.take().expect("a retrying call starts once");
         let policy = self.policy.clone();
         let predicate = self.predicate.take();

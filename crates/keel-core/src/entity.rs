@@ -21,7 +21,9 @@ use crate::limits;
 /// as the Durable Task SDKs do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EntityId {
+    /// Which kind of entity: the entity function that runs its operations. Lower case.
     pub name: String,
+    /// Which entity of that kind; never empty, compared as is.
     pub key: String,
 }
 
@@ -75,6 +77,7 @@ pub fn is_entity_instance_id(instance_id: &str) -> bool {
 /// The critical section that holds an entity's lock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockHolder {
+    /// The GUID of the critical section.
     pub critical_section_id: String,
     /// The orchestration instance that owns the critical section.
     pub owner_instance_id: String,
@@ -84,8 +87,10 @@ pub struct LockHolder {
 /// that wait for the lock to be released, oldest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EntityScheduler {
+    /// The critical section that holds the entity; `None` when it is free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockHolder>,
+    /// Messages that wait for the lock to be released, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue: Vec<HistoryEvent>,
 }
@@ -113,15 +118,22 @@ impl EntityScheduler {
 /// The caller an operation answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplyTo {
+    /// The calling orchestration's instance id.
     pub instance_id: String,
+    /// The calling execution; the answer is dropped if the caller has moved on to
+    /// another one. Empty when the caller did not say: the answer goes to whichever
+    /// execution is current.
     pub execution_id: String,
 }
 
 /// One operation to run on the entity.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OperationRequest {
+    /// The request's GUID; the answer to a call carries it back.
     pub request_id: String,
+    /// The operation the entity's code dispatches on.
     pub operation: String,
+    /// The operation's input, JSON text.
     pub input: Option<String>,
     /// Set for calls; signals answer nobody.
     pub reply_to: Option<ReplyTo>,
@@ -132,7 +144,9 @@ pub struct OperationRequest {
 /// A message the scheduler sends by itself: a lock request passed on, or a grant.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LockMessage {
+    /// Who receives it: the next entity of the lock set, or the owning orchestration.
     pub target_instance_id: String,
+    /// `EntityLockRequested` (passed on) or `EntityLockGranted`.
     pub kind: EventKind,
 }
 

@@ -19,6 +19,43 @@ use crate::history::FailureDetails;
 pub const FAILURE_VALUE_PROPERTY: &str = "keel.failure";
 
 /// An error type a function can fail with and its caller can match on.
+///
+/// Any serde + `Display` type gets the trait from [`impl_failure!`](crate::impl_failure):
+///
+/// ```
+/// use keel_core::failure::{Failure, TaskFailure};
+/// use keel_core::TaskError;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// enum PaymentError {
+///     Declined { reason: String },
+///     Unavailable,
+/// }
+///
+/// impl std::fmt::Display for PaymentError {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         match self {
+///             PaymentError::Declined { reason } => write!(f, "the card was declined: {reason}"),
+///             PaymentError::Unavailable => f.write_str("the gateway is unavailable"),
+///         }
+///     }
+/// }
+///
+/// keel_core::impl_failure!(PaymentError);
+///
+/// // What history records: the full type path, the message and the value.
+/// let details = PaymentError::Declined { reason: "expired".into() }.to_details();
+/// assert!(details.error_type.ends_with("PaymentError"));
+/// assert_eq!(details.error_message, "the card was declined: expired");
+///
+/// // What the calling orchestrator gets back: a value to match on.
+/// let error = TaskError { task: "activity 'ProcessPayment' (#0)".into(), details };
+/// match TaskFailure::<PaymentError>::from_task_error(error) {
+///     TaskFailure::Activity(PaymentError::Declined { reason }) => assert_eq!(reason, "expired"),
+///     other => panic!("unexpected failure: {other:?}"),
+/// }
+/// ```
 pub trait Failure: Sized + Send + 'static {
     /// The failure as history records it.
     fn to_details(&self) -> FailureDetails;
@@ -55,8 +92,8 @@ pub fn typed_from_details<E: DeserializeOwned>(details: &FailureDetails) -> Opti
 }
 
 /// Implements [`Failure`] for serde + `Display` types with the defaults above:
-/// `keel_core::impl_failure!(PaymentError);`. Types whose failures are not all
-/// retriable implement the trait by hand.
+/// `keel_core::impl_failure!(PaymentError);` (several types may be listed). Types whose
+/// failures are not all retriable implement the trait by hand. [`Failure`] has an example.
 #[macro_export]
 macro_rules! impl_failure {
     ($($failure:ty),+ $(,)?) => {$(
@@ -99,6 +136,7 @@ impl Failure for Never {
 pub struct ActivityError(pub FailureDetails);
 
 impl ActivityError {
+    /// A failure with this error type and message.
     pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> ActivityError {
         ActivityError(FailureDetails::new(error_type, message))
     }
@@ -114,10 +152,13 @@ impl ActivityError {
         self
     }
 
+    /// The error type: the full type path of the error it was made from with `?`,
+    /// `ActivityError` for [`ActivityError::msg`], or what [`ActivityError::new`] was given.
     pub fn error_type(&self) -> &str {
         &self.0.error_type
     }
 
+    /// The failure's message, for people to read.
     pub fn message(&self) -> &str {
         &self.0.error_message
     }

@@ -49,6 +49,8 @@ macro_rules! handle_impls {
                 $handle { name, types: PhantomData }
             }
 
+            /// The name the handle was declared with: what histories record and what
+            /// registration and calls match.
             pub const fn name(&self) -> &'static str {
                 self.name
             }
@@ -77,16 +79,21 @@ handle_impls!(Event<T>);
 /// What a call runs: an activity or a sub-orchestration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// The activity with this name.
     Activity(&'static str),
+    /// The orchestration with this name, run as a child instance.
     SubOrchestration(&'static str),
 }
 
 /// A handle an orchestration can call: [`Activity`] or [`Orchestration`]. Sealed.
 pub trait Callable: Copy + private::Sealed {
+    /// What the function takes; serialized to JSON when the call is scheduled.
     type Input: Serialize;
+    /// What the function returns; deserialized from the JSON result.
     type Output: DeserializeOwned;
     /// What the caller gets in [`crate::failure::TaskFailure::Activity`].
     type Failure: Failure;
+    /// What a call of this handle runs.
     fn target(&self) -> Target;
 }
 

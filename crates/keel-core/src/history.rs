@@ -21,7 +21,9 @@ pub struct HistoryEvent {
     /// `SubOrchestrationInstanceCreated`, `EventSent`) the action's sequence number;
     /// `-1` for every other event.
     pub event_id: i32,
+    /// When the event was recorded.
     pub timestamp: Timestamp,
+    /// What happened, with the fields of that kind of event.
     pub kind: EventKind,
 }
 
@@ -40,8 +42,12 @@ impl HistoryEvent {
 /// The parent of a sub-orchestration, recorded in its `ExecutionStarted` event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentInstance {
+    /// The parent's instance id: where the result goes.
     pub instance_id: String,
+    /// The parent's execution that started this one; a result for an execution that
+    /// has ended is dropped.
     pub execution_id: String,
+    /// The parent's orchestrator name.
     pub name: String,
     /// The parent's sequence number for the `SubOrchestrationInstanceCreated` action:
     /// the result is reported back under this id.
@@ -51,10 +57,16 @@ pub struct ParentInstance {
 /// What went wrong in an activity, a sub-orchestration or an orchestration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureDetails {
+    /// What kind of failure it is, for callers to match on: a Rust type path
+    /// (`std::io::error::Error`), a name of Keel's (`TimeoutError`, `Panic`) or an
+    /// SDK's exception type.
     pub error_type: String,
+    /// What went wrong, for people to read.
     pub error_message: String,
+    /// Where it went wrong, when the failing code reported it (SDK workers do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stack_trace: Option<String>,
+    /// The failure that caused this one, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner_failure: Option<Box<FailureDetails>>,
     /// When true, retry policies give up at once.
@@ -67,6 +79,8 @@ pub struct FailureDetails {
 }
 
 impl FailureDetails {
+    /// Details with this error type and message and nothing else: no stack trace, no
+    /// inner failure, retriable, no properties.
     pub fn new(error_type: impl Into<String>, error_message: impl Into<String>) -> FailureDetails {
         FailureDetails {
             error_type: error_type.into(),
@@ -91,146 +105,227 @@ impl std::fmt::Display for FailureDetails {
 pub enum EventKind {
     /// First event of an execution (preceded only by its episode's `OrchestratorStarted`).
     ExecutionStarted {
+        /// The orchestrator to run, as registered.
         name: String,
+        /// The orchestration version the execution runs; `None` when unversioned.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<String>,
+        /// The orchestrator's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
+        /// The execution this event starts.
         execution_id: String,
+        /// The parent orchestration, when this is a sub-orchestration.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         parent: Option<ParentInstance>,
+        /// The execution does not start before this time.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scheduled_start: Option<Timestamp>,
     },
+    /// Last event of an execution that completed, failed or was terminated.
     ExecutionCompleted {
+        /// `Completed`, `Failed` or `Terminated`.
         status: RuntimeStatus,
+        /// The output, JSON text: the orchestrator's (`Completed`) or the
+        /// termination's (`Terminated`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result: Option<String>,
+        /// What went wrong; set when `status` is `Failed`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure: Option<FailureDetails>,
     },
+    /// A client's request to terminate the instance; the execution then ends with
+    /// `ExecutionCompleted` (status `Terminated`) without running orchestrator code.
     ExecutionTerminated {
+        /// The termination's output, JSON text (a text reason is a JSON string); it
+        /// becomes the instance's output unchanged.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// The orchestrator scheduled an activity ([`crate::Action::ScheduleTask`]).
     TaskScheduled {
+        /// The activity, as registered.
         name: String,
+        /// The activity's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
     },
+    /// An activity returned.
     TaskCompleted {
+        /// The `event_id` of the activity's `TaskScheduled`.
         task_scheduled_id: i32,
+        /// The activity's output, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result: Option<String>,
     },
+    /// An activity failed: it returned an error, panicked, or could not run.
     TaskFailed {
+        /// The `event_id` of the activity's `TaskScheduled`.
         task_scheduled_id: i32,
+        /// What went wrong.
         failure: FailureDetails,
     },
+    /// The orchestrator started a sub-orchestration
+    /// ([`crate::Action::CreateSubOrchestration`]).
     SubOrchestrationInstanceCreated {
+        /// The child orchestration, as registered.
         name: String,
+        /// The child's instance id.
         instance_id: String,
+        /// The child's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
     },
+    /// A sub-orchestration completed.
     SubOrchestrationInstanceCompleted {
+        /// The `event_id` of its `SubOrchestrationInstanceCreated`.
         task_scheduled_id: i32,
+        /// The child's output, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result: Option<String>,
     },
+    /// A sub-orchestration failed, was terminated, or could not be created.
     SubOrchestrationInstanceFailed {
+        /// The `event_id` of its `SubOrchestrationInstanceCreated`.
         task_scheduled_id: i32,
+        /// What went wrong.
         failure: FailureDetails,
     },
+    /// The orchestrator created a durable timer ([`crate::Action::CreateTimer`]).
     TimerCreated {
+        /// When the timer fires.
         fire_at: Timestamp,
     },
+    /// A timer fired.
     TimerFired {
+        /// The `event_id` of the timer's `TimerCreated`.
         timer_id: i32,
+        /// The time the timer was set for.
         fire_at: Timestamp,
     },
     /// Start of an episode; its timestamp is the orchestrator's current time.
     OrchestratorStarted,
+    /// The orchestrator raised an event on another instance
+    /// ([`crate::Action::SendEvent`]).
     EventSent {
+        /// The instance that receives the event.
         instance_id: String,
+        /// The event's name.
         name: String,
+        /// The event's data, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
     },
+    /// An external event arrived (from a client or another instance).
     EventRaised {
+        /// The event's name as the sender gave it; waits match it case-insensitively.
         name: String,
+        /// The event's data, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
     },
     /// The execution ended by continuing as new; the next execution starts with `input`.
     ContinueAsNew {
+        /// The next execution's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
     },
+    /// A client suspended the instance: its other messages wait until it is resumed.
     ExecutionSuspended {
+        /// Why, as the client gave it (plain text).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A client resumed a suspended instance.
     ExecutionResumed {
+        /// Why, as the client gave it (plain text).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
     /// A failed instance was rewound: its failed tasks are run again.
     ExecutionRewound {
+        /// Why, as the client gave it (plain text).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
     /// A one-way operation on an entity: in the sender's history (an orchestration's
     /// decision) and as a message in the entity's inbox.
     EntityOperationSignaled {
+        /// A GUID that identifies the request.
         request_id: String,
+        /// The operation the entity runs.
         operation: String,
+        /// The operation's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
+        /// When the entity receives the signal; `None` for at once.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scheduled_time: Option<Timestamp>,
+        /// The entity's instance id, `@{name}@{key}`.
         target_instance_id: String,
     },
     /// A two-way operation on an entity from an orchestration, which waits for the
     /// `EntityOperationCompleted` or `EntityOperationFailed` with the same request id.
     EntityOperationCalled {
+        /// A GUID that identifies the request; the answer carries it back.
         request_id: String,
+        /// The operation the entity runs.
         operation: String,
+        /// The operation's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
+        /// The calling orchestration's instance id: where the answer goes.
         parent_instance_id: String,
+        /// The calling execution; an answer for an execution that has ended is dropped.
         parent_execution_id: String,
+        /// The entity's instance id, `@{name}@{key}`.
         target_instance_id: String,
     },
+    /// An entity's answer to a call: the operation returned.
     EntityOperationCompleted {
+        /// The request id of the `EntityOperationCalled` it answers.
         request_id: String,
+        /// The operation's result, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         output: Option<String>,
     },
+    /// An entity's answer to a call: the operation failed (an error or a panic).
     EntityOperationFailed {
+        /// The request id of the `EntityOperationCalled` it answers.
         request_id: String,
+        /// What went wrong.
         failure: FailureDetails,
     },
     /// A request to lock `lock_set` (sorted entity instance ids) for a critical section.
     /// It travels from entity to entity: each locks itself and passes it on to the one
     /// at `position + 1`; the last one grants the lock to the orchestration.
     EntityLockRequested {
+        /// A GUID that identifies the critical section.
         critical_section_id: String,
+        /// The entities to lock: sorted, distinct instance ids.
         lock_set: Vec<String>,
+        /// The index in `lock_set` of the entity this message is for (0 for the first).
         position: i32,
+        /// The orchestration that owns the critical section; the grant goes to it.
         parent_instance_id: String,
     },
     /// Every entity of the critical section is locked. `lock_set` lets an owner that
     /// no longer waits for the lock (it ended meanwhile) release it at once.
     EntityLockGranted {
+        /// The critical section now holding every lock.
         critical_section_id: String,
+        /// The locked entities' instance ids; empty when the grant came over the gRPC
+        /// protocol, whose grant does not carry them.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         lock_set: Vec<String>,
     },
     /// Releases the lock a critical section holds on one entity.
     EntityUnlockSent {
+        /// The critical section that held the lock.
         critical_section_id: String,
+        /// The orchestration that owns the critical section.
         parent_instance_id: String,
+        /// The entity to unlock, by instance id.
         target_instance_id: String,
     },
 }
@@ -319,17 +414,28 @@ impl EventKind {
 /// they are not the same the names are).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RuntimeStatus {
+    /// Started and not finished: running or waiting for messages.
     Running,
+    /// The orchestrator returned its output.
     Completed,
+    /// The execution ended by continuing as new. Not seen in practice: the new execution
+    /// starts (`Running`) in the same commit.
     ContinuedAsNew,
+    /// The orchestration ended with a failure; its failure details say why.
     Failed,
+    /// A DTFx status Keel never sets; kept so that every protocol number maps.
     Canceled,
+    /// A client terminated the instance.
     Terminated,
+    /// Created and not started yet: its start waits for its scheduled time or for a
+    /// worker that hosts it. A rewound instance is `Pending` until the rewind runs.
     Pending,
+    /// A client suspended the instance; it processes no messages until resumed.
     Suspended,
 }
 
 impl RuntimeStatus {
+    /// Every status, in the order of their numbers ([`RuntimeStatus::code`]).
     pub const ALL: [RuntimeStatus; 8] = [
         RuntimeStatus::Running,
         RuntimeStatus::Completed,
@@ -350,6 +456,7 @@ impl RuntimeStatus {
         )
     }
 
+    /// The status's name as DTFx and the HTTP API spell it (`"Running"`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeStatus::Running => "Running",
@@ -377,6 +484,7 @@ impl RuntimeStatus {
         }
     }
 
+    /// The status with this DTFx / gRPC number; `None` for a number no status has.
     pub fn from_code(code: i32) -> Option<RuntimeStatus> {
         RuntimeStatus::ALL.into_iter().find(|s| s.code() == code)
     }

@@ -5,6 +5,11 @@
 //! drives it from history events and reports the actions it takes, which the runtime
 //! then executes and records.
 
+#![deny(missing_docs)]
+// Failures carry their whole details by value (type, message, stack, cause, properties):
+// they are the cold path, and boxing them would make every caller's code noisier.
+#![allow(clippy::result_large_err)]
+
 pub mod action;
 pub mod context;
 pub mod entity;

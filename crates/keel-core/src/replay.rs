@@ -81,6 +81,7 @@ pub struct EpisodeResult {
     pub actions: Vec<Action>,
     /// Set when the execution ended in this episode.
     pub completion: Option<Completion>,
+    /// The custom status after this episode, JSON text; `None` when none is set.
     pub custom_status: Option<String>,
     /// True when the instance is suspended after this episode.
     pub suspended: bool,
@@ -127,6 +128,8 @@ impl std::fmt::Debug for Execution {
 }
 
 impl Execution {
+    /// A fresh execution of `orchestrator` for the instance `instance_id`. The function
+    /// starts when an episode applies its `ExecutionStarted` event.
     pub fn new(instance_id: &str, orchestrator: Orchestrator) -> Execution {
         let wake_flag = Arc::new(WakeFlag(AtomicBool::new(false)));
         Execution {
@@ -223,13 +226,14 @@ impl Execution {
             EventKind::OrchestratorStarted => {
                 lock(&self.state).current_time = event.timestamp;
             }
-            EventKind::ExecutionStarted { name, input, execution_id, parent, .. } => {
+            EventKind::ExecutionStarted { name, version, input, execution_id, parent, .. } => {
                 if self.future.is_some() {
                     return; // a duplicate start message: the execution is already running
                 }
                 {
                     let mut state = lock(&self.state);
                     state.name = name.clone();
+                    state.version.clone_from(version);
                     state.input = input.clone();
                     state.execution_id = execution_id.clone();
                     state.parent = parent.clone();
@@ -425,6 +429,7 @@ impl Execution {
                     match &state.continue_as_new {
                         Some(request) => Completion::ContinuedAsNew {
                             input: request.input.clone(),
+                            version: request.version.clone(),
                             carryover_events: if request.preserve_unprocessed_events {
                                 state.unprocessed_events()
                             } else {

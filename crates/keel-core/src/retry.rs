@@ -19,9 +19,11 @@ pub type RetryPredicate = Arc<dyn Fn(&FailureDetails) -> bool + Send + Sync>;
 pub struct RetryPolicy {
     /// Total attempts, the first included. At least 1.
     pub max_attempts: u32,
+    /// The delay before the second attempt. More than zero.
     pub first_retry_interval: Duration,
     /// At least 1.0.
     pub backoff_coefficient: f64,
+    /// No delay is longer than this. At least `first_retry_interval`.
     pub max_retry_interval: Duration,
     /// No attempt starts later than this after the first one started.
     pub retry_timeout: Option<Duration>,
@@ -95,11 +97,15 @@ impl RetryPolicy {
         Ok(self)
     }
 
+    /// Gives up once the next attempt would start `timeout` or more after the first
+    /// attempt started.
     pub fn with_retry_timeout(mut self, timeout: Duration) -> RetryPolicy {
         self.retry_timeout = Some(timeout);
         self
     }
 
+    /// Retries only the failures for which `handle` returns true. For a predicate over
+    /// a call's typed failure, see [`crate::context::Retrying::only_if`].
     pub fn with_handle(mut self, handle: impl Fn(&FailureDetails) -> bool + Send + Sync + 'static) -> RetryPolicy {
         self.handle = Some(Arc::new(handle));
         self
@@ -174,7 +180,8 @@ mod tests {
 
     #[test]
     fn retry_timeout_counts_from_the_first_attempt() {
-        let policy = RetryPolicy::new(100, Duration::from_secs(10)).unwrap().with_retry_timeout(Duration::from_secs(30));
+        let policy =
+            RetryPolicy::new(100, Duration::from_secs(10)).unwrap().with_retry_timeout(Duration::from_secs(30));
         assert!(policy.next_delay(1, &failure(), at(0), at(5)).is_some());
         assert!(policy.next_delay(2, &failure(), at(0), at(25)).is_none());
     }

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use chrono::DateTime;
 use keel_core::action::{Action, Completion};
-use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
-use keel_core::replay::{orchestrator, Execution, Orchestrator, NON_DETERMINISM_ERROR_TYPE, PANIC_ERROR_TYPE};
 use keel_core::failure::{Failure, TaskFailure};
 use keel_core::handle::{Activity, Event, Orchestration};
+use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
+use keel_core::replay::{orchestrator, Execution, Orchestrator, NON_DETERMINISM_ERROR_TYPE, PANIC_ERROR_TYPE};
 use keel_core::{OrchestrationContext, OrchestrationError, RetryPolicy};
 
 fn at(secs: i64) -> Timestamp {
@@ -458,7 +458,9 @@ fn continue_as_new_carries_unconsumed_events_when_asked() {
     let history = [episode_start(0), started("Eternal", "4"), timer_created(0, at(1))];
     let result = Execution::new("i1", eternal)
         .run_episode(&history, &[episode_start(2), raised("Ping", "1"), timer_fired(0, at(1))]);
-    let Some(Completion::ContinuedAsNew { input, carryover_events }) = result.completion else { panic!("{result:?}") };
+    let Some(Completion::ContinuedAsNew { input, carryover_events, version: None }) = result.completion else {
+        panic!("{result:?}")
+    };
     assert_eq!(input.as_deref(), Some("5"));
     assert_eq!(carryover_events.len(), 1);
     assert!(matches!(&carryover_events[0].kind, EventKind::EventRaised { name, .. } if name == "Ping"));

@@ -5,8 +5,8 @@
 //! The two history models map one to one: event ids (the action sequence numbers) and
 //! timestamps pass through unchanged, so what the worker replays is exactly what Keel
 //! stored. Payloads are opaque JSON text on both sides. Two translations are not one to
-//! one and are made here only: a termination reason is plain text in Keel and a JSON
-//! value on the wire ([`reason_to_wire`], [`reason_from_wire`]), an empty payload
+//! one and are made here only: a termination reason stored as plain text by an older
+//! Keel is a JSON string on the wire ([`reason_to_wire`]), an empty payload
 //! string on the wire means "no payload", and Keel's `EntityLockGranted` carries the
 //! lock set, which the wire's does not.
 
@@ -52,15 +52,19 @@ pub fn payload(value: Option<String>) -> Option<String> {
     value.filter(|text| !text.is_empty())
 }
 
-/// A termination reason (plain text in Keel) as the JSON value the SDKs expect.
+/// A termination output as the JSON value the SDKs expect: Keel keeps it as JSON; a
+/// plain-text reason an older Keel stored becomes a JSON string.
 pub fn reason_to_wire(reason: Option<&str>) -> Option<String> {
-    reason.map(|reason| serde_json::to_string(reason).expect("a string always serializes"))
+    reason.map(|reason| match serde_json::from_str::<serde_json::Value>(reason) {
+        Ok(_) => reason.to_string(),
+        Err(_) => serde_json::to_string(reason).expect("a string always serializes"),
+    })
 }
 
-/// A termination output from the wire as Keel's plain-text reason: a JSON string is
-/// unwrapped, any other text is kept as it is.
+/// A termination output from a worker, kept as the JSON value it is (text that is not
+/// JSON becomes a JSON string).
 pub fn reason_from_wire(output: Option<String>) -> Option<String> {
-    payload(output).map(|text| serde_json::from_str::<String>(&text).unwrap_or(text))
+    reason_to_wire(payload(output).as_deref())
 }
 
 pub fn status_to_proto(status: RuntimeStatus) -> i32 {
@@ -449,15 +453,34 @@ fn event_type_name(kind: &EventType) -> &'static str {
 
 /// True for the events a worker may see. `ContinueAsNew` is Keel's own bookkeeping: the
 /// Python worker has no handler for it and would fail the orchestration.
-fn is_for_workers(event: &HistoryEvent) -> bool {
+pub fn is_for_workers(event: &HistoryEvent) -> bool {
     !matches!(event.kind, EventKind::ContinueAsNew { .. })
+}
+
+/// Puts the instance's tags on the `ExecutionStarted` events among `events` (Keel keeps
+/// tags with the instance, the protocol on its start event).
+pub fn tag_execution_started(events: &mut [proto::HistoryEvent], tags: &std::collections::BTreeMap<String, String>) {
+    if tags.is_empty() {
+        return;
+    }
+    for event in events {
+        if let Some(EventType::ExecutionStarted(started)) = &mut event.event_type {
+            started.tags = tags.clone().into_iter().collect();
+        }
+    }
 }
 
 /// The work item that hands an episode to a worker.
 pub fn orchestrator_request(episode: &RemoteEpisode) -> proto::OrchestratorRequest {
     let instance_id = &episode.instance.instance_id;
     let convert = |events: &[HistoryEvent]| {
-        events.iter().filter(|event| is_for_workers(event)).map(|event| event_to_proto(instance_id, event)).collect()
+        let mut events: Vec<proto::HistoryEvent> = events
+            .iter()
+            .filter(|event| is_for_workers(event))
+            .map(|event| event_to_proto(instance_id, event))
+            .collect();
+        tag_execution_started(&mut events, &episode.instance.tags);
+        events
     };
     proto::OrchestratorRequest {
         instance_id: instance_id.clone(),
@@ -614,7 +637,7 @@ pub fn orchestration_state(status: &InstanceStatus, with_payloads: bool) -> prot
         execution_id: Some(status.execution_id.clone()),
         completed_timestamp: status.completed_at.map(timestamp_to_proto),
         parent_instance_id: status.parent.as_ref().map(|parent| parent.instance_id.clone()),
-        tags: Default::default(),
+        tags: status.tags.clone().into_iter().collect(),
     }
 }
 
@@ -654,8 +677,11 @@ pub fn outcome_from_response(
             }
             OrchestratorActionType::CreateSubOrchestration(sub) => {
                 limits::check_name("orchestrator", &sub.name).map_err(Error::InvalidArgument)?;
+                // Without an id, the child's is derived from the parent's execution as
+                // DurableTask.Core and the JavaScript SDK derive it: stable across replays,
+                // unique across continue-as-new, 37 characters at every nesting depth.
                 let instance_id = if sub.instance_id.is_empty() {
-                    format!("{parent_instance_id}:{id:04x}")
+                    format!("{execution_id}:{id:04x}")
                 } else {
                     sub.instance_id.clone()
                 };
@@ -864,7 +890,8 @@ fn completion_from_proto(complete: &proto::CompleteOrchestrationAction, now: Tim
                 .iter()
                 .map(|event| event_from_proto(event, now))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Completion::ContinuedAsNew { input: result, carryover_events })
+            let version = payload(complete.new_version.clone());
+            Ok(Completion::ContinuedAsNew { input: result, carryover_events, version })
         }
         other => Err(Error::InvalidArgument(format!("an orchestration cannot complete with status {other}"))),
     }
@@ -918,7 +945,7 @@ mod tests {
             EventKind::EventRaised { name: "E".into(), input: Some("[1]".into()) },
             EventKind::ExecutionSuspended { reason: Some("pause".into()) },
             EventKind::ExecutionResumed { reason: None },
-            EventKind::ExecutionTerminated { reason: Some("enough".into()) },
+            EventKind::ExecutionTerminated { reason: Some("\"enough\"".into()) },
             EventKind::ExecutionRewound { reason: Some("again".into()) },
             EventKind::ContinueAsNew { input: Some("7".into()) },
             EventKind::EntityOperationSignaled {
@@ -984,10 +1011,12 @@ mod tests {
     }
 
     #[test]
-    fn termination_reasons_are_json_on_the_wire() {
-        assert_eq!(reason_to_wire(Some("stop now")).as_deref(), Some("\"stop now\""));
-        assert_eq!(reason_from_wire(Some("\"stop now\"".into())).as_deref(), Some("stop now"));
+    fn termination_outputs_are_json_values_kept_unchanged() {
+        assert_eq!(reason_to_wire(Some("\"stop now\"")).as_deref(), Some("\"stop now\""));
+        assert_eq!(reason_to_wire(Some("stop now")).as_deref(), Some("\"stop now\""), "legacy plain text");
+        assert_eq!(reason_from_wire(Some("\"stop now\"".into())).as_deref(), Some("\"stop now\""));
         assert_eq!(reason_from_wire(Some("{\"a\":1}".into())).as_deref(), Some("{\"a\":1}"));
+        assert_eq!(reason_from_wire(Some("not json".into())).as_deref(), Some("\"not json\""));
         assert_eq!(reason_from_wire(Some(String::new())), None);
     }
 
@@ -1042,7 +1071,7 @@ mod tests {
                 }),
             ]),
             "i",
-            "e",
+            "0123456789abcdef0123456789abcdef",
             at(0),
         )
         .unwrap();
@@ -1051,11 +1080,17 @@ mod tests {
             vec![
                 Action::ScheduleTask { id: 1, name: "A".into(), input: Some("1".into()) },
                 Action::CreateTimer { id: 2, fire_at: at(2_000) },
-                Action::CreateSubOrchestration { id: 3, name: "S".into(), instance_id: "i:0003".into(), input: None },
+                // Without an id, the child's derives from the parent's execution id.
+                Action::CreateSubOrchestration {
+                    id: 3,
+                    name: "S".into(),
+                    instance_id: "0123456789abcdef0123456789abcdef:0003".into(),
+                    input: None
+                },
                 Action::SendEvent { id: 4, instance_id: "other".into(), name: "E".into(), input: None },
             ]
         );
-        assert_eq!(terminations, vec![Termination { instance_id: "victim".into(), reason: Some("why".into()) }]);
+        assert_eq!(terminations, vec![Termination { instance_id: "victim".into(), reason: Some("\"why\"".into()) }]);
         assert_eq!(outcome.custom_status.as_deref(), Some("\"busy\""));
         assert_eq!(outcome.completion, None);
     }
@@ -1186,6 +1221,7 @@ mod tests {
                 last_updated_at: at(0),
                 completed_at: None,
                 history_len: 0,
+                tags: Default::default(),
             },
             messages: operations
                 .iter()
@@ -1364,7 +1400,10 @@ mod tests {
         assert_eq!(complete(1, Some("5"), None).unwrap(), Completion::Completed { output: Some("5".into()) });
         let failure = FailureDetails::new("builtins.ValueError", "no");
         assert_eq!(complete(3, Some(""), Some(failure_to_proto(&failure))).unwrap(), Completion::Failed { failure });
-        assert_eq!(complete(5, Some("\"bye\""), None).unwrap(), Completion::Terminated { reason: Some("bye".into()) });
+        assert_eq!(
+            complete(5, Some("\"bye\""), None).unwrap(),
+            Completion::Terminated { reason: Some("\"bye\"".into()) }
+        );
         assert_eq!(
             complete(2, Some("8"), None).unwrap(),
             Completion::ContinuedAsNew {
@@ -1373,6 +1412,7 @@ mod tests {
                     at(3),
                     EventKind::EventRaised { name: "E".into(), input: None }
                 )],
+                version: None,
             }
         );
         assert!(matches!(complete(0, None, None), Err(Error::InvalidArgument(_))), "RUNNING is no completion");

@@ -37,6 +37,10 @@ use crate::proto::work_item::Request;
 /// worker gives them back to the store and offers them again later).
 pub const MAX_WAITING_ITEMS: usize = 10_000;
 
+/// Orchestrator work items larger than this go without their past events to workers
+/// that stream histories (the gRPC default message limit is 4 MiB).
+pub const STREAMED_HISTORY_ABOVE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
 /// A unit of work for a remote worker.
 #[derive(Debug)]
 pub enum Work {
@@ -46,9 +50,27 @@ pub enum Work {
 }
 
 impl Work {
-    fn to_work_item(&self, token: String) -> proto::WorkItem {
+    /// The work item for a stream; `streams_history`: the worker fetches a history too
+    /// large for one message with `StreamInstanceHistory` (it advertised the capability).
+    fn to_work_item(&self, token: String, streams_history: bool) -> proto::WorkItem {
         let request = match self {
-            Work::Orchestration(episode) => Request::OrchestratorRequest(convert::orchestrator_request(episode)),
+            Work::Orchestration(episode) => {
+                let mut request = convert::orchestrator_request(episode);
+                if prost::Message::encoded_len(&request) > STREAMED_HISTORY_ABOVE_BYTES {
+                    if streams_history {
+                        request.past_events.clear();
+                        request.requires_history_streaming = true;
+                    } else {
+                        tracing::warn!(
+                            instance_id = %episode.instance.instance_id,
+                            bytes = prost::Message::encoded_len(&request),
+                            "an orchestrator work item exceeds the SDKs' default 4 MiB message limit and the worker \
+                             does not stream histories: it must raise its receive limit"
+                        );
+                    }
+                }
+                Request::OrchestratorRequest(request)
+            }
             Work::Activity(item) => Request::ActivityRequest(convert::activity_request(item)),
             Work::Entity(episode) => Request::EntityRequestV2(convert::entity_request(episode)),
         };
@@ -74,6 +96,29 @@ pub enum Job {
     GiveBack { work: Work, retry_after: Duration },
     /// An activity that kept failing to finish: record it as failed without running it.
     Poison(Box<ActivityItem>),
+    /// Commit this episode, decided without a worker (see [`settled_without_worker`]).
+    Commit(Box<keel_store::EpisodeCommit>),
+}
+
+/// The commit of an episode that no connected worker can take now, when it needs no
+/// worker: its events leave the execution suspended, and a suspended orchestration takes
+/// no step (the SDKs hold back every event but the resume and the termination), so it is
+/// recorded as the worker would answer it, with no actions. The instance is Suspended at
+/// once; the resume goes to a worker, which replays these events and carries on.
+fn settled_without_worker(episode: Box<RemoteEpisode>) -> Result<keel_store::EpisodeCommit, Box<RemoteEpisode>> {
+    let suspended =
+        episode.past_events.iter().chain(&episode.new_events).fold(false, |suspended, event| match event.kind {
+            keel::EventKind::ExecutionSuspended { .. } => true,
+            keel::EventKind::ExecutionResumed { .. } => false,
+            _ => suspended,
+        });
+    if !suspended {
+        return Err(episode);
+    }
+    let outcome =
+        keel::episode::RemoteOutcome { custom_status: episode.instance.custom_status.clone(), ..Default::default() };
+    let now = episode.new_events.first().map(|started| started.timestamp).unwrap_or_else(crate::now);
+    Ok(episode.complete(outcome, now))
 }
 
 /// Which work a stream takes: everything, or what its filters name.
@@ -105,6 +150,8 @@ struct Stream {
     id: u64,
     sender: mpsc::UnboundedSender<proto::WorkItem>,
     filters: Filters,
+    /// The worker fetches large histories itself (`WORKER_CAPABILITY_HISTORY_STREAMING`).
+    streams_history: bool,
     max_orchestrations: usize,
     max_activities: usize,
     max_entities: usize,
@@ -217,6 +264,7 @@ impl GrpcRemoteWorkers {
                 id,
                 sender,
                 filters: Filters { filters: request.work_item_filters.clone() },
+                streams_history: request.capabilities.contains(&(proto::WorkerCapability::HistoryStreaming as i32)),
                 max_orchestrations: limit(request.max_concurrent_orchestration_work_items),
                 max_activities: limit(request.max_concurrent_activity_work_items),
                 max_entities: limit(request.max_concurrent_entity_work_items),
@@ -283,6 +331,44 @@ impl GrpcRemoteWorkers {
         (activities, orchestrations)
     }
 
+    /// Gives the episode of `instance_id` that waits for a worker (none is in flight)
+    /// back to the task hub at once, so that a termination or a suspension sent to the
+    /// instance is processed now rather than when a worker connects. False when there is
+    /// no such episode.
+    pub(crate) fn release_waiting(&self, instance_id: &str) -> bool {
+        let mut state = self.lock();
+        let position = state.waiting.iter().position(
+            |work| matches!(work, Work::Orchestration(episode) if episode.instance.instance_id == instance_id),
+        );
+        let Some(work) = position.and_then(|position| state.waiting.remove(position)) else { return false };
+        drop(state);
+        self.give_back(work, Duration::ZERO);
+        true
+    }
+
+    /// The past events of the episode of `instance_id` that is with a worker (for the
+    /// worker to stream them), if there is one.
+    pub(crate) fn past_events_in_flight(
+        &self,
+        instance_id: &str,
+    ) -> Option<(keel_store::InstanceRecord, Vec<keel::HistoryEvent>)> {
+        let state = self.lock();
+        state.in_flight.values().find_map(|flight| match &flight.work {
+            Work::Orchestration(episode) if episode.instance.instance_id == instance_id => {
+                Some((episode.instance.clone(), episode.past_events.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Gives everything that waits for a worker back to the task hub at once.
+    pub(crate) fn release_all_waiting(&self) {
+        let waiting: Vec<Work> = self.lock().waiting.drain(..).collect();
+        for work in waiting {
+            self.give_back(work, Duration::ZERO);
+        }
+    }
+
     /// Drops an activity item whose lease went to someone else.
     pub(crate) fn forget_activity(&self, lock: &ActivityLock) {
         let mut state = self.lock();
@@ -322,7 +408,7 @@ impl GrpcRemoteWorkers {
             }
             state.next_token += 1;
             let token = format!("{}.{}", self.nonce, state.next_token);
-            if stream.sender.send(work.to_work_item(token.clone())).is_err() {
+            if stream.sender.send(work.to_work_item(token.clone(), stream.streams_history)).is_err() {
                 continue; // the stream is going away; its guard forgets it
             }
             let stream = &mut state.streams[index];
@@ -359,10 +445,20 @@ impl GrpcRemoteWorkers {
             *older = work; // a newer delivery of the same work: its lease is the valid one
             return Ok(());
         }
-        match self.try_dispatch(&mut state, work) {
-            Ok(()) => Ok(()),
-            Err(work) if state.waiting.len() >= MAX_WAITING_ITEMS => Err(work),
-            Err(work) => {
+        let work = match self.try_dispatch(&mut state, work) {
+            Ok(()) => return Ok(()),
+            Err(Work::Orchestration(episode)) => match settled_without_worker(episode) {
+                Ok(commit) => {
+                    let _ = self.jobs.send(Job::Commit(Box::new(commit)));
+                    return Ok(());
+                }
+                Err(episode) => Work::Orchestration(episode),
+            },
+            Err(work) => work,
+        };
+        match work {
+            work if state.waiting.len() >= MAX_WAITING_ITEMS => Err(work),
+            work => {
                 state.waiting.push_back(work);
                 Ok(())
             }
@@ -475,6 +571,7 @@ mod tests {
             last_updated_at: now(),
             completed_at: None,
             history_len: 0,
+            tags: Default::default(),
         };
         let start = HistoryEvent::new(
             now(),

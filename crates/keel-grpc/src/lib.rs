@@ -72,11 +72,45 @@ pub struct Options {
     /// How often an idle `GetWorkItems` stream carries a `HealthPing`. The SDKs treat
     /// 120 s of silence as a dead stream, so keep this well below that.
     pub health_ping_interval: Duration,
+    /// Serve over TLS with this certificate (needs the `tls` feature); the SDKs connect
+    /// with their secure-channel option (`secure_channel=True` in Python).
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { api_key: None, health_ping_interval: Duration::from_secs(30) }
+        Options { api_key: None, health_ping_interval: Duration::from_secs(30), tls: None }
+    }
+}
+
+/// A server certificate (chain) and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub certificate_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity").finish_non_exhaustive() // never the key
+    }
+}
+
+/// The server builder, over TLS when `tls` is set.
+fn server_builder(tls: Option<&TlsIdentity>) -> Result<tonic::transport::Server, Error> {
+    let builder = tonic::transport::Server::builder();
+    let Some(tls) = tls else { return Ok(builder) };
+    #[cfg(feature = "tls")]
+    {
+        let identity = tonic::transport::Identity::from_pem(&tls.certificate_pem, &tls.key_pem);
+        builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|error| Error::InvalidArgument(format!("the TLS certificate or key is not usable: {error}")))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = tls;
+        Err(Error::FailedPrecondition("this build of keel-grpc has no TLS support (feature `tls`)".into()))
     }
 }
 
@@ -94,6 +128,7 @@ pub async fn serve(
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let mut builder = server_builder(options.tls.as_ref())?;
     let jobs = remote
         .take_jobs()
         .ok_or_else(|| Error::FailedPrecondition("this GrpcRemoteWorkers is already being served".into()))?;
@@ -122,8 +157,7 @@ pub async fn serve(
             let _ = stop.send(true);
         }
     };
-    let served =
-        tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, signal).await;
+    let served = builder.add_service(service).serve_with_incoming_shutdown(incoming, signal).await;
     // Every stream is gone: what they held is queued as jobs. Carry those out now.
     let mut jobs =
         keeper.await.map_err(|error| Error::FailedPrecondition(format!("the store keeper failed: {error}")))?;
@@ -181,7 +215,7 @@ pub(crate) async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stopping| *stopping).await;
 }
 
-fn now() -> keel::Timestamp {
+pub(crate) fn now() -> keel::Timestamp {
     use keel::clock::Clock;
     keel::clock::SystemClock.now()
 }
@@ -199,6 +233,10 @@ async fn run_job(store: &dyn Store, job: dispatch::Job) {
         dispatch::Job::GiveBack { work: dispatch::Work::Entity(episode), retry_after } => {
             store.abandon_orchestration_item(&episode.lock, retry_at(retry_after)).await
         }
+        dispatch::Job::Commit(commit) => match store.commit_episodes(vec![*commit], now).await {
+            Ok(mut results) => results.pop().unwrap_or(Ok(())),
+            Err(error) => Err(error),
+        },
         dispatch::Job::Poison(item) => {
             let failure = keel::FailureDetails::new(
                 keel::POISON_ERROR_TYPE,

@@ -18,7 +18,7 @@ use keel_store::{ActivityCompletion, ActivityItem, EpisodeCommit, Message, Store
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{self, payload, reason_from_wire, timestamp_from_proto};
+use crate::convert::{self, payload, timestamp_from_proto};
 use crate::dispatch::{GrpcRemoteWorkers, Work, WorkItemStream};
 use crate::error::{Error, Result};
 use crate::proto;
@@ -33,8 +33,11 @@ const ABANDON_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// The longest a `WaitFor*` call waits when the client sets no deadline.
 const MAX_LONG_POLL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Events per `HistoryChunk` of `StreamInstanceHistory`.
+/// Most events per `HistoryChunk` of `StreamInstanceHistory`.
 const HISTORY_CHUNK_EVENTS: usize = 200;
+
+/// A `HistoryChunk` ends once its events reach this size.
+const HISTORY_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Deepest tree of sub-orchestrations a recursive terminate or purge follows.
 const MAX_RECURSION_DEPTH: usize = 64;
@@ -138,6 +141,29 @@ fn unlocks_at_the_end(episode: &RemoteEpisode, actions: &[Action], now: keel::Ti
     unlocks
 }
 
+/// The statuses an `orchestrationIdReusePolicy` lets a start replace. A running status
+/// (Pending, Running, Suspended) without Terminated cannot be honoured: the running
+/// instance is terminated to be replaced, and Terminated is not replaceable.
+fn reuse_policy(policy: Option<&proto::OrchestrationIdReusePolicy>) -> Result<Vec<RuntimeStatus>> {
+    let replaceable = match policy {
+        Some(policy) => statuses(&policy.replaceable_status)?,
+        None => return Ok(Vec::new()),
+    };
+    let running: Vec<&str> = replaceable
+        .iter()
+        .filter(|status| matches!(status, RuntimeStatus::Pending | RuntimeStatus::Running | RuntimeStatus::Suspended))
+        .map(|status| status.as_str())
+        .collect();
+    if !running.is_empty() && !replaceable.contains(&RuntimeStatus::Terminated) {
+        return Err(Error::InvalidArgument(format!(
+            "the orchestrationIdReusePolicy replaces {} instances but not Terminated ones: a running instance is \
+             terminated to be replaced, so the policy must list TERMINATED too",
+            running.join(" and ")
+        )));
+    }
+    Ok(replaceable)
+}
+
 fn statuses(codes: &[i32]) -> Result<Vec<RuntimeStatus>> {
     codes.iter().map(|code| convert::status_from_proto(*code)).collect()
 }
@@ -171,18 +197,6 @@ impl Sidecar {
     async fn start_instance(&self, request: proto::CreateInstanceRequest) -> Result<proto::CreateInstanceResponse> {
         let instance_id =
             if request.instance_id.is_empty() { keel::client::new_instance_id() } else { request.instance_id.clone() };
-        if let Some(existing) = self.client.get_status(&instance_id).await? {
-            let replaceable = match &request.orchestration_id_reuse_policy {
-                Some(policy) => statuses(&policy.replaceable_status)?.contains(&existing.status),
-                None => false,
-            };
-            if !replaceable || !existing.status.is_terminal() {
-                return Err(Error::AlreadyExists(format!(
-                    "an orchestration with id '{instance_id}' already exists and is {}",
-                    existing.status
-                )));
-            }
-        }
         let options = StartOptions {
             instance_id: Some(instance_id),
             scheduled_start: request
@@ -191,6 +205,10 @@ impl Sidecar {
                 .map(|at| timestamp_from_proto(at, "scheduledStartTimestamp"))
                 .transpose()?,
             version: payload(request.version),
+            tags: request.tags.into_iter().collect(),
+            // Without a policy, any existing instance is refused (as the SDKs' own test
+            // backend does).
+            replaceable: Some(reuse_policy(request.orchestration_id_reuse_policy.as_ref())?),
         };
         let instance_id = self.client.start_raw(&request.name, payload(request.input), options).await?;
         Ok(proto::CreateInstanceResponse { instance_id })
@@ -257,7 +275,7 @@ impl Sidecar {
 
     async fn terminate(&self, request: proto::TerminateRequest) -> Result<proto::TerminateResponse> {
         required_id(&request.instance_id)?;
-        let reason = reason_from_wire(request.output);
+        let reason = payload(request.output);
         let status = self
             .client
             .get_status(&request.instance_id)
@@ -289,10 +307,16 @@ impl Sidecar {
         Ok(proto::TerminateResponse {})
     }
 
-    /// Terminates one instance; finished or missing ones are left as they are.
-    async fn terminate_one(&self, instance_id: &str, reason: Option<&str>) -> Result<()> {
-        match self.client.terminate(instance_id, reason).await {
-            Ok(()) | Err(ClientError::NotFound(_) | ClientError::InvalidState { .. }) => Ok(()),
+    /// Terminates one instance; finished or missing ones are left as they are. An
+    /// episode of it that waits for a worker goes back to the task hub, so that the
+    /// termination takes effect now, worker or not.
+    async fn terminate_one(&self, instance_id: &str, output: Option<&str>) -> Result<()> {
+        match self.client.terminate_raw(instance_id, output.map(str::to_string)).await {
+            Ok(()) => {
+                self.remote.release_waiting(instance_id);
+                Ok(())
+            }
+            Err(ClientError::NotFound(_) | ClientError::InvalidState { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         }
     }
@@ -304,9 +328,11 @@ impl Sidecar {
             .get_status(&request.instance_id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no orchestration with id '{}'", request.instance_id)))?;
-        if !status.status.is_terminal() {
+        // Under a new id the old instance is left alone, running or not; under its own
+        // id only a finished one can start again.
+        if !status.status.is_terminal() && !request.restart_with_new_instance_id {
             return Err(Error::FailedPrecondition(format!(
-                "orchestration '{}' is {}; only finished orchestrations can be restarted",
+                "orchestration '{}' is {}; only finished orchestrations can be restarted under the same id",
                 request.instance_id, status.status
             )));
         }
@@ -484,12 +510,29 @@ impl Sidecar {
 
     async fn history(&self, request: proto::StreamInstanceHistoryRequest) -> Result<BoxStream<proto::HistoryChunk>> {
         required_id(&request.instance_id)?;
-        let status = self
-            .client
-            .get_status(&request.instance_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no orchestration with id '{}'", request.instance_id)))?;
-        if let Some(execution_id) = payload(request.execution_id) {
+        let execution_id = payload(request.execution_id);
+        // A worker that streams the history of its work item gets exactly the past
+        // events of that episode.
+        let in_flight = if request.for_work_item_processing {
+            self.remote.past_events_in_flight(&request.instance_id)
+        } else {
+            None
+        };
+        let (status, history) = match in_flight {
+            Some((instance, past_events)) => {
+                let past_events = past_events.into_iter().filter(convert::is_for_workers).collect();
+                (instance, past_events)
+            }
+            None => {
+                let status =
+                    self.client.get_status(&request.instance_id).await?.ok_or_else(|| {
+                        Error::NotFound(format!("no orchestration with id '{}'", request.instance_id))
+                    })?;
+                let history = self.client.get_history(&request.instance_id).await?;
+                (status, history)
+            }
+        };
+        if let Some(execution_id) = execution_id {
             if execution_id != status.execution_id {
                 return Err(Error::NotFound(format!(
                     "execution '{execution_id}' of '{}' is not its current one; only the current execution's history is kept",
@@ -497,34 +540,35 @@ impl Sidecar {
                 )));
             }
         }
-        let history = self.client.get_history(&request.instance_id).await?;
-        let chunks: Vec<Result<proto::HistoryChunk, Status>> = history
-            .chunks(HISTORY_CHUNK_EVENTS)
-            .map(|events| {
-                Ok(proto::HistoryChunk {
-                    events: events.iter().map(|event| convert::event_to_proto(&request.instance_id, event)).collect(),
-                })
-            })
-            .collect();
+        let instance_id = request.instance_id;
+        let mut events: Vec<proto::HistoryEvent> =
+            history.iter().map(|event| convert::event_to_proto(&instance_id, event)).collect();
+        convert::tag_execution_started(&mut events, &status.tags);
+        // Chunks of at most HISTORY_CHUNK_EVENTS events and about HISTORY_CHUNK_BYTES
+        // (an event is at most a payload's size), well under any message limit.
+        let mut chunks: Vec<Result<proto::HistoryChunk, Status>> = Vec::new();
+        let mut chunk = proto::HistoryChunk::default();
+        let mut bytes = 0;
+        for event in events {
+            bytes += prost::Message::encoded_len(&event);
+            chunk.events.push(event);
+            if chunk.events.len() >= HISTORY_CHUNK_EVENTS || bytes >= HISTORY_CHUNK_BYTES {
+                chunks.push(Ok(std::mem::take(&mut chunk)));
+                bytes = 0;
+            }
+        }
+        if !chunk.events.is_empty() {
+            chunks.push(Ok(chunk));
+        }
         Ok(Box::pin(futures_util::stream::iter(chunks)))
     }
 
-    /// Deletes every instance of the task hub; refused while any is unfinished.
+    /// Deletes every instance and entity of the task hub, running ones included (the
+    /// API key guards it); work waiting for a worker goes back, to find its instance gone.
     async fn delete_task_hub(&self) -> Result<()> {
-        let unfinished = self
-            .client
-            .query(&InstanceQuery {
-                statuses: RuntimeStatus::ALL.into_iter().filter(|status| !status.is_terminal()).collect(),
-                page_size: 1,
-                ..InstanceQuery::default()
-            })
-            .await?;
-        if !unfinished.instances.is_empty() {
-            return Err(Error::FailedPrecondition(
-                "the task hub still has unfinished orchestrations; terminate them before deleting it".into(),
-            ));
-        }
-        self.client.purge_where(&PurgeFilter::default()).await?;
+        let deleted = self.store.purge_all().await?;
+        self.remote.release_all_waiting();
+        tracing::info!(deleted, "the task hub was emptied (DeleteTaskHub)");
         Ok(())
     }
 
@@ -561,6 +605,21 @@ impl Sidecar {
             outcome.actions.extend(unlocks);
         }
         let mut commit = RemoteEpisode::complete(*episode, outcome, now);
+        // Sub-orchestrations keep the tags they were created with.
+        for action in &response.actions {
+            let Some(proto::orchestrator_action::OrchestratorActionType::CreateSubOrchestration(sub)) =
+                &action.orchestrator_action_type
+            else {
+                continue;
+            };
+            let created = commit
+                .new_instances
+                .iter_mut()
+                .filter(|child| child.parent.as_ref().is_some_and(|parent| parent.task_scheduled_id == action.id));
+            for child in created {
+                child.tags = sub.tags.clone().into_iter().collect();
+            }
+        }
         for termination in terminations {
             commit.messages.push(Message {
                 instance_id: termination.instance_id,
@@ -575,11 +634,18 @@ impl Sidecar {
     /// Commits one episode (or entity batch) and wakes this process's dispatchers when
     /// what it wrote is due later (timers, delayed signals, scheduled starts).
     async fn commit(&self, commit: EpisodeCommit, now: keel::Timestamp) -> Result<()> {
+        // The due times are known before the commit wakes the dispatchers, and the
+        // dispatchers are woken after: an idle one sleeps until the earliest of them (a
+        // timer fires on time), not until its fallback poll.
         let due = due_times(&commit, now);
+        let notifications = self.store.notifications();
+        for at in &due {
+            notifications.orchestration_work_due(*at);
+        }
         let mut results = self.store.commit_episodes(vec![commit], now).await?;
         results.pop().unwrap_or(Ok(()))?;
-        for at in due {
-            self.store.notifications().orchestration_work_due(at);
+        if !due.is_empty() {
+            notifications.orchestration_work_added();
         }
         Ok(())
     }
@@ -812,6 +878,9 @@ impl TaskHubSidecarService for Sidecar {
         let result = async {
             required_id(&request.instance_id)?;
             self.client.suspend(&request.instance_id, payload(request.reason).as_deref()).await?;
+            // An episode waiting for a worker is given back: the suspension is recorded
+            // now (see `dispatch`), worker or not.
+            self.remote.release_waiting(&request.instance_id);
             Ok(proto::SuspendResponse {})
         };
         reply(result.await)
@@ -1026,6 +1095,7 @@ mod tests {
                 last_updated_at: at(0),
                 completed_at: None,
                 history_len: history.len() as u64,
+                tags: Default::default(),
             },
             messages: vec![StoredMessage {
                 id: 1,

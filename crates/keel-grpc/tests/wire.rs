@@ -28,8 +28,9 @@ struct Hub {
     _dir: tempfile::TempDir,
 }
 
-async fn rust_greeting(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let name: String = ctx.input()?;
+const RUST_GREETING: keel::Orchestration<String, String> = keel::Orchestration::new("RustGreeting");
+
+async fn rust_greeting(_ctx: OrchestrationContext, name: String) -> Result<String, OrchestrationError> {
     Ok(format!("Hello from Rust, {name}"))
 }
 
@@ -39,13 +40,16 @@ impl Hub {
         let store = keel::store::open(&format!("sqlite://{}", dir.path().join("hub.db").display())).await.unwrap();
         let remote = GrpcRemoteWorkers::new();
         let worker =
-            Worker::builder(store.clone()).orchestrator("RustGreeting", rust_greeting).remote_workers(remote.clone());
+            Worker::builder(store.clone()).orchestration(RUST_GREETING, rust_greeting).remote_workers(remote.clone());
         let worker = worker.build().start();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let options =
-            Options { api_key: api_key.map(str::to_string), health_ping_interval: Duration::from_millis(200) };
+        let options = Options {
+            api_key: api_key.map(str::to_string),
+            health_ping_interval: Duration::from_millis(200),
+            tls: None,
+        };
         let server = tokio::spawn(keel_grpc::serve(listener, store, remote, options, async {
             let _ = stopped.await;
         }));
@@ -482,5 +486,100 @@ async fn entities_round_trip_over_the_wire() {
         .unwrap()
         .into_inner();
     assert!(!missing.exists);
+    hub.stop().await;
+}
+
+/// A worker that advertises `WORKER_CAPABILITY_HISTORY_STREAMING` gets orchestrator work
+/// items whose history would exceed the 4 MiB message limit without their past events
+/// (`requiresHistoryStreaming`) and streams them with `StreamInstanceHistory`, in chunks
+/// under the limit. (This client keeps tonic's default 4 MiB receive limit.)
+#[tokio::test]
+async fn histories_over_the_message_limit_are_streamed_to_workers_that_ask() {
+    const TASKS: i32 = 6;
+    let mut hub = Hub::start(None).await;
+    let request = proto::GetWorkItemsRequest {
+        capabilities: vec![proto::WorkerCapability::HistoryStreaming as i32],
+        ..Default::default()
+    };
+    let mut stream = hub.client.get_work_items(request).await.unwrap().into_inner();
+    let instance_id = hub.start_instance("Big", "null").await;
+    let big_result = format!("\"{}\"", "x".repeat(900 * 1024));
+    let mut streamed = 0;
+    loop {
+        let item = next_work(&mut stream).await;
+        match &item.request {
+            Some(Request::ActivityRequest(activity)) => {
+                let response = proto::ActivityResponse {
+                    instance_id: instance_id.clone(),
+                    task_id: activity.task_id,
+                    result: Some(big_result.clone()),
+                    completion_token: item.completion_token.clone(),
+                    failure_details: None,
+                };
+                hub.client.complete_activity_task(response).await.unwrap();
+            }
+            Some(Request::OrchestratorRequest(request)) => {
+                let mut past = request.past_events.clone();
+                if request.requires_history_streaming {
+                    assert!(past.is_empty(), "a streamed history is not in the work item");
+                    let mut chunks = hub
+                        .client
+                        .stream_instance_history(proto::StreamInstanceHistoryRequest {
+                            instance_id: instance_id.clone(),
+                            execution_id: request.execution_id.clone(),
+                            for_work_item_processing: true,
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    while let Some(chunk) = chunks.message().await.unwrap() {
+                        past.extend(chunk.events);
+                    }
+                    streamed += 1;
+                }
+                if let Some(first) = past.first() {
+                    assert_eq!(kinds(std::slice::from_ref(first)), ["OrchestratorStarted"], "the whole history");
+                }
+                let events = past.iter().chain(&request.new_events);
+                let completed =
+                    events.filter(|event| matches!(event.event_type, Some(EventType::TaskCompleted(_)))).count();
+                // One activity at a time (each episode's new events stay small).
+                let actions = if completed < TASKS as usize {
+                    vec![action(
+                        completed as i32 + 1,
+                        OrchestratorActionType::ScheduleTask(proto::ScheduleTaskAction {
+                            name: "Big".into(),
+                            ..Default::default()
+                        }),
+                    )]
+                } else {
+                    vec![action(
+                        TASKS + 1,
+                        OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                            orchestration_status: proto::OrchestrationStatus::Completed as i32,
+                            result: Some(completed.to_string()),
+                            ..Default::default()
+                        }),
+                    )]
+                };
+                let done = completed == TASKS as usize;
+                let response = proto::OrchestratorResponse {
+                    instance_id: instance_id.clone(),
+                    actions,
+                    completion_token: item.completion_token.clone(),
+                    ..Default::default()
+                };
+                hub.client.complete_orchestrator_task(response).await.unwrap();
+                if done {
+                    break;
+                }
+            }
+            other => panic!("unexpected work: {other:?}"),
+        }
+    }
+    assert!(streamed > 0, "the last episodes' histories were streamed");
+    let state = hub.wait_for_completion(&instance_id).await;
+    assert_eq!(state.output.as_deref(), Some("6"));
+    drop(stream);
     hub.stop().await;
 }

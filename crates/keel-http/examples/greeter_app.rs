@@ -11,25 +11,27 @@ use axum::extract::Path;
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError};
+use keel::{Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError};
 use keel_http::{ApiError, App, DurableClient, HostConfig};
 
-async fn greet(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let name: String = ctx.input()?;
-    Ok(ctx.call_activity("SayHello", &name).await?)
+const GREET: Orchestration<String, String> = Orchestration::new("Greet");
+const SAY_HELLO: Activity<String, String, Never> = Activity::new("SayHello");
+
+async fn greet(ctx: OrchestrationContext, name: String) -> Result<String, OrchestrationError> {
+    Ok(ctx.call(SAY_HELLO, &name).await?)
 }
 
-async fn say_hello(_ctx: ActivityContext, name: String) -> Result<String, ActivityError> {
+async fn say_hello(_ctx: ActivityContext, name: String) -> Result<String, Never> {
     Ok(format!("Hello {name}!"))
 }
 
 /// `POST /api/greet/{name}`: starts `Greet` and answers with its output when it is done
 /// within five seconds.
 async fn greet_route(durable: DurableClient, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let instance_id = durable.client().start_new("Greet", &name).await?;
+    let instance = durable.client().start(GREET, &name).await?;
     durable
         .wait_for_completion_or_create_check_status_response(
-            &instance_id,
+            instance.id(),
             Duration::from_secs(5),
             Duration::from_secs(1),
         )
@@ -39,7 +41,7 @@ async fn greet_route(durable: DurableClient, Path(name): Path<String>) -> Result
 #[tokio::main]
 async fn main() -> Result<(), keel_http::HostError> {
     let app = App::new()
-        .functions(|worker| worker.orchestrator("Greet", greet).activity("SayHello", say_hello))
+        .functions(|worker| worker.orchestration(GREET, greet).activity(SAY_HELLO, say_hello))
         .routes(Router::new().route("/api/greet/{name}", post(greet_route)));
     let config = HostConfig {
         address: ([127, 0, 0, 1], 7072).into(),

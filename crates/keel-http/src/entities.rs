@@ -1,4 +1,5 @@
-//! The entity routes of the management API, under `/runtime/webhooks/durabletask`:
+//! The entity routes of the management API, under `/runtime/webhooks/durabletask` (and
+//! its alias `/durabletask`):
 //!
 //! | Route | Answer |
 //! |---|---|
@@ -21,7 +22,8 @@
 //!   does there.
 //! - An entity name the host does not register is 404 on the routes that write
 //!   (signal, delete), as the starter refuses orchestrators it does not run; reads of
-//!   such a name find nothing (404, or an empty list).
+//!   such a name find nothing (404, or an empty list). A host with no functions of its
+//!   own (every one runs on SDK workers) lets every name through, as its starter does.
 //! - Lists leave the state out unless `fetchState=true`, and entities without state
 //!   (deleted, or only locked or waiting) out unless `includeTransient=true` (Keel);
 //!   `lastOperationTimeTo` is exclusive; `namePrefix` (Keel) filters `GET /entities`
@@ -41,12 +43,12 @@ use keel::{Client, ClientError, EntityId, EntityQuery};
 use keel_core::limits;
 use serde_json::json;
 
+use crate::continuation;
 use crate::error::{ApiError, ApiResult};
-use crate::management::{CONTINUATION_HEADER, MAX_PAGE_SIZE};
+use crate::management::MAX_PAGE_SIZE;
 use crate::payload::entity_status;
 use crate::request::{has_json_content_type, record_instance, Body, Params, PathParams};
 use crate::trigger::DurableClient;
-use crate::MANAGEMENT_BASE_PATH;
 
 /// The operation `DELETE /entities/{name}/{key}` signals.
 pub const DELETE_OPERATION: &str = "delete";
@@ -54,13 +56,15 @@ pub const DELETE_OPERATION: &str = "delete";
 /// The path segment of Keel's storage clean-up route, `POST /entities/clean`.
 pub const CLEAN_SEGMENT: &str = "clean";
 
-/// The routes of the entity API.
+/// The routes of the entity API, relative to the API's base path. The lists also answer
+/// with a trailing slash (`/entities/`, `/entities/{name}/`), as in Durable Functions.
 pub(crate) fn routes() -> Router {
-    let path = |route: &str| format!("{MANAGEMENT_BASE_PATH}{route}");
     Router::new()
-        .route(&path("/entities"), get(list_all).fallback(no_such_method))
-        .route(&path("/entities/{name}"), get(list_named).post(clean).fallback(no_such_method))
-        .route(&path("/entities/{name}/{key}"), get(get_entity).post(signal).delete(delete).fallback(no_such_method))
+        .route("/entities", get(list_all).fallback(no_such_method))
+        .route("/entities/", get(list_all).fallback(no_such_method))
+        .route("/entities/{name}", get(list_named).post(clean).fallback(no_such_method))
+        .route("/entities/{name}/", get(list_named).fallback(no_such_method))
+        .route("/entities/{name}/{key}", get(get_entity).post(signal).delete(delete).fallback(no_such_method))
 }
 
 async fn no_such_method() -> ApiError {
@@ -198,17 +202,7 @@ async fn list(
     params: Params,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let continuation = headers
-        .get(CONTINUATION_HEADER)
-        .map(|value| {
-            value.to_str().map(str::trim).map_err(|_| {
-                ApiError::BadRequest("the continuation token is not one of an entity list (not ASCII)".into())
-            })
-        })
-        .transpose()?
-        .filter(|token| !token.is_empty() && *token != "null")
-        .map(decode_token)
-        .transpose()?;
+    let continuation = continuation::from_request(&headers, "an entity list")?;
     let query = EntityQuery {
         instance_id_prefix: prefix,
         last_modified_from: params.time("lastOperationTimeFrom")?,
@@ -221,10 +215,7 @@ async fn list(
     let page = durable.client().query_entities(&query).await?;
     let entities: Vec<_> = page.entities.iter().map(|entity| entity_status(entity, fetch_state)).collect();
     let mut response = Json(entities).into_response();
-    if let Some(token) = page.continuation {
-        let value = HeaderValue::from_str(&encode_token(&token)).expect("base64url is a valid header value");
-        response.headers_mut().insert(CONTINUATION_HEADER, value);
-    }
+    continuation::add_to_response(&mut response, page.continuation.as_deref());
     Ok(response)
 }
 
@@ -251,60 +242,11 @@ async fn clean(durable: DurableClient, PathParams(name): PathParams<String>, par
     .into_response())
 }
 
-const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// A continuation token as the client sees it: base64url (no padding) of the store's.
-fn encode_token(token: &str) -> String {
-    let mut encoded = String::with_capacity(token.len().div_ceil(3) * 4);
-    for chunk in token.as_bytes().chunks(3) {
-        let bits =
-            chunk.iter().enumerate().fold(0u32, |bits, (index, byte)| bits | (u32::from(*byte) << (16 - 8 * index)));
-        for index in 0..=chunk.len() {
-            encoded.push(BASE64URL[((bits >> (18 - 6 * index)) & 0x3f) as usize] as char);
-        }
-    }
-    encoded
-}
-
-/// The store's token back from a client's; 400 for one this host did not give out.
-fn decode_token(token: &str) -> ApiResult<String> {
-    let refused = || ApiError::BadRequest(format!("'{token}' is not a continuation token of an entity list"));
-    let mut bytes = Vec::with_capacity(token.len() / 4 * 3 + 2);
-    for chunk in token.as_bytes().chunks(4) {
-        if chunk.len() == 1 {
-            return Err(refused());
-        }
-        let mut bits = 0u32;
-        for (index, symbol) in chunk.iter().enumerate() {
-            let value = BASE64URL.iter().position(|candidate| candidate == symbol).ok_or_else(refused)?;
-            bits |= (value as u32) << (18 - 6 * index);
-        }
-        bytes.extend((0..chunk.len() - 1).map(|index| (bits >> (16 - 8 * index)) as u8));
-    }
-    String::from_utf8(bytes).map_err(|_| refused())
-}
-
 #[cfg(test)]
 mod tests {
     use axum::body::Bytes;
 
     use super::*;
-
-    #[test]
-    fn tokens_round_trip_as_ascii() {
-        for token in ["", "@", "@counter@c1", "@counter@ключ", "@a@b\u{1F600}", "@xy@z"] {
-            let encoded = encode_token(token);
-            assert!(
-                encoded.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'),
-                "{encoded}"
-            );
-            assert_eq!(decode_token(&encoded).unwrap(), token);
-        }
-        assert_eq!(encode_token("@counter@c1"), "QGNvdW50ZXJAYzE");
-        assert!(decode_token("not base64!").is_err());
-        assert!(decode_token("QGNvd").is_err(), "a lone last symbol");
-        assert!(decode_token("_w").is_err(), "not UTF-8");
-    }
 
     #[test]
     fn a_signal_body_is_json_with_a_json_type_and_text_otherwise() {

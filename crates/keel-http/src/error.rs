@@ -1,8 +1,12 @@
 //! The errors of the HTTP front end and the one place where they become status codes.
 //!
 //! Every handler returns [`ApiError`]; a bad query string (axum's rejection) converts
-//! into it, and [`ApiError::into_response`] maps
-//! each variant to its status code and a JSON body `{"error": KIND, "message": TEXT}`.
+//! into it, and [`ApiError::into_response`] maps each variant to its status code and a
+//! JSON body: Keel's `{"error": KIND, "message": TEXT}` and, beside them, the fields of
+//! the error bodies the Durable Functions host sends (ASP.NET's `HttpError`):
+//! `Message`, `ExceptionMessage` (the text, which `azure-functions-durable` reads when
+//! a start is refused) and `ExceptionType` (Keel's kind again; Keel has no exception
+//! types).
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::StatusCode;
@@ -24,7 +28,10 @@ pub enum ApiError {
     NotFound(String),
     /// The request body is larger than the host accepts.
     #[error("the request body is larger than the limit of {limit_bytes} bytes")]
-    PayloadTooLarge { limit_bytes: usize },
+    PayloadTooLarge {
+        /// The host's body limit ([`crate::ApiSettings::max_body_bytes`]).
+        limit_bytes: usize,
+    },
     /// An API key is required and the request did not carry the right one.
     #[error("this host requires an API key: send it in the x-functions-key header or the code query parameter")]
     Unauthorized,
@@ -70,6 +77,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body of the error: Keel's fields and the Durable Functions host's.
+    fn body(&self) -> serde_json::Value {
+        let message = self.to_string();
+        serde_json::json!({
+            "error": self.kind(),
+            "message": message,
+            "Message": message,
+            "ExceptionMessage": message,
+            "ExceptionType": self.kind(),
+        })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -78,8 +99,7 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(status = status.as_u16(), error = %self, "request refused");
         }
-        let body = serde_json::json!({ "error": self.kind(), "message": self.to_string() });
-        (status, Json(body)).into_response()
+        (status, Json(self.body())).into_response()
     }
 }
 
@@ -97,3 +117,19 @@ impl From<PathRejection> for ApiError {
 
 /// The result type of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_has_keels_fields_and_the_functions_hosts() {
+        let body = ApiError::Client(ClientError::UnknownOrchestrator("Nope".into())).body();
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("Nope"), "{body}");
+        assert_eq!(body["error"], "UnknownOrchestrator");
+        assert_eq!(body["Message"], message);
+        assert_eq!(body["ExceptionMessage"], message, "what azure-functions-durable reads on a refused start");
+        assert_eq!(body["ExceptionType"], "UnknownOrchestrator");
+    }
+}

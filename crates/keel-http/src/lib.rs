@@ -1,10 +1,11 @@
 //! Keel's function host over HTTP.
 //!
 //! - [`management`]: the Durable Functions management API under
-//!   `/runtime/webhooks/durabletask` (start, status, list, raise event, terminate,
-//!   suspend, resume, rewind, restart, purge), field for field and status code for
-//!   status code as Durable Functions has it; [`entities`]: its entity routes (signal,
-//!   delete, read, list, and Keel's storage clean-up).
+//!   `/runtime/webhooks/durabletask` and its alias `/durabletask` (a Functions host's
+//!   `rpcBaseUrl`) — start, status, list, raise event, terminate, suspend, resume,
+//!   rewind, restart, purge — field for field and status code for status code as
+//!   Durable Functions has it; [`entities`]: its entity routes (signal, delete, read,
+//!   list, and Keel's storage clean-up).
 //! - [`trigger`]: the built-in starter `POST /api/orchestrators/{name}` and the helpers
 //!   an app's own routes use: [`DurableClient`], [`create_check_status_response`],
 //!   [`wait_for_completion_or_create_check_status_response`].
@@ -13,24 +14,29 @@
 //!   API — on a task hub, with an optional API key.
 //!
 //! ```no_run
-//! use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError};
+//! use keel::{Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError};
 //! use keel_http::{App, HostConfig};
 //!
-//! async fn greet(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-//!     let name: String = ctx.input()?;
-//!     Ok(ctx.call_activity("SayHello", &name).await?)
+//! const GREET: Orchestration<String, String> = Orchestration::new("Greet");
+//! const SAY_HELLO: Activity<String, String, Never> = Activity::new("SayHello");
+//!
+//! async fn greet(ctx: OrchestrationContext, name: String) -> Result<String, OrchestrationError> {
+//!     Ok(ctx.call(SAY_HELLO, &name).await?)
 //! }
 //!
-//! async fn say_hello(_ctx: ActivityContext, name: String) -> Result<String, ActivityError> {
+//! async fn say_hello(_ctx: ActivityContext, name: String) -> Result<String, Never> {
 //!     Ok(format!("Hello {name}!"))
 //! }
 //!
 //! # async fn run() -> Result<(), keel_http::HostError> {
-//! let app = App::new().functions(|worker| worker.orchestrator("Greet", greet).activity("SayHello", say_hello));
+//! let app = App::new().functions(|worker| worker.orchestration(GREET, greet).activity(SAY_HELLO, say_hello));
 //! keel_http::serve(app, HostConfig::default()).await
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
+mod continuation;
 pub mod dashboard;
 pub mod entities;
 mod error;
@@ -39,12 +45,14 @@ pub mod management;
 mod payload;
 mod request;
 mod security;
+#[cfg(feature = "tls")]
+mod tls;
 pub mod trigger;
 
 use std::sync::Arc;
 
 pub use error::{ApiError, ApiResult};
-pub use host::{serve, App, Host, HostConfig, HostError};
+pub use host::{serve, App, Host, HostConfig, HostError, TlsIdentity};
 pub use payload::{percent_encode, HttpManagementPayload};
 pub use trigger::{
     create_check_status_response, wait_for_completion_or_create_check_status_response, DurableClient, RequestHead,
@@ -84,11 +92,15 @@ pub(crate) struct HostContext {
     pub settings: Arc<ApiSettings>,
 }
 
-/// The whole HTTP surface of a host: management API, starter, the app's own routes
-/// (all behind the API key when one is set) and the dashboard.
+/// The whole HTTP surface of a host: management API (under [`MANAGEMENT_BASE_PATH`]
+/// and [`management::RPC_BASE_PATH`]), starter, the app's own routes (all behind the
+/// API key when one is set) and the dashboard.
 pub fn router(client: keel::Client, settings: ApiSettings, app_routes: axum::Router) -> axum::Router {
     let context = HostContext { client, settings: Arc::new(settings) };
-    let protected = management::routes()
+    let api = management::routes();
+    let protected = axum::Router::new()
+        .nest(MANAGEMENT_BASE_PATH, api.clone())
+        .nest(management::RPC_BASE_PATH, api)
         .merge(trigger::starter_routes())
         .merge(app_routes)
         .fallback(|| async { ApiError::NotFound("no such route".to_string()) })

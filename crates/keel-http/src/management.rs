@@ -3,26 +3,38 @@
 //! restart, purge one and purge by filter — with Durable Functions' field names,
 //! status codes and `Location` / `Retry-After` / `x-ms-continuation-token` headers.
 //!
+//! The same routes answer under `/durabletask` ([`RPC_BASE_PATH`]), the path of the
+//! local RPC endpoint a Functions host hands its out-of-process clients as
+//! `rpcBaseUrl`; the collection routes answer with a trailing slash too
+//! (`/instances/`), as the Functions host's do. Lists show each instance's `input`
+//! unless `showInput=false`, and their `x-ms-continuation-token` is opaque (the
+//! private module `continuation` makes and reads it).
+//!
 //! Keel adds one route: `GET …/orchestrators` lists the orchestrator names the host
 //! runs (the dashboard's start form uses it). The entity routes live in
 //! [`crate::entities`].
 
+use axum::extract::OriginalUri;
 use axum::http::header::{HeaderValue, LOCATION, RETRY_AFTER};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel::{ClientError, InstanceQuery, PurgeFilter, RuntimeStatus};
 use serde_json::json;
 
+use crate::continuation;
+pub use crate::continuation::CONTINUATION_HEADER;
 use crate::error::{ApiError, ApiResult};
 use crate::payload::{status_object, StatusView};
 use crate::request::{has_json_content_type, record_instance, Body, Params, PathParams};
 use crate::trigger::{start_new, start_with_id, wait_parameters, DurableClient};
-use crate::MANAGEMENT_BASE_PATH;
 
-/// The request and response header that carries the paging token of instance lists.
-pub const CONTINUATION_HEADER: &str = "x-ms-continuation-token";
+/// The alias of [`crate::MANAGEMENT_BASE_PATH`]: the path of a Functions host's local
+/// RPC endpoint (`http://127.0.0.1:17071/durabletask/`), which it hands to
+/// out-of-process clients as `rpcBaseUrl`. A client binding made for a Functions host
+/// works on Keel with only its host and port changed.
+pub const RPC_BASE_PATH: &str = "/durabletask";
 
 /// `Retry-After` of the status of an instance that is still running, in seconds.
 const STATUS_RETRY_AFTER_SECONDS: u32 = 5;
@@ -30,21 +42,23 @@ const STATUS_RETRY_AFTER_SECONDS: u32 = 5;
 /// The largest page of an instance or entity list (`top`).
 pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 
-/// The routes of the management API.
+/// The routes of the management API (entities included), relative to its base path:
+/// [`crate::router`] serves them under [`crate::MANAGEMENT_BASE_PATH`] and
+/// [`RPC_BASE_PATH`].
 pub(crate) fn routes() -> Router {
-    let path = |route: &str| format!("{MANAGEMENT_BASE_PATH}{route}");
     Router::new()
-        .route(&path("/orchestrators"), get(list_orchestrators))
-        .route(&path("/orchestrators/{name}"), post(start_new).fallback(no_such_route))
-        .route(&path("/orchestrators/{name}/{instance_id}"), post(start_with_id).fallback(no_such_route))
-        .route(&path("/instances"), get(list_instances).delete(purge_instances))
-        .route(&path("/instances/{instance_id}"), get(get_status).delete(purge_instance))
-        .route(&path("/instances/{instance_id}/raiseEvent/{event_name}"), post(raise_event))
-        .route(&path("/instances/{instance_id}/terminate"), post(terminate))
-        .route(&path("/instances/{instance_id}/suspend"), post(suspend))
-        .route(&path("/instances/{instance_id}/resume"), post(resume))
-        .route(&path("/instances/{instance_id}/rewind"), post(rewind))
-        .route(&path("/instances/{instance_id}/restart"), post(restart))
+        .route("/orchestrators", get(list_orchestrators))
+        .route("/orchestrators/{name}", post(start_new).fallback(no_such_route))
+        .route("/orchestrators/{name}/{instance_id}", post(start_with_id).fallback(no_such_route))
+        .route("/instances", get(list_instances).delete(purge_instances))
+        .route("/instances/", get(list_instances).delete(purge_instances))
+        .route("/instances/{instance_id}", get(get_status).delete(purge_instance))
+        .route("/instances/{instance_id}/raiseEvent/{event_name}", post(raise_event))
+        .route("/instances/{instance_id}/terminate", post(terminate))
+        .route("/instances/{instance_id}/suspend", post(suspend))
+        .route("/instances/{instance_id}/resume", post(resume))
+        .route("/instances/{instance_id}/rewind", post(rewind))
+        .route("/instances/{instance_id}/restart", post(restart))
         .merge(crate::entities::routes())
 }
 
@@ -63,7 +77,7 @@ async fn get_status(
     durable: DurableClient,
     PathParams(instance_id): PathParams<String>,
     params: Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
 ) -> ApiResult<Response> {
     record_instance(&instance_id, None);
     let view = StatusView {
@@ -100,15 +114,10 @@ async fn get_status(
     Ok(response)
 }
 
-/// `GET /instances`: one page of status objects; the next page's token, when there may
-/// be one, in the `x-ms-continuation-token` response header.
+/// `GET /instances`: one page of status objects (with inputs unless
+/// `showInput=false`); the next page's token, when there may be one, in the
+/// `x-ms-continuation-token` response header.
 async fn list_instances(durable: DurableClient, params: Params, headers: HeaderMap) -> ApiResult<Response> {
-    let continuation = headers
-        .get(CONTINUATION_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .map(str::trim)
-        .filter(|token| !token.is_empty() && *token != "null")
-        .map(str::to_string);
     let query = InstanceQuery {
         statuses: params.statuses("runtimeStatus")?,
         instance_id_prefix: params.get("instanceIdPrefix").map(str::to_string),
@@ -116,15 +125,13 @@ async fn list_instances(durable: DurableClient, params: Params, headers: HeaderM
         created_from: params.time("createdTimeFrom")?,
         created_to: params.time("createdTimeTo")?,
         page_size: params.count("top")?.unwrap_or(0).min(MAX_PAGE_SIZE),
-        continuation,
+        continuation: continuation::from_request(&headers, "an instance list")?,
     };
-    let view = StatusView { show_input: params.bool("showInput", false)?, ..StatusView::default() };
+    let view = StatusView { show_input: params.bool("showInput", true)?, ..StatusView::default() };
     let page = durable.client().query(&query).await?;
     let instances: Vec<_> = page.instances.iter().map(|status| status_object(status, None, view)).collect();
     let mut response = Json(instances).into_response();
-    if let Some(token) = page.continuation.and_then(|token| HeaderValue::from_str(&token).ok()) {
-        response.headers_mut().insert(CONTINUATION_HEADER, token);
-    }
+    continuation::add_to_response(&mut response, page.continuation.as_deref());
     Ok(response)
 }
 

@@ -303,15 +303,24 @@ fn merge_scheduling(row: &mut Map<String, Value>, scheduling: Option<&HistoryEve
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpManagementPayload {
+    /// The instance id.
     pub id: String,
+    /// `GET`: the instance's status.
     pub status_query_get_uri: String,
+    /// `POST` with the event data as body: raises the event `{eventName}`.
     pub send_event_post_uri: String,
+    /// `POST`: terminates the instance with the reason `{text}`.
     pub terminate_post_uri: String,
+    /// `DELETE`: purges the finished instance and its history.
     pub purge_history_delete_uri: String,
+    /// `POST`: starts the instance again with its original input.
     pub restart_post_uri: String,
+    /// `POST`: suspends the instance with the reason `{text}`.
     pub suspend_post_uri: String,
+    /// `POST`: resumes the suspended instance with the reason `{text}`.
     pub resume_post_uri: String,
-    /// Only in the management payload, not in a check-status response.
+    /// `POST`: rewinds the failed instance with the reason `{text}`. Only in the
+    /// management payload, not in a check-status response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewind_post_uri: Option<String>,
 }

@@ -44,7 +44,9 @@ const DEFAULT_WAIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// The parts of a request the helpers need: its headers (for the host name) and its
 /// extensions (where the host keeps its client and settings).
 pub trait RequestHead {
+    /// The request's headers.
     fn headers(&self) -> &HeaderMap;
+    /// The request's extensions.
     fn extensions(&self) -> &Extensions;
 }
 
@@ -203,7 +205,16 @@ pub(crate) async fn start_orchestration(
         record_instance(id, Some(name));
     }
     let options = StartOptions { instance_id, ..StartOptions::default() };
-    let instance_id = durable.client().start_raw(name, input, options).await?;
+    let client = durable.client();
+    // A host with functions of its own refuses names it does not run. One with none
+    // (`keel serve` without `--samples`) hands every orchestrator to the SDK workers and
+    // cannot tell a name none of them hosts: it lets every name through, as it does for
+    // entities, and the instance waits (Pending) for a worker that hosts it.
+    let knows_the_app = !client.orchestrator_names().is_empty() || !client.entity_names().is_empty();
+    let instance_id = match knows_the_app {
+        true => client.start_raw(name, input, options).await?,
+        false => Client::new(client.store().clone()).start_raw(name, input, options).await?,
+    };
     record_instance(&instance_id, Some(name));
     tracing::info!(instance_id = %instance_id, function = name, "orchestration started");
     match wait {

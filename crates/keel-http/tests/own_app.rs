@@ -8,24 +8,29 @@ use axum::extract::Request;
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
-use keel::{ActivityContext, ActivityError, OrchestrationContext, OrchestrationError};
+use keel::{Activity, ActivityContext, Event, Never, Orchestration, OrchestrationContext, OrchestrationError};
 use keel_http::{
     create_check_status_response, wait_for_completion_or_create_check_status_response, App, DurableClient, Host,
     HostConfig,
 };
 use serde_json::Value;
 
-async fn double(ctx: OrchestrationContext) -> Result<u64, OrchestrationError> {
-    let n: u64 = ctx.input()?;
-    Ok(ctx.call_activity("Double", &n).await?)
+/// The routes start both by the name in their path, with the input 21.
+const DOUBLE: Orchestration<u64, u64> = Orchestration::new("Double");
+const WAIT: Orchestration<u64, ()> = Orchestration::new("Wait");
+const DOUBLE_ACTIVITY: Activity<u64, u64, Never> = Activity::new("Double");
+const NEVER_RAISED: Event<()> = Event::new("Never");
+
+async fn double(ctx: OrchestrationContext, n: u64) -> Result<u64, OrchestrationError> {
+    Ok(ctx.call(DOUBLE_ACTIVITY, &n).await?)
 }
 
-async fn double_activity(_ctx: ActivityContext, n: u64) -> Result<u64, ActivityError> {
+async fn double_activity(_ctx: ActivityContext, n: u64) -> Result<u64, Never> {
     Ok(n * 2)
 }
 
-async fn wait_forever(ctx: OrchestrationContext) -> Result<(), OrchestrationError> {
-    Ok(ctx.wait_for_external_event::<()>("Never").await?)
+async fn wait_forever(ctx: OrchestrationContext, _input: u64) -> Result<(), OrchestrationError> {
+    Ok(ctx.wait(NEVER_RAISED).await?)
 }
 
 /// `POST /start/{name}`: starts and answers with the check-status response.
@@ -49,7 +54,10 @@ async fn an_apps_routes_answer_like_durable_functions() {
     let dir = tempfile::tempdir().unwrap();
     let app = App::new()
         .functions(|worker| {
-            worker.orchestrator("Double", double).orchestrator("Wait", wait_forever).activity("Double", double_activity)
+            worker
+                .orchestration(DOUBLE, double)
+                .orchestration(WAIT, wait_forever)
+                .activity(DOUBLE_ACTIVITY, double_activity)
         })
         .routes(Router::new().route("/start/{name}", post(start)).route("/run/{name}", post(run)));
     let config = HostConfig {

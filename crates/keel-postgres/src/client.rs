@@ -35,8 +35,8 @@ pub(crate) enum Creation {
 const INSERT_ATTEMPTS: usize = 5;
 
 const INSERT_INSTANCE: &str = "INSERT INTO instances (instance_id, name, version, execution_id, status, input, \
-     parent, scheduled_start, created_at, last_updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+     parent, scheduled_start, created_at, last_updated_at, tags) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10) \
      ON CONFLICT (instance_id) DO NOTHING";
 
 const LOCK_FOR_REPLACEMENT: &str = "SELECT status FROM instances WHERE instance_id = $1 FOR UPDATE";
@@ -87,6 +87,7 @@ pub(crate) async fn insert_instance(
     let parent = instance.parent.as_ref().map(to_json).transpose()?;
     let scheduled_start = instance.scheduled_start.map(millis);
     let created_at = millis(instance.created_at);
+    let tags = keel_store::stored::tags_to_json(&instance.tags);
     for _ in 0..INSERT_ATTEMPTS {
         let inserted = connection
             .execute(
@@ -101,6 +102,7 @@ pub(crate) async fn insert_instance(
                     &parent,
                     &scheduled_start,
                     &created_at,
+                    &tags,
                 ],
             )
             .await?;
@@ -201,8 +203,8 @@ impl MessageColumns {
 /// the id is taken.
 const CREATE_FRESH_INSTANCE: &str = "WITH created AS ( \
          INSERT INTO instances (instance_id, name, version, execution_id, status, input, parent, \
-             scheduled_start, created_at, last_updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+             scheduled_start, created_at, last_updated_at, tags) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $13) \
          ON CONFLICT (instance_id) DO NOTHING \
          RETURNING instance_id \
      ), started AS ( \
@@ -236,6 +238,7 @@ pub(crate) async fn create_fresh_instance(
                 &started,
                 &visible_at,
                 &connection.channel(),
+                &keel_store::stored::tags_to_json(&instance.tags),
             ],
         )
         .await?;
@@ -251,6 +254,64 @@ pub(crate) async fn create_instance(connection: &PooledConnection, instance: &Ne
             Err(Failure::Contract(Error::AlreadyExists { instance_id: instance.instance_id.clone(), status }))
         }
     }
+}
+
+/// Locks the instance to replace and reads what [`replace_instance`] compares.
+const LOCK_REPLACED: &str = "SELECT execution_id, history_len, status FROM instances WHERE instance_id = $1 FOR UPDATE";
+
+/// Creates `instance` in place of `replaced` in the connection's open transaction (see
+/// [`keel_store::Store::replace_instance`]).
+pub(crate) async fn replace_instance(
+    connection: &PooledConnection,
+    instance: &NewInstance,
+    replaced: &InstanceRecord,
+    messages: &[Message],
+) -> Result<(), Failure> {
+    let row = connection.query_opt(LOCK_REPLACED, &[&replaced.instance_id]).await?;
+    let (unchanged, status) = match &row {
+        Some(row) => {
+            let execution_id: &str = row.try_get(0)?;
+            let history_len: i64 = row.try_get(1)?;
+            let unchanged =
+                execution_id == replaced.execution_id && u64::try_from(history_len).ok() == Some(replaced.history_len);
+            (unchanged, status_from_text(row.try_get(2)?)?)
+        }
+        None => (false, replaced.status),
+    };
+    if !unchanged || instance.instance_id != replaced.instance_id {
+        return Err(Failure::Contract(Error::InvalidState {
+            instance_id: replaced.instance_id.clone(),
+            status,
+            action: "replacing it as it was read (it changed meanwhile)",
+        }));
+    }
+    // History, inbox and activities go with the row (ON DELETE CASCADE).
+    connection.execute(DELETE_INSTANCE, &[&replaced.instance_id]).await?;
+    create_instance(connection, instance).await?;
+    if !messages.is_empty() {
+        let mut columns = MessageColumns::default();
+        for message in messages {
+            columns.push(message)?;
+        }
+        connection.execute(INSERT_MESSAGES, &columns.params()).await?;
+    }
+    Ok(())
+}
+
+/// Deletes every instance and entity with all it holds, announcing it on `channel`;
+/// returns how many rows went.
+pub(crate) async fn purge_all(connection: &PooledConnection, channel: &str) -> Result<u64, Failure> {
+    let row = connection
+        .client()
+        .query_one(
+            "WITH purged AS (DELETE FROM instances RETURNING 1), \
+             announced AS (SELECT pg_notify($1, 'i') FROM (SELECT FROM purged LIMIT 1) AS any_purged) \
+             SELECT (SELECT count(*) FROM purged), (SELECT count(*) FROM announced)",
+            &[&channel],
+        )
+        .await?;
+    let purged: i64 = row.try_get(0)?;
+    Ok(u64::try_from(purged).unwrap_or(0))
 }
 
 /// Locks the target against a concurrent state change; a rewind also changes it.

@@ -13,13 +13,13 @@ pub(crate) use keel_store::stored::{from_json, lease_end_millis, millis, status_
 macro_rules! instance_columns {
     () => {
         "instance_id, name, version, execution_id, status, input, output, custom_status, failure, parent, \
-         scheduled_start, created_at, last_updated_at, completed_at, history_len"
+         scheduled_start, created_at, last_updated_at, completed_at, history_len, tags"
     };
 }
 pub(crate) use instance_columns;
 
 /// How many columns [`instance_columns`] names; a query may return more after them.
-pub(crate) const INSTANCE_COLUMN_COUNT: usize = 15;
+pub(crate) const INSTANCE_COLUMN_COUNT: usize = 16;
 
 /// A count or attempt number as stored (INTEGER) as the contract's `u32`.
 pub(crate) fn count(what: &str, stored: i32) -> Result<u32, Failure> {
@@ -34,6 +34,7 @@ pub(crate) fn instance_from_row(row: &Row) -> Result<InstanceRecord, Failure> {
     let scheduled_start: Option<i64> = row.try_get(10)?;
     let completed_at: Option<i64> = row.try_get(13)?;
     let history_len: i64 = row.try_get(14)?;
+    let tags: Option<&str> = row.try_get(15)?;
     Ok(InstanceRecord {
         instance_id: row.try_get(0)?,
         name: row.try_get(1)?,
@@ -51,5 +52,6 @@ pub(crate) fn instance_from_row(row: &Row) -> Result<InstanceRecord, Failure> {
         completed_at: completed_at.map(timestamp).transpose()?,
         history_len: u64::try_from(history_len)
             .map_err(|_| Failure::corrupt(format!("negative history length {history_len}")))?,
+        tags: keel_store::stored::tags_from_json(tags)?,
     })
 }

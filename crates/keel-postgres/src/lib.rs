@@ -145,6 +145,24 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn replace_instance(
+        &self,
+        instance: NewInstance,
+        replaced: &InstanceRecord,
+        messages: Vec<Message>,
+    ) -> Result<()> {
+        instance.check()?;
+        for message in &messages {
+            message.check()?;
+        }
+        let mut connection = self.connection().await?;
+        connection.begin().await?;
+        let outcome = client::replace_instance(&connection, &instance, replaced, &messages).await;
+        connection.finish(outcome, Wakeups::NEW_MESSAGE.payload()).await?;
+        Wakeups::NEW_MESSAGE.signal(&self.notifications);
+        Ok(())
+    }
+
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus> {
         message.check()?;
         let mut connection = self.connection().await?;
@@ -201,6 +219,13 @@ impl Store for PostgresStore {
         if purged > 0 {
             Wakeups::INSTANCE_CHANGED.signal(&self.notifications);
         }
+        Ok(purged)
+    }
+
+    async fn purge_all(&self) -> Result<u64> {
+        let connection = self.connection().await?;
+        let purged = client::purge_all(&connection, connection.channel()).await?;
+        Wakeups::INSTANCE_CHANGED.signal(&self.notifications);
         Ok(purged)
     }
 

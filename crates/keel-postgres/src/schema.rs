@@ -88,6 +88,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX activities_by_visible_at ON activities (visible_at, id);
     CREATE INDEX activities_by_instance ON activities (instance_id);
     "#,
+    // 2: orchestration tags, a JSON object (NULL: none).
+    r#"
+    ALTER TABLE instances ADD COLUMN tags TEXT;
+    "#,
 ];
 
 /// Brings the hub in `schema` to [`SCHEMA_VERSION`], creating it if needed.

@@ -148,11 +148,12 @@ const RELEASE_LEASES: &str = "UPDATE instances AS i SET \
          custom_status = CASE WHEN c.has_state THEN c.custom_status ELSE i.custom_status END, \
          last_updated_at = CASE WHEN c.has_state THEN $12 ELSE i.last_updated_at END, \
          completed_at = CASE WHEN c.has_state THEN c.completed_at ELSE i.completed_at END, \
+         version = CASE WHEN c.has_state THEN c.version ELSE i.version END, \
          lock_token = NULL, locked_until = NULL, lock_count = 0 \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], \
-                 $8::text[], $9::text[], $10::text[], $11::bigint[]) \
+                 $8::text[], $9::text[], $10::text[], $11::bigint[], $13::text[]) \
          AS c (instance_id, token, new_execution_id, appended, has_state, status, input, output, failure, \
-               custom_status, completed_at) \
+               custom_status, completed_at, version) \
      WHERE i.instance_id = c.instance_id AND i.lock_token = c.token \
      RETURNING i.instance_id, c.token, i.history_len";
 
@@ -313,6 +314,7 @@ async fn release_leases(
     let mut failures = Vec::with_capacity(commits.len());
     let mut custom_statuses = Vec::with_capacity(commits.len());
     let mut completed_at = Vec::with_capacity(commits.len());
+    let mut versions = Vec::with_capacity(commits.len());
     for commit in commits {
         instance_ids.push(commit.lock.instance_id.as_str());
         tokens.push(commit.lock.token.as_str());
@@ -326,6 +328,7 @@ async fn release_leases(
         failures.push(state.and_then(|state| state.failure.as_ref()).map(to_json).transpose()?);
         custom_statuses.push(state.and_then(|state| state.custom_status.as_deref()));
         completed_at.push(state.filter(|state| state.status.is_terminal()).map(|_| now_millis));
+        versions.push(state.and_then(|state| state.version.as_deref()));
     }
     let rows = connection
         .query(
@@ -343,6 +346,7 @@ async fn release_leases(
                 &custom_statuses,
                 &completed_at,
                 &now_millis,
+                &versions,
             ],
         )
         .await?;
@@ -443,7 +447,7 @@ impl ActivityColumns {
 /// Releases the lease and delays the instance's messages to `$3`; announces the work
 /// (at its new time) to the hub's listeners. No row when the lease was lost.
 const ABANDON_ORCHESTRATION: &str = "WITH released AS ( \
-         UPDATE instances SET lock_token = NULL, locked_until = NULL \
+         UPDATE instances SET lock_token = NULL, locked_until = NULL, lock_count = greatest(lock_count - 1, 0) \
          WHERE instance_id = $1 AND lock_token = $2 RETURNING instance_id \
      ), delayed AS ( \
          UPDATE messages SET visible_at = $3 \

@@ -33,6 +33,7 @@ fn new_instance(instance_id: &str) -> NewInstance {
         parent: None,
         scheduled_start: None,
         created_at: at(0),
+        tags: Default::default(),
     }
 }
 
@@ -65,6 +66,7 @@ fn consume(
         history: Vec::new(),
         state: state.map(|status| keel_store::InstanceUpdate {
             status,
+            version: None,
             input: None,
             output: None,
             failure: None,
@@ -249,6 +251,7 @@ async fn competing_fetches_never_share_work() {
         history: vec![item.messages[0].message.event.clone()],
         state: Some(keel_store::InstanceUpdate {
             status: RuntimeStatus::Running,
+            version: None,
             input: None,
             output: None,
             failure: None,
@@ -392,6 +395,7 @@ async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
             history: vec![item.messages[0].message.event.clone()],
             state: Some(keel_store::InstanceUpdate {
                 status: RuntimeStatus::Completed,
+                version: None,
                 input: None,
                 output: Some("1".into()),
                 failure: None,

@@ -11,7 +11,9 @@
 //! `{"transferred":true,"fromBalance":…,"toBalance":…}`, or `transferred: false` when the
 //! source does not hold the amount.
 
-use keel::{EntityContext, EntityError, EntityId, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
+use keel::{
+    EntityContext, EntityError, EntityId, Orchestration, OrchestrationContext, OrchestrationError, WorkerBuilder,
+};
 use serde::{Deserialize, Serialize};
 
 /// The entity's name.
@@ -64,7 +66,10 @@ pub fn account(ctx: &mut EntityContext<i64>) -> Result<i64, EntityError> {
 }
 
 /// The orchestrator: lock both accounts, then withdraw and deposit inside the lock.
-pub async fn bank_transfer(ctx: OrchestrationContext, transfer: Transfer) -> Result<TransferResult, OrchestrationError> {
+pub async fn bank_transfer(
+    ctx: OrchestrationContext,
+    transfer: Transfer,
+) -> Result<TransferResult, OrchestrationError> {
     if transfer.from == transfer.to {
         return Err(OrchestrationError::new("InvalidTransfer", "the source and the target are the same account"));
     }

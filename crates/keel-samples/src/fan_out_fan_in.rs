@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use keel::{Activity, ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
+use keel::{
+    Activity, ActivityContext, ActivityError, Orchestration, OrchestrationContext, OrchestrationError, WorkerBuilder,
+};
 
 /// The input is the root directory (`null` is refused with a clear error).
 pub const BACKUP_SITE_CONTENT: Orchestration<Option<String>, u64> = Orchestration::new("BackupSiteContent");

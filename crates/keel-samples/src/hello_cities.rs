@@ -1,7 +1,7 @@
 //! `HelloCities`: three activities in sequence (Durable Functions' `E1_HelloSequence`).
 //! No input; output `["Hello Tokyo!","Hello Seattle!","Hello London!"]`.
 
-use keel::{Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
+use keel::{Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError, WorkerBuilder};
 
 pub const HELLO_CITIES: Orchestration<(), Vec<String>> = Orchestration::new("HelloCities");
 pub const SAY_HELLO: Activity<String, String, Never> = Activity::new("SayHello");

@@ -53,6 +53,10 @@ async fn place_order(
     let instance = durable.client().start_with_options(PLACE_ORDER, &order, options).await?;
     tracing::info!(instance_id = %instance.id(), function = PLACE_ORDER.name(), "order placed over the app route");
     durable
-        .wait_for_completion_or_create_check_status_response(instance.id(), timeout, timeout.min(Duration::from_secs(1)))
+        .wait_for_completion_or_create_check_status_response(
+            instance.id(),
+            timeout,
+            timeout.min(Duration::from_secs(1)),
+        )
         .await
 }

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use keel::{Activity, ActivityContext, Event, Never, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
+use keel::{
+    Activity, ActivityContext, Event, Never, Orchestration, OrchestrationContext, OrchestrationError, WorkerBuilder,
+};
 use serde::{Deserialize, Serialize};
 
 pub const APPROVAL_WORKFLOW: Orchestration<ApprovalRequest, String> = Orchestration::new("ApprovalWorkflow");
@@ -37,7 +39,10 @@ pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
 }
 
 /// The orchestrator: request, then wait for the answer or the deadline.
-pub async fn approval_workflow(ctx: OrchestrationContext, request: ApprovalRequest) -> Result<String, OrchestrationError> {
+pub async fn approval_workflow(
+    ctx: OrchestrationContext,
+    request: ApprovalRequest,
+) -> Result<String, OrchestrationError> {
     let timeout = match request.timeout_seconds {
         Some(seconds) => Duration::try_from_secs_f64(seconds)
             .map_err(|_| OrchestrationError::new("InvalidInput", "timeoutSeconds must be a positive number"))?,

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use keel::{Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, WorkerBuilder};
+use keel::{Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError, WorkerBuilder};
 use serde::{Deserialize, Serialize};
 
 const DEFAULT_POLLING_INTERVAL: Duration = Duration::from_secs(30 * 60);
@@ -48,8 +48,7 @@ pub struct MonitorOutcome {
 }
 
 /// The input may be missing (`null`): the monitor then fails with a clear error.
-pub const WEATHER_MONITOR: Orchestration<Option<MonitorRequest>, MonitorOutcome> =
-    Orchestration::new("WeatherMonitor");
+pub const WEATHER_MONITOR: Orchestration<Option<MonitorRequest>, MonitorOutcome> = Orchestration::new("WeatherMonitor");
 pub const GET_IS_CLEAR: Activity<WeatherCheck, bool, Never> = Activity::new("GetIsClear");
 pub const SEND_GOOD_WEATHER_ALERT: Activity<String, (), Never> = Activity::new("SendGoodWeatherAlert");
 

@@ -8,7 +8,8 @@
 //! declines customers whose address starts with `declined`.
 
 use keel::{
-    Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, TaskFailure, WorkerBuilder,
+    Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError, TaskFailure,
+    WorkerBuilder,
 };
 use serde::{Deserialize, Serialize};
 

@@ -43,8 +43,8 @@ pub(crate) fn insert_instance(connection: &Connection, instance: &NewInstance) -
     connection
         .prepare_cached(
             "INSERT INTO instances (instance_id, name, version, execution_id, status, input, \
-             parent, scheduled_start, created_at, last_updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+             parent, scheduled_start, created_at, last_updated_at, tags) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
         )?
         .execute(params![
             instance.instance_id,
@@ -56,6 +56,7 @@ pub(crate) fn insert_instance(connection: &Connection, instance: &NewInstance) -
             parent,
             instance.scheduled_start.map(millis),
             millis(instance.created_at),
+            keel_store::stored::tags_to_json(&instance.tags),
         ])?;
     let started = Message {
         instance_id: instance.instance_id.clone(),
@@ -108,6 +109,45 @@ pub(crate) fn create_instance(connection: &Connection, instance: &NewInstance) -
             Err(Failure::Contract(Error::AlreadyExists { instance_id: instance.instance_id.clone(), status }))
         }
     }
+}
+
+/// Creates `instance` in place of `replaced` (see [`keel_store::Store::replace_instance`]).
+pub(crate) fn replace_instance(
+    connection: &Connection,
+    instance: &NewInstance,
+    replaced: &InstanceRecord,
+    messages: &[Message],
+) -> Result<(), Failure> {
+    let current: Option<(String, i64, String)> = connection
+        .prepare_cached("SELECT execution_id, history_len, status FROM instances WHERE instance_id = ?1")?
+        .query_row([&replaced.instance_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .optional()?;
+    let unchanged = current.as_ref().is_some_and(|(execution_id, history_len, _)| {
+        *execution_id == replaced.execution_id && u64::try_from(*history_len).ok() == Some(replaced.history_len)
+    });
+    if !unchanged || instance.instance_id != replaced.instance_id {
+        let status = match current {
+            Some((_, _, status)) => status_from_text(&status)?,
+            None => replaced.status,
+        };
+        return Err(Failure::Contract(Error::InvalidState {
+            instance_id: replaced.instance_id.clone(),
+            status,
+            action: "replacing it as it was read (it changed meanwhile)",
+        }));
+    }
+    // History, inbox and activities go with the row (ON DELETE CASCADE).
+    connection.prepare_cached("DELETE FROM instances WHERE instance_id = ?1")?.execute([&replaced.instance_id])?;
+    create_instance(connection, instance)?;
+    for message in messages {
+        insert_message(connection, message)?;
+    }
+    Ok(())
+}
+
+/// Deletes every instance and entity with all it holds; returns how many rows went.
+pub(crate) fn purge_all(connection: &Connection) -> Result<u64, Failure> {
+    Ok(connection.prepare_cached("DELETE FROM instances")?.execute([])? as u64)
 }
 
 pub(crate) fn enqueue_message(

@@ -11,7 +11,7 @@ pub(crate) use keel_store::stored::{from_json, lease_end_millis, millis, status_
 /// The columns [`instance_from_row`] reads, in its order.
 pub(crate) const INSTANCE_COLUMNS: &str = "instance_id, name, version, execution_id, status, \
      input, output, custom_status, failure, parent, scheduled_start, created_at, \
-     last_updated_at, completed_at, history_len";
+     last_updated_at, completed_at, history_len, tags";
 
 /// Reads an [`InstanceRecord`] from a row that starts with [`INSTANCE_COLUMNS`].
 pub(crate) fn instance_from_row(row: &Row<'_>) -> Result<InstanceRecord, Failure> {
@@ -21,6 +21,7 @@ pub(crate) fn instance_from_row(row: &Row<'_>) -> Result<InstanceRecord, Failure
     let scheduled_start: Option<i64> = row.get(10)?;
     let completed_at: Option<i64> = row.get(13)?;
     let history_len: i64 = row.get(14)?;
+    let tags: Option<String> = row.get(15)?;
     Ok(InstanceRecord {
         instance_id: row.get(0)?,
         name: row.get(1)?,
@@ -38,5 +39,6 @@ pub(crate) fn instance_from_row(row: &Row<'_>) -> Result<InstanceRecord, Failure
         completed_at: completed_at.map(timestamp).transpose()?,
         history_len: u64::try_from(history_len)
             .map_err(|_| Failure::corrupt(format!("negative history length {history_len}")))?,
+        tags: keel_store::stored::tags_from_json(tags.as_deref())?,
     })
 }

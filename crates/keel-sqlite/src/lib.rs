@@ -98,6 +98,25 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn replace_instance(
+        &self,
+        instance: NewInstance,
+        replaced: &InstanceRecord,
+        messages: Vec<Message>,
+    ) -> Result<()> {
+        instance.check()?;
+        for message in &messages {
+            message.check()?;
+        }
+        let replaced = replaced.clone();
+        self.database
+            .write(move |transaction| client::replace_instance(transaction, &instance, &replaced, &messages))
+            .await?;
+        self.notifications.orchestration_work_added();
+        self.notifications.instance_changed();
+        Ok(())
+    }
+
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus> {
         message.check()?;
         let status = self
@@ -154,6 +173,12 @@ impl Store for SqliteStore {
         if purged > 0 {
             self.notifications.instance_changed();
         }
+        Ok(purged)
+    }
+
+    async fn purge_all(&self) -> Result<u64> {
+        let purged = self.database.write(client::purge_all).await?;
+        self.notifications.instance_changed();
         Ok(purged)
     }
 

@@ -83,6 +83,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX activities_by_visible_at ON activities (visible_at);
     CREATE INDEX activities_by_instance ON activities (instance_id);
     ",
+    // 2: orchestration tags, a JSON object (NULL: none).
+    "
+    ALTER TABLE instances ADD COLUMN tags TEXT;
+    ",
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`], in one transaction.

@@ -88,7 +88,7 @@ pub(crate) fn fetch_orchestration_items(
         let token = uuid::Uuid::new_v4().to_string();
         let (instance, lock_count) =
             connection.prepare_cached(&lock_sql)?.query_row(params![instance_id, token, locked_until], |row| {
-                Ok((instance_from_row(row), row.get::<_, i64>(15)?))
+                Ok((instance_from_row(row), row.get::<_, i64>(16)?))
             })?;
         let messages = visible_messages(connection, &instance_id, now_millis)?;
         assert!(!messages.is_empty(), "instance '{instance_id}' was chosen for a visible message");
@@ -194,7 +194,7 @@ fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestam
                 .prepare_cached(
                     "UPDATE instances SET execution_id = ?2, history_len = ?3, status = ?4, \
                      input = ?5, output = ?6, failure = ?7, custom_status = ?8, \
-                     last_updated_at = ?9, completed_at = ?10, \
+                     last_updated_at = ?9, completed_at = ?10, version = ?11, \
                      lock_token = NULL, locked_until = NULL, lock_count = 0 \
                      WHERE instance_id = ?1",
                 )?
@@ -209,6 +209,7 @@ fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestam
                     state.custom_status,
                     now_millis,
                     completed_at,
+                    state.version,
                 ])?;
             wakeups.instance_changed = true;
         }
@@ -301,7 +302,7 @@ pub(crate) fn abandon_orchestration_item(
 ) -> Result<(), Failure> {
     let released = connection
         .prepare_cached(
-            "UPDATE instances SET lock_token = NULL, locked_until = NULL \
+            "UPDATE instances SET lock_token = NULL, locked_until = NULL, lock_count = max(lock_count - 1, 0) \
              WHERE instance_id = ?1 AND lock_token = ?2",
         )?
         .execute(params![lock.instance_id, lock.token])?;

@@ -69,6 +69,7 @@ fn new_instance(instance_id: &str) -> NewInstance {
         parent: None,
         scheduled_start: None,
         created_at: at(0),
+        tags: Default::default(),
     }
 }
 
@@ -103,6 +104,7 @@ async fn data_survives_reopening() {
             history,
             state: Some(InstanceUpdate {
                 status: RuntimeStatus::Running,
+                version: None,
                 input: Some("42".into()),
                 output: None,
                 failure: None,

@@ -73,6 +73,9 @@ macro_rules! for_each_check {
             messages_to_entities_create_them,
             entity_queries_filter_and_page,
             only_empty_entities_are_removed,
+            replace_instance_swaps_a_live_instance_atomically,
+            replace_instance_refuses_an_instance_that_changed,
+            purge_all_empties_the_task_hub,
         );
     };
 }
@@ -110,6 +113,7 @@ fn new_instance(instance_id: &str, name: &str, created_at: Timestamp) -> NewInst
         parent: None,
         scheduled_start: None,
         created_at,
+        tags: Default::default(),
     }
 }
 
@@ -165,6 +169,7 @@ fn consume_all(item: &OrchestrationItem) -> EpisodeCommit {
 fn state(instance: &InstanceRecord, status: RuntimeStatus) -> InstanceUpdate {
     InstanceUpdate {
         status,
+        version: instance.version.clone(),
         input: instance.input.clone(),
         output: (status == RuntimeStatus::Completed).then(|| "\"done\"".to_owned()),
         failure: (status == RuntimeStatus::Failed).then(|| FailureDetails::new("Boom", "the orchestrator failed")),
@@ -257,9 +262,12 @@ pub async fn create_and_get(store: &dyn Store) {
         name: "Parent".into(),
         task_scheduled_id: 4,
     };
+    let tags: std::collections::BTreeMap<String, String> =
+        [("team".to_string(), "payments".to_string()), ("ticket".to_string(), "T-17".to_string())].into();
     let created = NewInstance {
         version: Some("2.1".into()),
         parent: Some(parent.clone()),
+        tags: tags.clone(),
         ..new_instance("order-17", "ProcessOrder", secs(0))
     };
     store.create_instance(created.clone()).await.expect("create_instance");
@@ -281,8 +289,9 @@ pub async fn create_and_get(store: &dyn Store) {
         last_updated_at: secs(0),
         completed_at: None,
         history_len: 0,
+        tags,
     };
-    assert_eq!(record, expected, "the record of a new instance");
+    assert_eq!(record, expected, "the record of a new instance, its tags included");
     assert!(history(store, "order-17").await.is_empty(), "history starts with the first episode");
 
     let item = fetch_only(store, "order-17", secs(0)).await;
@@ -440,7 +449,7 @@ pub async fn fetch_leases_an_instance(store: &dyn Store) {
     store.abandon_orchestration_item(&second.lock, secs(31)).await.expect("abandon");
     let third = fetch_only(store, "a", secs(31)).await;
     assert_eq!(ids(&third), ids(&first), "a stale commit consumes nothing");
-    assert_eq!(third.delivery_attempts, 3, "abandoning does not reset the count");
+    assert_eq!(third.delivery_attempts, 2, "an abandoned delivery is given back: it does not count");
 
     commit_ok(store, first_episode(&third, secs(32), RuntimeStatus::Running), secs(32)).await;
     assert_eq!(history(store, "a").await.len(), 2);
@@ -706,7 +715,7 @@ pub async fn activity_leases_expire_renew_and_abandon(store: &dyn Store) {
 }
 
 /// An abandoned orchestration item is unlocked and its messages come back at the retry
-/// time; a commit resets the delivery count.
+/// time, without counting the abandoned delivery; a commit resets the delivery count.
 pub async fn abandoned_orchestrations_come_back(store: &dyn Store) {
     store.create_instance(new_instance("a", "Flow", secs(0))).await.expect("create_instance");
     let first = fetch_only(store, "a", secs(0)).await;
@@ -715,7 +724,7 @@ pub async fn abandoned_orchestrations_come_back(store: &dyn Store) {
     assert_eq!(store.next_wakeup(secs(0)).await.expect("next_wakeup"), Some(secs(10)));
 
     let second = fetch_only(store, "a", secs(10)).await;
-    assert_eq!(second.delivery_attempts, 2, "the abandoned delivery counts");
+    assert_eq!(second.delivery_attempts, 1, "the abandoned delivery was given back");
     assert_eq!(second.messages.len(), 1);
     assert_eq!(second.messages[0].id, first.messages[0].id, "the same message");
     let result = store.abandon_orchestration_item(&first.lock, secs(10)).await;
@@ -1092,6 +1101,7 @@ fn entity_batch(item: &OrchestrationItem, state: Option<&str>) -> EpisodeCommit 
     EpisodeCommit {
         state: Some(InstanceUpdate {
             status: RuntimeStatus::Running,
+            version: None,
             input: None,
             output: state.map(str::to_owned),
             failure: None,
@@ -1200,4 +1210,84 @@ pub async fn only_empty_entities_are_removed(store: &dyn Store) {
     assert!(store.remove_empty_entity("@counter@a", secs(6)).await.expect("remove"), "deleted and idle");
     assert_eq!(store.get_instance("@counter@a").await.expect("get_instance"), None);
     assert_eq!(get(store, "order").await.status, RuntimeStatus::Completed);
+}
+
+/// `replace_instance` deletes a running instance with its history, inbox and activity
+/// items and creates the new one with the given messages, in one step; tags and all.
+pub async fn replace_instance_swaps_a_live_instance_atomically(store: &dyn Store) {
+    start(store, "parent", secs(0), RuntimeStatus::Running).await;
+    store.create_instance(new_instance("a", "Flow", secs(0))).await.expect("create_instance");
+    let item = fetch_only(store, "a", secs(0)).await;
+    let mut commit = first_episode(&item, secs(0), RuntimeStatus::Running);
+    commit.activities = vec![activity(&item.instance, 1, "Leftover")];
+    commit_ok(store, commit, secs(0)).await;
+    store.enqueue_message(message_to("a", event_raised("late", "1", secs(1)), secs(1)), false).await.expect("enqueue");
+    let running = get(store, "a").await;
+    assert_eq!(running.status, RuntimeStatus::Running);
+
+    let tags: std::collections::BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+    let replacement =
+        NewInstance { execution_id: "a-execution-2".into(), tags: tags.clone(), ..new_instance("a", "Flow", secs(2)) };
+    let notice = message_to("parent", event_raised("replaced", "\"a\"", secs(2)), secs(2));
+    store.replace_instance(replacement.clone(), &running, vec![notice.clone()]).await.expect("replace_instance");
+
+    let record = get(store, "a").await;
+    assert_eq!((record.status, record.execution_id.as_str()), (RuntimeStatus::Pending, "a-execution-2"));
+    assert_eq!((record.history_len, record.tags), (0, tags), "a new row, with its tags");
+    assert!(history(store, "a").await.is_empty(), "the old history is deleted");
+    let items = store.fetch_orchestration_items(FETCH_ALL, LEASE, secs(2)).await.expect("fetch_orchestration_items");
+    let inbox = |instance_id: &str| -> Vec<HistoryEvent> {
+        let item = items.iter().find(|item| item.lock.instance_id == instance_id).expect("work for it");
+        item.messages.iter().map(|stored| stored.message.event.clone()).collect()
+    };
+    assert_eq!(inbox("a"), [replacement.execution_started_event()], "the old inbox is deleted");
+    assert_eq!(inbox("parent"), [notice.event], "the messages are written with the replacement");
+    assert_no_activity_work(store, secs(100), "the old activity item is deleted").await;
+}
+
+/// `replace_instance` of an instance that changed since it was read (more history,
+/// another execution) or is gone fails and writes nothing.
+pub async fn replace_instance_refuses_an_instance_that_changed(store: &dyn Store) {
+    store.create_instance(new_instance("a", "Flow", secs(0))).await.expect("create_instance");
+    let read = get(store, "a").await;
+    let item = fetch_only(store, "a", secs(0)).await;
+    commit_ok(store, first_episode(&item, secs(0), RuntimeStatus::Running), secs(0)).await;
+    let replacement = NewInstance { execution_id: "a-execution-2".into(), ..new_instance("a", "Flow", secs(1)) };
+    let notice = message_to("a", event_raised("never", "1", secs(1)), secs(1));
+    let result = store.replace_instance(replacement.clone(), &read, vec![notice]).await;
+    assert!(matches!(result, Err(Error::InvalidState { .. })), "the instance changed since it was read: {result:?}");
+    let record = get(store, "a").await;
+    assert_eq!((record.execution_id.as_str(), record.status), ("a-execution-1", RuntimeStatus::Running));
+    assert_no_orchestration_work(store, secs(10), "nothing was written").await;
+
+    let mut gone = read.clone();
+    gone.instance_id = "ghost".into();
+    let ghost = NewInstance { instance_id: "ghost".into(), ..replacement };
+    let result = store.replace_instance(ghost, &gone, Vec::new()).await;
+    assert!(matches!(result, Err(Error::InvalidState { .. })), "no such instance: {result:?}");
+    assert!(store.get_instance("ghost").await.expect("get_instance").is_none());
+}
+
+/// `purge_all` deletes every instance and entity, running or not, with all they hold.
+pub async fn purge_all_empties_the_task_hub(store: &dyn Store) {
+    start(store, "done", secs(0), RuntimeStatus::Completed).await;
+    let running = start(store, "running", secs(0), RuntimeStatus::Running).await;
+    store.create_instance(new_instance("pending", "Flow", secs(0))).await.expect("create_instance");
+    let item = fetch_only(store, "pending", secs(0)).await; // leased: the lease goes too
+    store
+        .enqueue_message(message_to("@counter@k", entity_signal("@counter@k", "add", secs(0)), secs(0)), false)
+        .await
+        .expect("signal");
+    assert_eq!(running.status, RuntimeStatus::Running);
+    assert_eq!(store.purge_all().await.expect("purge_all"), 4);
+    for id in ["done", "running", "pending", "@counter@k"] {
+        assert!(store.get_instance(id).await.expect("get_instance").is_none(), "{id} is gone");
+    }
+    assert!(history(store, "running").await.is_empty());
+    assert_no_orchestration_work(store, secs(100), "no inbox is left").await;
+    assert_no_activity_work(store, secs(100), "no activity is left").await;
+    let commit = first_episode(&item, secs(1), RuntimeStatus::Running);
+    let results = store.commit_episodes(vec![commit], secs(1)).await.expect("commit_episodes");
+    assert!(results[0].is_err(), "a lease on a purged instance commits nothing");
+    assert_eq!(store.purge_all().await.expect("purge_all"), 0);
 }

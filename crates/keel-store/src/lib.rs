@@ -21,8 +21,12 @@
 //! messages) in `input`; its `last_updated_at` is the time of its last batch. Instance
 //! queries leave entities out; [`Store::query_entities`] lists them.
 //!
-//! Every backend must pass the suite in [`conformance`] (feature `conformance`).
+//! Every backend must pass the suite in the module `conformance` (feature
+//! `conformance`).
 
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,18 +42,44 @@ pub use notifications::Notifications;
 /// What can go wrong in a store operation.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
+    /// No instance has this id.
     #[error("no instance with id '{0}'")]
     NotFound(String),
+    /// The id is taken by an instance that is not terminal; nothing was written.
     #[error("an instance with id '{instance_id}' already exists and is {status}")]
-    AlreadyExists { instance_id: String, status: RuntimeStatus },
+    AlreadyExists {
+        /// The id asked for.
+        instance_id: String,
+        /// The existing instance's status.
+        status: RuntimeStatus,
+    },
+    /// The instance's status (or, for a replacement, its state as read) does not allow
+    /// the operation; nothing was written.
     #[error("instance '{instance_id}' is {status}; {action} is not possible")]
-    InvalidState { instance_id: String, status: RuntimeStatus, action: &'static str },
+    InvalidState {
+        /// The instance concerned.
+        instance_id: String,
+        /// Its status now.
+        status: RuntimeStatus,
+        /// What was refused, as a phrase for the message (`"delivering an event"`).
+        action: &'static str,
+    },
+    /// The lease was taken over by another worker (or the lock's token is unknown);
+    /// nothing was changed.
     #[error("the lease was lost: another worker took over the work item")]
     LeaseLost,
+    /// The request breaks one of Keel's rules or limits; the message says which.
+    /// Nothing was written.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The database failed, or holds data this code cannot decode.
     #[error("store error: {message}")]
-    Backend { message: String, retryable: bool },
+    Backend {
+        /// What the backend reported.
+        message: String,
+        /// Whether the same operation may succeed if tried again ([`Error::is_retryable`]).
+        retryable: bool,
+    },
 }
 
 impl Error {
@@ -60,29 +90,42 @@ impl Error {
     }
 }
 
+/// The result of a store operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A new instance: its row (status `Pending`) and the `ExecutionStarted` message that
 /// starts it, visible at `scheduled_start` (or at once).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewInstance {
+    /// The instance's id (see [`keel_core::limits::check_instance_id`]).
     pub instance_id: String,
+    /// The id of its first execution.
     pub execution_id: String,
+    /// The orchestrator to run, as registered.
     pub name: String,
+    /// The orchestration version it runs; `None` when unversioned.
     pub version: Option<String>,
+    /// The orchestrator's input, JSON text.
     pub input: Option<String>,
+    /// The parent orchestration, for a sub-orchestration.
     pub parent: Option<ParentInstance>,
+    /// The instance does not start before this time; `None` for at once.
     pub scheduled_start: Option<Timestamp>,
+    /// When it was created: the row's creation time and the start message's timestamp.
     pub created_at: Timestamp,
+    /// The instance's tags (the Durable Task protocol's orchestration tags), kept as
+    /// given for its whole life, continue-as-new included.
+    pub tags: BTreeMap<String, String>,
 }
 
 impl NewInstance {
-    /// Checks the id, the name and the input against Keel's limits; every backend calls
-    /// this before it writes anything.
+    /// Checks the id, the name, the input and the tags against Keel's limits; every
+    /// backend calls this before it writes anything.
     pub fn check(&self) -> Result<()> {
         keel_core::limits::check_instance_id(&self.instance_id)
             .and_then(|()| keel_core::limits::check_name("orchestrator", &self.name))
             .and_then(|()| keel_core::limits::check_payload("input", self.input.as_deref()))
+            .and_then(|()| keel_core::limits::check_payload("tags", stored::tags_to_json(&self.tags).as_deref()))
             .map_err(Error::Invalid)
     }
 
@@ -105,10 +148,12 @@ impl NewInstance {
 /// An event on its way to an instance's inbox.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {
+    /// The instance whose inbox receives it.
     pub instance_id: String,
     /// When set, the message belongs to that execution only (activity results, timers);
     /// the runtime drops it if the instance has moved on to another execution.
     pub execution_id: Option<String>,
+    /// The event to deliver.
     pub event: HistoryEvent,
     /// The message is not delivered before this time (timers, scheduled starts).
     pub visible_at: Timestamp,
@@ -125,30 +170,49 @@ impl Message {
 /// A message in an inbox, with the id the store gave it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredMessage {
+    /// Unique in the task hub; [`EpisodeCommit::consumed`] names messages by it.
     pub id: i64,
+    /// The message as it was written.
     pub message: Message,
 }
 
 /// The state row of an instance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceRecord {
+    /// The instance's id (`@{name}@{key}` for an entity).
     pub instance_id: String,
+    /// The orchestrator it runs (for an entity: the entity's name).
     pub name: String,
+    /// The orchestration version it runs; `None` when unversioned.
     pub version: Option<String>,
     /// The current execution (a new one starts with every continue-as-new).
     pub execution_id: String,
+    /// Where the instance stands.
     pub status: RuntimeStatus,
+    /// The current execution's input, JSON text (for an entity: its scheduler).
     pub input: Option<String>,
+    /// The output, JSON text: the orchestrator's once completed, the termination's
+    /// once terminated (for an entity: its state).
     pub output: Option<String>,
+    /// The custom status the orchestrator last set, JSON text.
     pub custom_status: Option<String>,
+    /// Why it failed: set while the status is `Failed`, and kept while a rewind is
+    /// pending.
     pub failure: Option<FailureDetails>,
+    /// The parent orchestration, for a sub-orchestration.
     pub parent: Option<ParentInstance>,
+    /// The instance does not start before this time.
     pub scheduled_start: Option<Timestamp>,
+    /// When the instance was created.
     pub created_at: Timestamp,
+    /// When the row last changed (for an entity: its last batch).
     pub last_updated_at: Timestamp,
+    /// When it reached a terminal status; `None` while it is not terminal.
     pub completed_at: Option<Timestamp>,
     /// Number of events in the current execution's history.
     pub history_len: u64,
+    /// The tags it was created with.
+    pub tags: BTreeMap<String, String>,
 }
 
 impl InstanceRecord {
@@ -166,6 +230,7 @@ impl InstanceRecord {
 /// Proof that a worker holds an instance; needed to commit or abandon its episode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrchestrationLock {
+    /// The locked instance.
     pub instance_id: String,
     /// Unique per fetch: a commit with a stale token fails with [`Error::LeaseLost`].
     pub token: String,
@@ -174,7 +239,9 @@ pub struct OrchestrationLock {
 /// An instance locked for one episode, with the messages to process.
 #[derive(Clone, Debug)]
 pub struct OrchestrationItem {
+    /// The lock; needed to commit, abandon or renew.
     pub lock: OrchestrationLock,
+    /// The instance's row as it was when locked.
     pub instance: InstanceRecord,
     /// Visible messages in the order they arrived.
     pub messages: Vec<StoredMessage>,
@@ -185,27 +252,39 @@ pub struct OrchestrationItem {
 /// New values of an instance's state row after an episode.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceUpdate {
+    /// The instance's new status.
     pub status: RuntimeStatus,
+    /// The orchestration version from now on (a continue-as-new may change it).
+    pub version: Option<String>,
+    /// The current execution's input, JSON text (for an entity: its scheduler).
     pub input: Option<String>,
+    /// The output, JSON text (for an entity: its state).
     pub output: Option<String>,
+    /// Why it failed; set when the status is `Failed`.
     pub failure: Option<FailureDetails>,
+    /// The custom status, JSON text.
     pub custom_status: Option<String>,
 }
 
 /// An activity to run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewActivity {
+    /// The orchestration that scheduled it; the result goes to its inbox.
     pub instance_id: String,
+    /// The execution that scheduled it; its result is for that execution only.
     pub execution_id: String,
     /// Sequence number of the `TaskScheduled` event; the result names it.
     pub task_id: i32,
+    /// The activity to run, as registered.
     pub name: String,
+    /// The activity's input, JSON text.
     pub input: Option<String>,
 }
 
 /// Everything one episode of one instance decided, committed atomically.
 #[derive(Clone, Debug)]
 pub struct EpisodeCommit {
+    /// The instance's lock, from its [`OrchestrationItem`].
     pub lock: OrchestrationLock,
     /// Ids of the inbox messages this episode processed (they are deleted).
     pub consumed: Vec<i64>,
@@ -216,6 +295,7 @@ pub struct EpisodeCommit {
     pub history: Vec<HistoryEvent>,
     /// New state of the instance row; `None` leaves it as it is.
     pub state: Option<InstanceUpdate>,
+    /// Activity items to create.
     pub activities: Vec<NewActivity>,
     /// Messages to any instance, this one included (timers). Messages to orchestration
     /// instances that do not exist are dropped; messages to entities create them.
@@ -229,18 +309,27 @@ pub struct EpisodeCommit {
 /// Proof that a worker holds an activity item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActivityLock {
+    /// The item's id in the store.
     pub id: i64,
+    /// Unique per lease: a completion or renewal with a stale token fails with
+    /// [`Error::LeaseLost`].
     pub token: String,
 }
 
 /// A leased activity item.
 #[derive(Clone, Debug)]
 pub struct ActivityItem {
+    /// The lease; needed to complete, renew or abandon the item.
     pub lock: ActivityLock,
+    /// The orchestration that scheduled it.
     pub instance_id: String,
+    /// The execution that scheduled it.
     pub execution_id: String,
+    /// Sequence number of the `TaskScheduled` event; the result names it.
     pub task_id: i32,
+    /// The activity to run, as registered.
     pub name: String,
+    /// The activity's input, JSON text.
     pub input: Option<String>,
     /// How many times the item was leased, this time included.
     pub delivery_attempts: u32,
@@ -250,7 +339,9 @@ pub struct ActivityItem {
 /// `TaskFailed` message) is put in the orchestration's inbox, atomically.
 #[derive(Clone, Debug)]
 pub struct ActivityCompletion {
+    /// The item's lease.
     pub lock: ActivityLock,
+    /// The `TaskCompleted` or `TaskFailed` message for the orchestration's inbox.
     pub result: Message,
 }
 
@@ -259,8 +350,11 @@ pub struct ActivityCompletion {
 pub struct InstanceQuery {
     /// Empty means any status.
     pub statuses: Vec<RuntimeStatus>,
+    /// Only instance ids that start with this, compared as is.
     pub instance_id_prefix: Option<String>,
+    /// Only orchestrator names that start with this, compared as is.
     pub name_prefix: Option<String>,
+    /// Only instances created at or after this.
     pub created_from: Option<Timestamp>,
     /// Exclusive.
     pub created_to: Option<Timestamp>,
@@ -273,6 +367,7 @@ pub struct InstanceQuery {
 /// One page of a query.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstancePage {
+    /// The matches, ordered by instance id.
     pub instances: Vec<InstanceRecord>,
     /// Present when there may be more results.
     pub continuation: Option<String>,
@@ -281,6 +376,7 @@ pub struct InstancePage {
 /// Which instances a bulk purge deletes. Only terminal instances are ever purged.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PurgeFilter {
+    /// Only instances created at or after this.
     pub created_from: Option<Timestamp>,
     /// Exclusive.
     pub created_to: Option<Timestamp>,
@@ -293,6 +389,7 @@ pub struct PurgeFilter {
 pub struct EntityQuery {
     /// Instance ids starting with this (`@counter@` for every `counter`), compared as is.
     pub instance_id_prefix: Option<String>,
+    /// Only entities whose last batch ran at or after this.
     pub last_modified_from: Option<Timestamp>,
     /// Exclusive.
     pub last_modified_to: Option<Timestamp>,
@@ -315,8 +412,17 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// The most messages one orchestration item carries; the rest wait for the next episode.
 pub const MAX_MESSAGES_PER_ITEM: usize = 10_000;
 
-/// A task hub's persistence. Times are passed in (`now`), never read from the clock, so
-/// that tests control them.
+/// A task hub's persistence: the contract every backend implements and the
+/// conformance suite checks.
+///
+/// The client side writes instances and inbox messages and reads them back; the worker
+/// side leases work (instances with visible messages, activity items), and commits what
+/// each piece of work decided atomically. A lease is a token: a commit, renewal or
+/// abandon with a stale one fails with [`Error::LeaseLost`] and changes nothing. Times
+/// are passed in (`now`), never read from the clock, so that tests control them; a
+/// failure says whether trying again may help ([`Error::is_retryable`]). Every write
+/// checks its input against Keel's limits first ([`NewInstance::check`],
+/// [`Message::check`]).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Wake-ups for dispatchers and waiters in this process.
@@ -329,6 +435,20 @@ pub trait Store: Send + Sync + 'static {
     /// [`Error::AlreadyExists`].
     async fn create_instance(&self, instance: NewInstance) -> Result<()>;
 
+    /// Creates `instance` in place of `replaced`, the instance with the same id as the
+    /// caller read it, whatever its status, in one transaction: the replaced instance is
+    /// deleted with all it holds (history, inbox, activity items; a lease on it is lost)
+    /// and `messages` (what its end means to others: its parent's notice, unlocks of the
+    /// entities it holds) are written with the new instance. When the instance is no
+    /// longer as read (another execution, a longer history) or gone,
+    /// [`Error::InvalidState`] and nothing is written; the caller reads it again.
+    async fn replace_instance(
+        &self,
+        instance: NewInstance,
+        replaced: &InstanceRecord,
+        messages: Vec<Message>,
+    ) -> Result<()>;
+
     /// Puts a message into an existing instance's inbox and returns the instance's
     /// status; a message to an entity creates the entity if needed. [`Error::NotFound`]
     /// for an unknown orchestration instance; [`Error::InvalidState`] (and
@@ -337,6 +457,7 @@ pub trait Store: Send + Sync + 'static {
     /// `Pending` (its failure details stay until the rewind runs).
     async fn enqueue_message(&self, message: Message, accept_terminal: bool) -> Result<RuntimeStatus>;
 
+    /// The instance's state row (an entity's too); `None` for an unknown id.
     async fn get_instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>>;
 
     /// The history of the instance's current execution (empty for an unknown instance).
@@ -360,6 +481,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the terminal instances that match; returns how many.
     async fn purge_instances(&self, filter: &PurgeFilter) -> Result<u64>;
 
+    /// Deletes every instance and entity, whatever its state, with all it holds (leases
+    /// on them are lost): the task hub is left empty. Returns how many went.
+    async fn purge_all(&self) -> Result<u64>;
+
     // ---- worker side ----
 
     /// Locks up to `max` instances that have visible messages and are not locked (or
@@ -376,7 +501,9 @@ pub trait Store: Send + Sync + 'static {
     async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>>;
 
     /// Gives an instance back without committing; its messages become visible again at
-    /// `retry_at`.
+    /// `retry_at`. The delivery is given back too: it does not count toward
+    /// [`OrchestrationItem::delivery_attempts`] (only deliveries whose lease ran out do,
+    /// since only those can mean the item killed its worker).
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()>;
 
     /// Extends an instance's lock (work held for a remote worker that has not taken it

@@ -70,10 +70,14 @@ impl Notifications {
         self.instance_changed.send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
+    /// What idle orchestration dispatchers wait on; notified by
+    /// [`Notifications::orchestration_work_added`].
     pub fn orchestration_work(&self) -> &Notify {
         &self.orchestration_work
     }
 
+    /// What idle activity dispatchers wait on; notified by
+    /// [`Notifications::activity_work_added`].
     pub fn activity_work(&self) -> &Notify {
         &self.activity_work
     }

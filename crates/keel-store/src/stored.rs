@@ -39,6 +39,7 @@ pub fn status_from_text(text: &str) -> Result<RuntimeStatus, Error> {
     text.parse().map_err(corrupt)
 }
 
+/// Encodes a structured value as JSON text for its column.
 pub fn to_json(value: &impl Serialize) -> Result<String, Error> {
     serde_json::to_string(value).map_err(|error| corrupt(format!("cannot encode: {error}")))
 }
@@ -46,6 +47,16 @@ pub fn to_json(value: &impl Serialize) -> Result<String, Error> {
 /// Decodes JSON read from the column `what` (named in the error).
 pub fn from_json<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, Error> {
     serde_json::from_str(text).map_err(|error| corrupt(format!("{what}: {error}")))
+}
+
+/// Tags as their column holds them: a JSON object, or NULL when there are none.
+pub fn tags_to_json(tags: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    (!tags.is_empty()).then(|| serde_json::to_string(tags).expect("a map of strings always serializes"))
+}
+
+/// Tags from their column (NULL: none).
+pub fn tags_from_json(text: Option<&str>) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    text.map(|text| from_json("instances.tags", text)).transpose().map(Option::unwrap_or_default)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use keel::{Activity, ActivityContext, Event, Never, OrchestrationContext, OrchestrationError, Orchestration};
+use keel::{Activity, ActivityContext, Event, Never, Orchestration, OrchestrationContext, OrchestrationError};
 
 const APPROVAL_WORKFLOW: Orchestration<String, String> = Orchestration::new("ApprovalWorkflow");
 const REQUEST_APPROVAL: Activity<String, (), Never> = Activity::new("RequestApproval");
@@ -29,8 +29,14 @@ async fn main() -> anyhow::Result<()> {
     let store = keel::store::open(keel::store::DEFAULT_STORE_URL).await?;
     let worker = keel::Worker::builder(store)
         .orchestration(APPROVAL_WORKFLOW, approval)
-        .activity(REQUEST_APPROVAL, |_: ActivityContext, request: String| async move { Ok(println!("asked: {request}")) })
-        .activity(ESCALATE, |_: ActivityContext, request: String| async move { Ok(println!("escalated: {request}")) })
+        .activity(REQUEST_APPROVAL, |_: ActivityContext, request: String| async move {
+            println!("asked: {request}");
+            Ok(())
+        })
+        .activity(ESCALATE, |_: ActivityContext, request: String| async move {
+            println!("escalated: {request}");
+            Ok(())
+        })
         .build()
         .start();
     let client = worker.client();

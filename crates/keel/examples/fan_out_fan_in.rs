@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel::{Activity, ActivityContext, ActivityError, OrchestrationContext, OrchestrationError, Orchestration};
+use keel::{Activity, ActivityContext, ActivityError, Orchestration, OrchestrationContext, OrchestrationError};
 
 const BACKUP: Orchestration<String, u64> = Orchestration::new("BackupSiteContent");
 const LIST_FILES: Activity<String, Vec<String>> = Activity::new("GetFileList");

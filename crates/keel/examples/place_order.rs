@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use keel::{Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, Outcome};
+use keel::{Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError, Outcome};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,7 +58,8 @@ async fn main() -> anyhow::Result<()> {
         .activity(RELEASE, |_: ActivityContext, _: Order| async { Ok(()) })
         .activity(SHIP, |_: ActivityContext, order: Order| async move { Ok(format!("TRACK-{}", order.id)) })
         .activity(EMAIL, |ctx: ActivityContext, tracking: String| async move {
-            Ok(println!("[{}] emailing tracking number {tracking}", ctx.instance_id))
+            println!("[{}] emailing tracking number {tracking}", ctx.instance_id);
+            Ok(())
         })
         .build()
         .start();

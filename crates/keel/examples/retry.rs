@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use keel::{Activity, ActivityContext, OrchestrationContext, OrchestrationError, Orchestration, RetryPolicy, TaskFailure};
+use keel::{
+    Activity, ActivityContext, Orchestration, OrchestrationContext, OrchestrationError, RetryPolicy, TaskFailure,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, thiserror::Error)]

@@ -19,10 +19,13 @@ use serde::Serialize;
 /// What an activity knows about the call it serves.
 #[derive(Clone, Debug)]
 pub struct ActivityContext {
+    /// The orchestration instance that scheduled the call.
     pub instance_id: String,
+    /// The execution that scheduled it.
     pub execution_id: String,
     /// The sequence number of the `TaskScheduled` event this call answers.
     pub task_id: i32,
+    /// The activity's name, as the call gave it.
     pub name: String,
     /// How many times this call was handed to a worker, this time included (more than
     /// one after a crash or lease expiry).

@@ -28,20 +28,51 @@ pub type InstanceStatus = InstanceRecord;
 /// What can go wrong in a client call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No instance has this id.
     #[error("no instance with id '{0}'")]
     NotFound(String),
+    /// The id is taken by an instance this start may not replace; nothing was written.
     #[error("an instance with id '{instance_id}' already exists and is {status}")]
-    AlreadyExists { instance_id: String, status: RuntimeStatus },
+    AlreadyExists {
+        /// The id asked for.
+        instance_id: String,
+        /// The existing instance's status.
+        status: RuntimeStatus,
+    },
+    /// The instance's status does not allow the operation (an event for a finished
+    /// instance, a rewind of one that did not fail); nothing was written.
     #[error("instance '{instance_id}' is {status}; {action} is not possible")]
-    InvalidState { instance_id: String, status: RuntimeStatus, action: &'static str },
+    InvalidState {
+        /// The instance concerned.
+        instance_id: String,
+        /// Its status now.
+        status: RuntimeStatus,
+        /// What was refused, as a phrase for the message (`"terminating"`).
+        action: &'static str,
+    },
+    /// The worker this client belongs to registers no orchestrator of this name.
     #[error("no orchestrator named '{0}' is registered")]
     UnknownOrchestrator(String),
+    /// No worker can host an entity of this name: the client's worker registers none
+    /// and hands no work to remote workers.
     #[error("no entity named '{0}' is registered")]
     UnknownEntity(String),
+    /// The request breaks one of Keel's rules or limits (a bad id or name, a payload
+    /// that is not JSON or too large); the message says which. Nothing was written.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A wait ran out of time; the instance carries on.
     #[error("instance '{instance_id}' did not {what} within {timeout:?}")]
-    Timeout { instance_id: String, what: &'static str, timeout: Duration },
+    Timeout {
+        /// The instance waited for.
+        instance_id: String,
+        /// What it did not do in time (`"start"`, `"complete"`).
+        what: &'static str,
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// The store failed; [`keel_store::Error::is_retryable`] says whether trying again
+    /// may help.
     #[error(transparent)]
     Store(keel_store::Error),
 }
@@ -62,6 +93,7 @@ impl From<keel_store::Error> for ClientError {
     }
 }
 
+/// The result of a client call.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Options of [`Client::start_with`].
@@ -72,6 +104,8 @@ pub struct StartOptions {
     pub instance_id: Option<String>,
     /// Do not start before this time.
     pub scheduled_start: Option<Timestamp>,
+    /// The orchestration version the instance runs; `None`: the default version of the
+    /// worker the client belongs to ([`crate::Versioning::default_version`]).
     pub version: Option<String>,
     /// Tags kept with the instance (the Durable Task protocol's orchestration tags).
     pub tags: BTreeMap<String, String>,
@@ -91,18 +125,57 @@ const REPLACE_ATTEMPTS: usize = 5;
 const WAIT_FALLBACK_POLL: Duration = Duration::from_millis(500);
 
 /// Drives instances on a task hub. Cheap to clone.
+///
+/// [`Client::start`] takes an orchestration's handle and its input type and gives an
+/// [`Instance`] that knows the output type; [`Instance::wait`] gives the
+/// [`Outcome`]. Events are raised through their handles too ([`Client::raise`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use keel::{Event, OrchestrationContext, OrchestrationError, Orchestration, Outcome, Worker};
+///
+/// const APPROVAL_WORKFLOW: Orchestration<String, String> = Orchestration::new("ApprovalWorkflow");
+/// const APPROVAL: Event<bool> = Event::new("Approval");
+///
+/// async fn approval(ctx: OrchestrationContext, request: String) -> Result<String, OrchestrationError> {
+///     Ok(match ctx.wait(APPROVAL).timeout(Duration::from_secs(3600)).await? {
+///         Some(true) => format!("{request}: approved"),
+///         Some(false) => format!("{request}: rejected"),
+///         None => format!("{request}: nobody answered"),
+///     })
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> anyhow::Result<()> {
+/// let dir = tempfile::tempdir()?;
+/// let store = keel::store::open(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
+/// let worker = Worker::builder(store).orchestration(APPROVAL_WORKFLOW, approval).build().start();
+/// let client = worker.client();
+///
+/// let instance = client.start(APPROVAL_WORKFLOW, &"new laptop".to_string()).await?;
+/// client.raise(instance.id(), APPROVAL, &true).await?;
+/// let outcome = instance.wait(Duration::from_secs(30)).await?;
+/// assert_eq!(outcome, Outcome::Completed("new laptop: approved".to_string()));
+///
+/// worker.shutdown(Duration::from_secs(5)).await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     store: Arc<dyn Store>,
     registry: Option<Arc<Registry>>,
     /// Entities the registry does not have may be hosted by remote workers.
     remote_workers: bool,
+    /// The version of instances started without one.
+    default_version: Option<String>,
     clock: Arc<dyn Clock>,
 }
 
 /// An entity as the client sees it: its last committed state and its scheduler.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntityMetadata {
+    /// The entity's name and key.
     pub id: EntityId,
     /// The state as JSON; `None` when the entity has none (never set, or deleted).
     pub state: Option<String>,
@@ -143,10 +216,13 @@ impl EntityMetadata {
 /// How an instance ended, with its output typed.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome<O> {
+    /// The orchestrator returned this output.
     Completed(O),
+    /// The orchestration failed; the details say why.
     Failed(FailureDetails),
-    /// The termination's reason.
+    /// A client terminated the instance; the reason, when it was given as text.
     Terminated(Option<String>),
+    /// A DTFx status Keel never sets; kept so that every status has an outcome.
     Canceled,
 }
 
@@ -159,6 +235,7 @@ pub struct Instance<O> {
 }
 
 impl<O: serde::de::DeserializeOwned> Instance<O> {
+    /// The instance's id.
     pub fn id(&self) -> &str {
         &self.instance_id
     }
@@ -193,9 +270,11 @@ impl<O: serde::de::DeserializeOwned> Instance<O> {
             RuntimeStatus::Completed => Outcome::Completed(record.output_as().map_err(|error| {
                 ClientError::Invalid(format!("the output of '{}' does not fit its type: {error}", self.instance_id))
             })?),
-            RuntimeStatus::Failed => Outcome::Failed(record.failure.unwrap_or_else(|| {
-                FailureDetails::new("Unknown", "the instance failed without failure details")
-            })),
+            RuntimeStatus::Failed => Outcome::Failed(
+                record
+                    .failure
+                    .unwrap_or_else(|| FailureDetails::new("Unknown", "the instance failed without failure details")),
+            ),
             RuntimeStatus::Terminated => Outcome::Terminated(record.output_as::<Option<String>>().ok().flatten()),
             RuntimeStatus::Canceled => Outcome::Canceled,
             _ => return Ok(None),
@@ -206,11 +285,15 @@ impl<O: serde::de::DeserializeOwned> Instance<O> {
 /// An instance's state as [`Instance::status`] reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceState<O> {
+    /// Where the instance stands.
     pub runtime_status: RuntimeStatus,
     /// The orchestration's name.
     pub name: String,
+    /// When the instance was created.
     pub created_at: Timestamp,
+    /// When its state last changed.
     pub last_updated_at: Timestamp,
+    /// The custom status the orchestrator last set.
     pub custom_status: Option<serde_json::Value>,
     /// Set once the instance ended.
     pub outcome: Option<Outcome<O>>,
@@ -219,6 +302,7 @@ pub struct InstanceState<O> {
 /// One page of an entity query.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntityPage {
+    /// The matches, ordered by instance id.
     pub entities: Vec<EntityMetadata>,
     /// Present when there may be more results.
     pub continuation: Option<String>,
@@ -227,7 +311,10 @@ pub struct EntityPage {
 /// What [`Client::clean_entity_storage`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntityStorageCleaned {
+    /// Entity rows deleted because they held nothing (no state, no lock, no waiting
+    /// message).
     pub empty_entities_removed: u64,
+    /// Locks released because the orchestration holding them is gone or finished.
     pub orphaned_locks_released: u64,
 }
 
@@ -241,18 +328,20 @@ impl Client {
     /// A client for any orchestrator name (it cannot check names: the functions live
     /// in workers elsewhere).
     pub fn new(store: Arc<dyn Store>) -> Client {
-        Client { store, registry: None, remote_workers: false, clock: Arc::new(SystemClock) }
+        Client { store, registry: None, remote_workers: false, default_version: None, clock: Arc::new(SystemClock) }
     }
 
     pub(crate) fn with_registry(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
         remote_workers: bool,
+        default_version: Option<String>,
         clock: Arc<dyn Clock>,
     ) -> Client {
-        Client { store, registry: Some(registry), remote_workers, clock }
+        Client { store, registry: Some(registry), remote_workers, default_version, clock }
     }
 
+    /// The task hub this client works on.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -308,7 +397,7 @@ impl Client {
     pub async fn start_raw(&self, name: &str, input: Option<String>, options: StartOptions) -> Result<String> {
         limits::check_name("orchestrator", name).map_err(ClientError::Invalid)?;
         if let Some(registry) = &self.registry {
-            if registry.orchestrator(name).is_none() {
+            if !registry.hosts_orchestrator(name) {
                 return Err(ClientError::UnknownOrchestrator(name.to_string()));
             }
         }
@@ -324,7 +413,7 @@ impl Client {
             instance_id: instance_id.clone(),
             execution_id: uuid::Uuid::new_v4().simple().to_string(),
             name: name.to_string(),
-            version: options.version,
+            version: options.version.or_else(|| self.default_version.clone()),
             input,
             parent: None,
             scheduled_start: options.scheduled_start,

@@ -5,6 +5,7 @@ use keel_core::Timestamp;
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + 'static {
+    /// The current time, at millisecond precision (what stores keep).
     fn now(&self) -> Timestamp;
 }
 

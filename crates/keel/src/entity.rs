@@ -8,7 +8,8 @@
 //! signals and starts it made are dropped, the other operations of the batch stand, and
 //! its caller gets the failure.
 //!
-//! ```no_run
+//! ```
+//! use std::time::Duration;
 //! use keel::{EntityContext, EntityError, EntityId, Worker};
 //!
 //! fn counter(ctx: &mut EntityContext<i64>) -> Result<i64, EntityError> {
@@ -21,12 +22,25 @@
 //!     Ok(ctx.state().copied().unwrap_or_default())
 //! }
 //!
-//! # async fn run() -> anyhow::Result<()> {
-//! let store = keel::store::open("sqlite://keel.db").await?;
+//! # #[tokio::main]
+//! # async fn main() -> anyhow::Result<()> {
+//! # let dir = tempfile::tempdir()?;
+//! # let url = format!("sqlite://{}", dir.path().join("keel.db").display());
+//! let store = keel::store::open(&url).await?;
 //! let worker = Worker::builder(store).entity("Counter", counter).build().start();
 //! let client = worker.client();
 //! let counter = EntityId::new("Counter", "c1").map_err(anyhow::Error::msg)?;
 //! client.signal_entity(&counter, "add", &5).await?;
+//!
+//! // A signal is one-way: the entity runs it in its turn.
+//! let state = loop {
+//!     match client.get_entity(&counter).await? {
+//!         Some(entity) if entity.exists() => break entity.state_as::<i64>()?,
+//!         _ => tokio::time::sleep(Duration::from_millis(10)).await,
+//!     }
+//! };
+//! assert_eq!(state, 5);
+//! worker.shutdown(Duration::from_secs(5)).await;
 //! # Ok(())
 //! # }
 //! ```
@@ -56,6 +70,7 @@ pub const DELETE_OPERATION: &str = "delete";
 pub struct EntityError(pub FailureDetails);
 
 impl EntityError {
+    /// A failure with this error type and message.
     pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> EntityError {
         EntityError(FailureDetails::new(error_type, message))
     }
@@ -84,9 +99,27 @@ impl<E: std::error::Error> From<E> for EntityError {
 pub enum EntityAction {
     /// A one-way operation on the entity with instance id `target`, at `scheduled_time`
     /// or at once.
-    Signal { target: String, operation: String, input: Option<String>, scheduled_time: Option<Timestamp> },
+    Signal {
+        /// The entity's instance id, `@{name}@{key}`.
+        target: String,
+        /// The operation the entity runs.
+        operation: String,
+        /// The operation's input, JSON text.
+        input: Option<String>,
+        /// When the entity receives the signal; `None` for at once.
+        scheduled_time: Option<Timestamp>,
+    },
     /// A new orchestration instance.
-    StartOrchestration { instance_id: String, name: String, input: Option<String>, scheduled_start: Option<Timestamp> },
+    StartOrchestration {
+        /// The new instance's id; an id a running instance holds is left alone.
+        instance_id: String,
+        /// The orchestrator to run, as registered.
+        name: String,
+        /// The orchestrator's input, JSON text.
+        input: Option<String>,
+        /// The instance does not start before this time; `None` for at once.
+        scheduled_start: Option<Timestamp>,
+    },
 }
 
 /// What a batch of operations did.
@@ -118,6 +151,7 @@ impl<S> std::fmt::Debug for EntityContext<S> {
 }
 
 impl<S: Default> EntityContext<S> {
+    /// The entity the operation runs on.
     pub fn id(&self) -> &EntityId {
         &self.id
     }
@@ -152,6 +186,7 @@ impl<S: Default> EntityContext<S> {
         self.state.get_or_insert_with(S::default)
     }
 
+    /// Replaces the state.
     pub fn set_state(&mut self, state: S) {
         self.state = Some(state);
     }
@@ -254,12 +289,17 @@ fn serialize(value: &impl Serialize) -> Result<Option<String>, EntityError> {
 
 /// One operation in erased form: the state as JSON in and out.
 pub struct ErasedOperation {
+    /// The entity the operation runs on.
     pub id: EntityId,
+    /// The operation to run.
     pub operation: String,
+    /// The operation's input, JSON text.
     pub input: Option<String>,
     /// The state before (JSON); the handler leaves the state after in it.
     pub state: Option<String>,
+    /// The signals and starts the operation asks for; the handler appends to it.
     pub actions: Vec<EntityAction>,
+    /// The time the batch started.
     pub now: Timestamp,
 }
 

@@ -22,8 +22,11 @@ use crate::episode::POISON_ERROR_TYPE;
 /// A batch of operations to run on one entity.
 #[derive(Clone, Debug)]
 pub struct EntityEpisode {
+    /// The entity.
     pub id: EntityId,
+    /// The entity's row as it was when locked.
     pub instance: InstanceRecord,
+    /// The lock on the entity's instance; the commit needs it.
     pub lock: OrchestrationLock,
     /// The state before the batch (JSON).
     pub state: Option<String>,
@@ -206,6 +209,7 @@ impl EntityEpisode {
         commit.messages.extend(lock_messages);
         commit.state = Some(InstanceUpdate {
             status: RuntimeStatus::Running,
+            version: None,
             input: scheduler.to_json(),
             output: state,
             failure: None,

@@ -226,6 +226,32 @@ fn unlock_message(instance: &InstanceRecord, critical_section_id: &str, target: 
     }
 }
 
+/// The commit that fails an item's instance with `failure` without running its
+/// orchestrator (a version this worker may not run); `None` when the item needs no
+/// commit now (nothing due yet).
+pub(crate) fn fail_before_running(
+    item: &OrchestrationItem,
+    history: &[HistoryEvent],
+    failure: FailureDetails,
+    now: Timestamp,
+) -> Option<EpisodeCommit> {
+    let instance = &item.instance;
+    let (new_events, unlocks) = match intake(item, now, Some(history)) {
+        Intake::Settled(Plan::Commit { commit, .. }) => return Some(*commit),
+        Intake::Settled(Plan::Abandon { .. }) => return None,
+        // A rewind of an instance this worker may not run is left to the failure below.
+        Intake::Rewind { .. } => (vec![HistoryEvent::new(now, EventKind::OrchestratorStarted)], Vec::new()),
+        Intake::Run { new_events, unlocks } => (new_events, unlocks),
+    };
+    let mut commit = empty_commit(item);
+    commit.messages = unlocks;
+    commit.history = new_events;
+    let completion = Completion::Failed { failure };
+    commit.history.push(completion.to_history_event(now));
+    finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
+    Some(commit)
+}
+
 /// Plans the episode of one item, running its orchestrator in this process.
 pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume, now: Timestamp) -> Plan {
     let instance = &item.instance;
@@ -237,7 +263,7 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
     };
     let mut commit = empty_commit(item);
     commit.messages = unlocks;
-    let Some(orchestrator) = registry.orchestrator(&instance.name) else {
+    let Some(orchestrator) = registry.orchestrator(&instance.name, instance.version.as_deref()) else {
         let failure = FailureDetails::new(
             NOT_REGISTERED_ERROR_TYPE,
             format!("no orchestrator named '{}' is registered on this worker", instance.name),
@@ -262,7 +288,9 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
 /// [`RemoteEpisode::complete`] turns into the commit.
 #[derive(Clone, Debug)]
 pub struct RemoteEpisode {
+    /// The instance's row as it was when locked.
     pub instance: InstanceRecord,
+    /// The instance's lock; the commit needs it.
     pub lock: keel_store::OrchestrationLock,
     /// The history to replay.
     pub past_events: Vec<HistoryEvent>,
@@ -277,7 +305,9 @@ pub struct RemoteEpisode {
 pub struct RemoteOutcome {
     /// New actions, with the remote worker's sequence numbers.
     pub actions: Vec<Action>,
+    /// Set when the execution ended in this episode.
     pub completion: Option<Completion>,
+    /// The custom status after the episode, JSON text.
     pub custom_status: Option<String>,
 }
 
@@ -289,7 +319,10 @@ pub enum RemoteIntake {
     /// Settled without running the orchestrator: commit this.
     Commit(Box<EpisodeCommit>),
     /// Nothing is due yet: give the item back until then.
-    Abandon { retry_at: Timestamp },
+    Abandon {
+        /// When the item is due again.
+        retry_at: Timestamp,
+    },
 }
 
 /// Prepares the episode of an item whose orchestrator runs in a remote worker.
@@ -342,44 +375,24 @@ impl RemoteEpisode {
                 let status = if suspended { RuntimeStatus::Suspended } else { RuntimeStatus::Running };
                 commit.state = Some(InstanceUpdate {
                     status,
+                    version: instance.version.clone(),
                     input: instance.input.clone(),
                     output: None,
                     failure: None,
                     custom_status: outcome.custom_status,
                 });
             }
-            Some(Completion::ContinuedAsNew { input, carryover_events }) => {
-                // The next execution starts in its own episode: a fresh, empty history
-                // and a start message for it.
-                let next_execution_id = uuid::Uuid::new_v4().simple().to_string();
-                commit.replace_history = Some(next_execution_id.clone());
-                commit.history = Vec::new();
-                let start = HistoryEvent::new(
-                    now,
-                    EventKind::ExecutionStarted {
-                        name: instance.name.clone(),
-                        version: instance.version.clone(),
-                        input: input.clone(),
-                        execution_id: next_execution_id.clone(),
-                        parent: instance.parent.clone(),
-                        scheduled_start: None,
-                    },
-                );
-                for event in std::iter::once(start).chain(carryover_events) {
-                    commit.messages.push(Message {
-                        instance_id: instance.instance_id.clone(),
-                        execution_id: Some(next_execution_id.clone()),
-                        event,
-                        visible_at: now,
-                    });
-                }
-                commit.state = Some(InstanceUpdate {
-                    status: RuntimeStatus::Running,
+            Some(Completion::ContinuedAsNew { input, carryover_events, version }) => {
+                let version = version.or_else(|| instance.version.clone());
+                start_next_execution(
+                    &mut commit,
+                    &instance,
                     input,
-                    output: None,
-                    failure: None,
-                    custom_status: outcome.custom_status,
-                });
+                    version,
+                    carryover_events,
+                    outcome.custom_status,
+                    now,
+                );
             }
             Some(mut completion) => {
                 check_output_size(&mut completion);
@@ -389,6 +402,50 @@ impl RemoteEpisode {
         }
         commit
     }
+}
+
+/// Ends the execution by continuing as new: a fresh, empty history and a start message
+/// for the next execution (of `version`), which starts in its own episode (on a worker
+/// that may run that version).
+fn start_next_execution(
+    commit: &mut EpisodeCommit,
+    instance: &InstanceRecord,
+    input: Option<String>,
+    version: Option<String>,
+    carryover_events: Vec<HistoryEvent>,
+    custom_status: Option<String>,
+    now: Timestamp,
+) {
+    let next_execution_id = uuid::Uuid::new_v4().simple().to_string();
+    commit.replace_history = Some(next_execution_id.clone());
+    commit.history = Vec::new();
+    let start = HistoryEvent::new(
+        now,
+        EventKind::ExecutionStarted {
+            name: instance.name.clone(),
+            version: version.clone(),
+            input: input.clone(),
+            execution_id: next_execution_id.clone(),
+            parent: instance.parent.clone(),
+            scheduled_start: None,
+        },
+    );
+    for event in std::iter::once(start).chain(carryover_events) {
+        commit.messages.push(Message {
+            instance_id: instance.instance_id.clone(),
+            execution_id: Some(next_execution_id.clone()),
+            event,
+            visible_at: now,
+        });
+    }
+    commit.state = Some(InstanceUpdate {
+        status: RuntimeStatus::Running,
+        version,
+        input,
+        output: None,
+        failure: None,
+        custom_status,
+    });
 }
 
 /// Most executions one episode may start by continuing as new: an orchestrator that
@@ -416,6 +473,7 @@ fn apply_result(
                 let status = if result.suspended { RuntimeStatus::Suspended } else { RuntimeStatus::Running };
                 commit.state = Some(InstanceUpdate {
                     status,
+                    version: instance.version.clone(),
                     input,
                     output: None,
                     failure: None,
@@ -423,7 +481,23 @@ fn apply_result(
                 });
                 return Plan::Commit { commit: Box::new(commit), execution: Some(execution), history_len };
             }
-            Some(Completion::ContinuedAsNew { input: next_input, carryover_events }) => {
+            Some(Completion::ContinuedAsNew { input: next_input, carryover_events, version: Some(version) })
+                if Some(&version) != instance.version.as_ref() =>
+            {
+                // Another version's code may have to run elsewhere: the next execution
+                // starts in its own episode, like a remote one.
+                start_next_execution(
+                    &mut commit,
+                    instance,
+                    next_input,
+                    Some(version),
+                    carryover_events,
+                    result.custom_status,
+                    now,
+                );
+                return Plan::Commit { commit: Box::new(commit), execution: None, history_len: 0 };
+            }
+            Some(Completion::ContinuedAsNew { input: next_input, carryover_events, .. }) => {
                 // A new execution with a fresh history starts right away.
                 execution_id = uuid::Uuid::new_v4().simple().to_string();
                 input = next_input;
@@ -442,8 +516,10 @@ fn apply_result(
                     ),
                 ];
                 history.extend(carryover_events);
-                let orchestrator =
-                    registry.orchestrator(&instance.name).expect("the orchestrator ran a moment ago").clone();
+                let orchestrator = registry
+                    .orchestrator(&instance.name, instance.version.as_deref())
+                    .expect("the orchestrator ran a moment ago")
+                    .clone();
                 execution = Box::new(Execution::new(&instance.instance_id, orchestrator));
                 result = execution.run_episode(&[], &history);
                 commit.replace_history = Some(execution_id.clone());
@@ -503,7 +579,8 @@ fn record_actions(
                 instance_id: instance_id.clone(),
                 execution_id: uuid::Uuid::new_v4().simple().to_string(),
                 name: name.clone(),
-                version: None,
+                // A sub-orchestration runs the parent's version.
+                version: instance.version.clone(),
                 input: input.clone(),
                 parent: Some(keel_core::history::ParentInstance {
                     instance_id: instance.instance_id.clone(),
@@ -570,6 +647,7 @@ fn finish(
     };
     commit.state = Some(InstanceUpdate {
         status: completion.status(),
+        version: instance.version.clone(),
         input,
         output: output.clone(),
         failure: failure.clone(),
@@ -643,7 +721,7 @@ fn plan_rewind(
 ) -> Plan {
     let instance = &item.instance;
     let mut commit = empty_commit(item);
-    let Some(orchestrator) = registry.orchestrator(&instance.name) else {
+    let Some(orchestrator) = registry.orchestrator(&instance.name, instance.version.as_deref()) else {
         // Nothing to rewind with on this worker: leave the instance as it is.
         return Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len };
     };

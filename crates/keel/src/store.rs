@@ -15,6 +15,24 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://keel.db";
 /// Opens the task hub a URL names: `sqlite://PATH` or `sqlite:PATH`, or
 /// `postgres://USER@HOST:PORT/DATABASE?schema=HUB` (also `postgresql://`; see
 /// `keel_postgres::PostgresOptions` for the parameters).
+///
+/// A SQLite file is created if it does not exist; a task hub's schema is created or
+/// migrated on open. [`Error::Invalid`] for a URL of another kind or one that names no
+/// file; the backend's error when the file or the database cannot be opened.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), keel::store::Error> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let path = dir.path().join("keel.db").display().to_string();
+/// let store = keel::store::open(&format!("sqlite://{path}")).await?;
+/// let _worker = keel::Worker::builder(store).build();
+///
+/// let refused = keel::store::open("mysql://localhost/keel").await;
+/// assert!(matches!(refused, Err(keel::store::Error::Invalid(_))));
+/// # Ok(())
+/// # }
+/// ```
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
     if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
         if path.is_empty() {

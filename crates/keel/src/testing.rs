@@ -40,13 +40,18 @@ use crate::client::Outcome;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryExport {
+    /// The instance's id.
     pub instance_id: String,
     /// The orchestration's name.
     pub name: String,
+    /// The orchestration version the instance runs; `None` when unversioned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The execution the events belong to.
     pub execution_id: String,
+    /// The instance's status when it was exported.
     pub runtime_status: RuntimeStatus,
+    /// The execution's history, in order.
     pub events: Vec<HistoryEvent>,
 }
 
@@ -70,7 +75,11 @@ pub struct Replayed {
 
 /// Replays `history` against `orchestrator` without writing anything: `Ok` with what
 /// the code does next, or the first divergence.
-pub fn replay(orchestrator: &Orchestrator, instance_id: &str, history: &[HistoryEvent]) -> Result<Replayed, Divergence> {
+pub fn replay(
+    orchestrator: &Orchestrator,
+    instance_id: &str,
+    history: &[HistoryEvent],
+) -> Result<Replayed, Divergence> {
     let mut execution = Execution::new(instance_id, orchestrator.clone());
     let result = execution.run_episode(history, &[]);
     match result.completion {
@@ -238,9 +247,11 @@ impl<O: DeserializeOwned> OrchestrationTest<O> {
             })
             .collect();
         due.sort();
-        self.open.retain(|action| !matches!(action, Action::CreateTimer { id, .. } if due.iter().any(|(_, due)| due == id)));
-        let fired =
-            due.into_iter().map(|(fire_at, timer_id)| HistoryEvent::new(fire_at, EventKind::TimerFired { timer_id, fire_at }));
+        self.open
+            .retain(|action| !matches!(action, Action::CreateTimer { id, .. } if due.iter().any(|(_, due)| due == id)));
+        let fired = due
+            .into_iter()
+            .map(|(fire_at, timer_id)| HistoryEvent::new(fire_at, EventKind::TimerFired { timer_id, fire_at }));
         let fired: Vec<HistoryEvent> = fired.collect();
         self.episode(fired);
     }

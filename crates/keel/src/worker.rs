@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use keel_core::history::{EventKind, FailureDetails, HistoryEvent};
-use keel_core::replay::Execution;
 use keel_core::failure::Failure;
 use keel_core::handle::{Activity, Orchestration};
+use keel_core::history::{EventKind, FailureDetails, HistoryEvent};
 use keel_core::limits;
+use keel_core::replay::Execution;
 use keel_store::{ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, Store};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -34,6 +34,7 @@ use crate::entity::{EntityContext, EntityError, ENTITY_NOT_REGISTERED_ERROR_TYPE
 use crate::entity_episode::{prepare_entity, EntityEpisode, EntityIntake};
 use crate::episode::{self, Plan, RemoteEpisode, RemoteIntake, Resume};
 use crate::registry::Registry;
+use crate::versioning::{VersionFailure, Versioning, VERSION_MISMATCH_ERROR_TYPE};
 
 /// Workers outside this process (connected over the Durable Task gRPC protocol) that
 /// run the orchestrators and activities this worker does not host.
@@ -69,6 +70,8 @@ pub struct WorkerOptions {
     pub idle_poll: Duration,
     /// Most executions kept in memory between episodes.
     pub execution_cache_size: usize,
+    /// Which orchestration versions this worker runs, and the version new instances get.
+    pub versioning: Versioning,
 }
 
 impl Default for WorkerOptions {
@@ -80,6 +83,7 @@ impl Default for WorkerOptions {
             activity_lease: Duration::from_secs(60),
             idle_poll: Duration::from_millis(500),
             execution_cache_size: 10_000,
+            versioning: Versioning::default(),
         }
     }
 }
@@ -104,7 +108,27 @@ impl WorkerBuilder {
         F: Fn(keel_core::OrchestrationContext, I) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<O, keel_core::OrchestrationError>> + Send + 'static,
     {
-        self.registry.add_orchestrator(handle.name(), keel_core::replay::typed_orchestrator(function));
+        self.registry.add_orchestrator(handle.name(), None, keel_core::replay::typed_orchestrator(function));
+        self
+    }
+
+    /// Registers the code of one version of the orchestration of `handle`: instances
+    /// started with (or continued as new to) `version` run it; instances of other
+    /// versions run the code registered without a version
+    /// ([`WorkerBuilder::orchestration`]). Versions of one name live side by side.
+    pub fn orchestration_version<I, O, F, Fut>(
+        mut self,
+        handle: Orchestration<I, O>,
+        version: &str,
+        function: F,
+    ) -> WorkerBuilder
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + 'static,
+        F: Fn(keel_core::OrchestrationContext, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, keel_core::OrchestrationError>> + Send + 'static,
+    {
+        self.registry.add_orchestrator(handle.name(), Some(version), keel_core::replay::typed_orchestrator(function));
         self
     }
 
@@ -138,6 +162,7 @@ impl WorkerBuilder {
         self
     }
 
+    /// Replaces the tuning knobs and the version policy (see [`WorkerOptions`]).
     pub fn options(mut self, options: WorkerOptions) -> WorkerBuilder {
         self.options = options;
         self
@@ -150,6 +175,8 @@ impl WorkerBuilder {
         self
     }
 
+    /// The configured worker; it takes no work until [`Worker::start`]. Panics if
+    /// either concurrency limit of the options is zero.
     pub fn build(self) -> Worker {
         assert!(self.options.max_concurrent_orchestrations > 0);
         assert!(self.options.max_concurrent_activities > 0);
@@ -174,11 +201,53 @@ struct Shared {
 }
 
 /// A configured worker; [`Worker::start`] runs it.
+///
+/// Functions are registered through their handles, so a function whose signature does
+/// not match its handle does not compile:
+///
+/// ```
+/// use std::time::Duration;
+/// use keel::{Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError, Outcome, Worker};
+///
+/// const GREET: Orchestration<Vec<String>, Vec<String>> = Orchestration::new("Greet");
+/// const SAY_HELLO: Activity<String, String, Never> = Activity::new("SayHello");
+///
+/// async fn greet(ctx: OrchestrationContext, cities: Vec<String>) -> Result<Vec<String>, OrchestrationError> {
+///     let calls = cities.iter().map(|city| ctx.call(SAY_HELLO, city));
+///     Ok(ctx.try_when_all(calls).await?)
+/// }
+///
+/// async fn say_hello(_ctx: ActivityContext, city: String) -> Result<String, Never> {
+///     Ok(format!("Hello {city}!"))
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> anyhow::Result<()> {
+/// let dir = tempfile::tempdir()?;
+/// let store = keel::store::open(&format!("sqlite://{}", dir.path().join("hub.db").display())).await?;
+/// let worker = Worker::builder(store)
+///     .orchestration(GREET, greet)
+///     .activity(SAY_HELLO, say_hello)
+///     .build()
+///     .start();
+///
+/// let cities = vec!["Tokyo".to_string(), "Lima".to_string()];
+/// let instance = worker.client().start(GREET, &cities).await?;
+/// let outcome = instance.wait(Duration::from_secs(30)).await?;
+/// assert_eq!(outcome, Outcome::Completed(vec!["Hello Tokyo!".to_string(), "Hello Lima!".to_string()]));
+///
+/// // Running activities get up to five seconds to finish.
+/// worker.shutdown(Duration::from_secs(5)).await;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Worker {
     shared: Arc<Shared>,
 }
 
 impl Worker {
+    /// A builder of a worker on `store`: no functions yet, default options, the
+    /// system clock.
     pub fn builder(store: Arc<dyn Store>) -> WorkerBuilder {
         WorkerBuilder {
             store,
@@ -196,8 +265,23 @@ impl Worker {
             self.shared.store.clone(),
             self.shared.registry.clone(),
             self.shared.remote.is_some(),
+            self.shared.options.versioning.default_version.clone(),
             self.shared.clock.clone(),
         )
+    }
+
+    /// Replays the task hub's instances that `filter` selects against this worker's
+    /// code, without committing anything (see [`crate::verify`]): a deploy check.
+    pub async fn verify(
+        &self,
+        filter: &crate::verify::VerifyFilter,
+    ) -> keel_store::Result<crate::verify::VerifyReport> {
+        crate::verify::verify_hub(&self.shared.store, &self.shared.registry, filter).await
+    }
+
+    /// Replays an exported history (`keel history ID --json`) against this worker's code.
+    pub fn verify_export(&self, export: &crate::testing::HistoryExport) -> crate::verify::InstanceVerdict {
+        crate::verify::verify_export(&self.shared.registry, export)
     }
 
     /// Starts the dispatchers on the current tokio runtime.
@@ -228,6 +312,7 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// A client on the worker's task hub that knows its functions ([`Worker::client`]).
     pub fn client(&self) -> Client {
         self.client.clone()
     }
@@ -300,7 +385,11 @@ async fn wait_for_work(shared: &Shared, kind: WorkKind, shutdown: &mut watch::Re
     let notify = match kind {
         WorkKind::Orchestrations => {
             if let Some(due) = notifications.next_orchestration_due(now) {
-                sleep_for = sleep_for.min((due - now).to_std().unwrap_or(Duration::ZERO));
+                // A little jitter: workers that wait for the same due item do not all
+                // wake at the same instant, so the same one does not always win it
+                // (a worker that gives back an instance it may not run, say).
+                let until_due = (due - now).to_std().unwrap_or(Duration::ZERO) + poll_jitter(shared.options.idle_poll);
+                sleep_for = sleep_for.min(until_due);
             }
             notifications.orchestration_work()
         }
@@ -317,6 +406,17 @@ async fn wait_for_work(shared: &Shared, kind: WorkKind, shutdown: &mut watch::Re
             notifications.orchestration_work_due(next);
         }
     }
+}
+
+/// Most jitter a due wake-up gets: timers must stay on time (a 200 ms timer of an SDK
+/// worker resumes within 250 ms).
+const MAX_DUE_JITTER: Duration = Duration::from_millis(10);
+
+/// A random delay of up to a fifth of `idle_poll`, at most [`MAX_DUE_JITTER`].
+fn poll_jitter(idle_poll: Duration) -> Duration {
+    let range = u64::try_from((idle_poll / 5).min(MAX_DUE_JITTER).as_micros()).unwrap_or(u64::MAX).max(1);
+    let random = uuid::Uuid::new_v4().as_u64_pair().0;
+    Duration::from_micros(random % range)
 }
 
 /// Pause after a store error before trying again.
@@ -409,7 +509,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     return;
                 }
                 if let Some(remote) =
-                    shared.remote.as_ref().filter(|_| shared.registry.orchestrator(&item.instance.name).is_none())
+                    shared.remote.as_ref().filter(|_| !shared.registry.hosts_orchestrator(&item.instance.name))
                 {
                     if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
@@ -424,6 +524,14 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     .iter()
                     .any(|message| matches!(message.message.event.kind, EventKind::ExecutionTerminated { .. }));
                 let cached = cache.take(&item.instance).filter(|_| !terminating);
+                let versioning = &shared.options.versioning;
+                if !versioning.may_run(item.instance.version.as_deref()) {
+                    if let Some(commit) = refuse_version(store, versioning, &item, now).await {
+                        keep.push((item.instance.instance_id.clone(), None));
+                        commits.push(commit);
+                    }
+                    return;
+                }
                 let resume = match cached {
                     Some(execution) => Resume { execution: Some(execution), past: Vec::new() },
                     None => match read_past(store, &item).await {
@@ -453,8 +561,9 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                         }
                     }
                     Err(_) => {
+                        // Not given back: the lease runs out and the delivery counts, so an
+                        // item that keeps doing this is failed as poison.
                         tracing::error!("an episode panicked outside orchestrator code");
-                        abandon(store, &item, now).await;
                     }
                 }
             }
@@ -521,6 +630,39 @@ async fn offer_remote(
         tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
     }
     None
+}
+
+/// An instance whose version this worker may not run: given back for another worker
+/// (no commit), or failed (the commit).
+async fn refuse_version(
+    store: &dyn Store,
+    versioning: &Versioning,
+    item: &OrchestrationItem,
+    now: keel_core::Timestamp,
+) -> Option<keel_store::EpisodeCommit> {
+    let version = item.instance.version.as_deref().unwrap_or("(none)");
+    let mine = versioning.version.as_deref().unwrap_or("(none)");
+    match versioning.failure_strategy {
+        VersionFailure::Reject => {
+            tracing::debug!(instance_id = %item.instance.instance_id, version, "left for a worker of another version");
+            let retry_at = now + chrono::Duration::from_std(REMOTE_RETRY_DELAY).expect("a small duration");
+            if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
+                tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
+            }
+            None
+        }
+        VersionFailure::Fail => {
+            let failure = FailureDetails::new(
+                VERSION_MISMATCH_ERROR_TYPE,
+                format!(
+                    "the instance has version {version}, which this worker (version {mine}, {:?} match) may not run",
+                    versioning.match_strategy
+                ),
+            );
+            let history = read_past(store, item).await.ok()?;
+            episode::fail_before_running(item, &history, failure, now)
+        }
+    }
 }
 
 /// Runs the batch of an entity item here, hands it to a remote worker, or fails its

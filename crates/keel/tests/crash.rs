@@ -9,8 +9,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use keel::{
-    ActivityContext, ActivityError, Client, EventKind, InstanceQuery, OrchestrationContext, OrchestrationError,
-    RuntimeStatus, StartOptions, WorkerOptions,
+    Activity, ActivityContext, Client, EventKind, InstanceQuery, Never, Orchestration, OrchestrationContext,
+    OrchestrationError, RuntimeStatus, StartOptions, WorkerOptions,
 };
 
 /// Set in the child process: the path of the task hub to work on.
@@ -21,17 +21,20 @@ const CHAIN_LENGTH: u32 = 6;
 const FAN_OUTS: u32 = 10;
 const FAN_OUT_WIDTH: u32 = 12;
 
-async fn chain(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
-    let mut value: u32 = ctx.input()?;
+const CHAIN: Orchestration<u32, u32> = Orchestration::new("Chain");
+const FAN_OUT: Orchestration<u32, u32> = Orchestration::new("FanOut");
+const ADD_ONE: Activity<u32, u32, Never> = Activity::new("AddOne");
+
+async fn chain(ctx: OrchestrationContext, start: u32) -> Result<u32, OrchestrationError> {
+    let mut value = start;
     for _ in 0..CHAIN_LENGTH {
-        value = ctx.call_activity("AddOne", &value).await?;
+        value = ctx.call(ADD_ONE, &value).await?;
     }
     Ok(value)
 }
 
-async fn fan_out(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
-    let base: u32 = ctx.input()?;
-    let results = ctx.when_all((0..FAN_OUT_WIDTH).map(|i| ctx.call_activity::<u32>("AddOne", &(base + i)))).await;
+async fn fan_out(ctx: OrchestrationContext, base: u32) -> Result<u32, OrchestrationError> {
+    let results = ctx.when_all((0..FAN_OUT_WIDTH).map(|i| ctx.call(ADD_ONE, &(base + i)))).await;
     let mut sum = 0;
     for result in results {
         sum += result?;
@@ -39,7 +42,7 @@ async fn fan_out(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
     Ok(sum)
 }
 
-async fn add_one(_ctx: ActivityContext, value: u32) -> Result<u32, ActivityError> {
+async fn add_one(_ctx: ActivityContext, value: u32) -> Result<u32, Never> {
     tokio::time::sleep(Duration::from_millis(25)).await;
     Ok(value + 1)
 }
@@ -48,9 +51,9 @@ fn crash_worker(store: std::sync::Arc<dyn keel_store::Store>) -> keel::Worker {
     let options = WorkerOptions { max_concurrent_activities: 8, ..common::test_options() };
     keel::Worker::builder(store)
         .options(options)
-        .orchestrator("Chain", chain)
-        .orchestrator("FanOut", fan_out)
-        .activity("AddOne", add_one)
+        .orchestration(CHAIN, chain)
+        .orchestration(FAN_OUT, fan_out)
+        .activity(ADD_ONE, add_one)
         .build()
 }
 
@@ -90,13 +93,13 @@ async fn a_worker_killed_mid_flight_loses_nothing() {
     for n in 0..CHAINS {
         let id = format!("chain-{n}");
         let options = StartOptions { instance_id: Some(id.clone()), ..StartOptions::default() };
-        client.start_with("Chain", &(n * 100), options).await.unwrap();
+        client.start_with_options(CHAIN, &(n * 100), options).await.unwrap();
         expected.push((id, n * 100 + CHAIN_LENGTH, CHAIN_LENGTH));
     }
     for n in 0..FAN_OUTS {
         let id = format!("fan-{n}");
         let options = StartOptions { instance_id: Some(id.clone()), ..StartOptions::default() };
-        client.start_with("FanOut", &(n * 1000), options).await.unwrap();
+        client.start_with_options(FAN_OUT, &(n * 1000), options).await.unwrap();
         let sum = (0..FAN_OUT_WIDTH).map(|i| n * 1000 + i + 1).sum();
         expected.push((id, sum, FAN_OUT_WIDTH));
     }

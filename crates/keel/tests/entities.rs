@@ -11,12 +11,20 @@ use std::time::Duration;
 
 use common::{temp_store, worker, WAIT};
 use keel::{
-    Client, ClientError, EntityContext, EntityError, EntityId, EntityQuery, OrchestrationContext, OrchestrationError,
-    RuntimeStatus, StartOptions,
+    Client, ClientError, EntityContext, EntityError, EntityId, EntityQuery, Event, Orchestration, OrchestrationContext,
+    OrchestrationError, RuntimeStatus, StartOptions,
 };
 use keel_samples::bank_transfer::{self, TransferResult};
 use keel_samples::counter;
 use proptest::prelude::*;
+
+/// Started by the `Log` entity's `start` operation, by name.
+const ECHO: Orchestration<String, String> = Orchestration::new("Echo");
+const CALL_COUNTER: Orchestration<i64, i64> = Orchestration::new("CallCounter");
+const CALL_FAIL: Orchestration<(), String> = Orchestration::new("CallFail");
+const HOLD: Orchestration<(), i64> = Orchestration::new("Hold");
+const BREAK_RULES: Orchestration<(), Vec<String>> = Orchestration::new("BreakRules");
+const RELEASE: Event<()> = Event::new("Release");
 
 fn counter_id(key: &str) -> EntityId {
     EntityId::new("Counter", key).unwrap()
@@ -71,18 +79,17 @@ fn log(ctx: &mut EntityContext<Vec<u32>>) -> Result<usize, EntityError> {
     Ok(ctx.state().map_or(0, Vec::len))
 }
 
-async fn echo(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    ctx.input()
+async fn echo(_ctx: OrchestrationContext, name: String) -> Result<String, OrchestrationError> {
+    Ok(name)
 }
 
 fn entity_worker(store: &std::sync::Arc<dyn keel_store::Store>) -> keel::WorkerBuilder {
-    let worker = worker(store).entity("Log", log).orchestrator("Echo", echo).orchestrator("CallCounter", call_counter);
+    let worker = worker(store).entity("Log", log).orchestration(ECHO, echo).orchestration(CALL_COUNTER, call_counter);
     bank_transfer::register(counter::register(worker))
 }
 
 /// Adds its input to `Counter@calls` and returns the counter's value.
-async fn call_counter(ctx: OrchestrationContext) -> Result<i64, OrchestrationError> {
-    let amount: i64 = ctx.input()?;
+async fn call_counter(ctx: OrchestrationContext, amount: i64) -> Result<i64, OrchestrationError> {
     let counter = counter_id("calls");
     ctx.signal_entity(&counter, "add", &amount)?;
     Ok(ctx.call_entity(&counter, "get", &()).await?)
@@ -117,20 +124,21 @@ async fn a_failed_operation_rolls_back_only_itself_and_its_caller_sees_the_failu
     let state: Vec<u32> = wait_for_entity(&client, &entity, "two entries", |log: &Vec<u32>| log.len() >= 2).await;
     assert_eq!(state, [1, 2], "the failed operation left nothing behind");
 
-    async fn call_fail(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
+    async fn call_fail(ctx: OrchestrationContext, (): ()) -> Result<String, OrchestrationError> {
         let entity = EntityId::new("Log", "rollback").unwrap();
         match ctx.call_entity::<usize>(&entity, "fail", &()).await {
             Ok(_) => Err(OrchestrationError::msg("the failing operation succeeded")),
             Err(error) => Ok(format!("{}: {}", error.error_type(), error.message())),
         }
     }
-    let worker2 = entity_worker(&store).orchestrator("CallFail", call_fail).build().start();
+    let worker2 = entity_worker(&store).orchestration(CALL_FAIL, call_fail).build().start();
     worker.shutdown(Duration::from_secs(5)).await;
     let client = worker2.client();
-    let id = client.start_new("CallFail", &()).await.unwrap();
-    let done = client.wait_for_completion(&id, WAIT).await.unwrap();
+    let id = client.start(CALL_FAIL, &()).await.unwrap();
+    let done = client.wait_for_completion(id.id(), WAIT).await.unwrap();
     assert_eq!(done.output_as::<String>().unwrap(), "Refused: fail always fails");
-    let uncaught = client.start_new("CallCounter", &"not a number").await.unwrap();
+    // By name: the typed start would not let a string through.
+    let uncaught = client.start_new(CALL_COUNTER.name(), &"not a number").await.unwrap();
     let done = client.wait_for_completion(&uncaught, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Failed);
     assert_eq!(done.failure.unwrap().error_type, "InvalidInput", "the orchestration's own input does not fit");
@@ -142,13 +150,13 @@ async fn orchestrations_signal_and_call_entities() {
     let (store, _dir) = temp_store().await;
     let worker = entity_worker(&store).build().start();
     let client = worker.client();
-    let first = client.start_new("CallCounter", &5).await.unwrap();
-    let done = client.wait_for_completion(&first, WAIT).await.unwrap();
+    let first = client.start(CALL_COUNTER, &5).await.unwrap();
+    let done = client.wait_for_completion(first.id(), WAIT).await.unwrap();
     assert_eq!(done.output_as::<i64>().unwrap(), 5, "the signal ran before the call: same sender, in order");
-    let second = client.start_new("CallCounter", &7).await.unwrap();
-    let done = client.wait_for_completion(&second, WAIT).await.unwrap();
+    let second = client.start(CALL_COUNTER, &7).await.unwrap();
+    let done = client.wait_for_completion(second.id(), WAIT).await.unwrap();
     assert_eq!(done.output_as::<i64>().unwrap(), 12);
-    let history = client.get_history(&second).await.unwrap();
+    let history = client.get_history(second.id()).await.unwrap();
     let kinds: Vec<&str> = history.iter().map(|event| event.kind.type_name()).collect();
     for kind in ["EntityOperationSignaled", "EntityOperationCalled", "EntityOperationCompleted"] {
         assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
@@ -201,17 +209,17 @@ async fn a_critical_section_holds_other_callers_back_until_it_ends() {
     let (store, _dir) = temp_store().await;
 
     // Holds the lock on the account until the event "Release" comes.
-    async fn hold(ctx: OrchestrationContext) -> Result<i64, OrchestrationError> {
+    async fn hold(ctx: OrchestrationContext, (): ()) -> Result<i64, OrchestrationError> {
         let account = EntityId::new("Account", "held").unwrap();
         let _section = ctx.lock_entities([&account]).await?;
         ctx.call_entity::<i64>(&account, "deposit", &10).await?;
-        ctx.wait_for_external_event::<()>("Release").await?;
+        ctx.wait(RELEASE).await?;
         Ok(ctx.call_entity(&account, "balance", &()).await?)
     }
-    let worker = entity_worker(&store).orchestrator("Hold", hold).build().start();
+    let worker = entity_worker(&store).orchestration(HOLD, hold).build().start();
     let client = worker.client();
     let account = account_id("held");
-    let holder = client.start_new("Hold", &()).await.unwrap();
+    let holder = client.start(HOLD, &()).await.unwrap().id().to_string();
     wait_for_entity(&client, &account, "the holder's deposit", |balance: &i64| *balance == 10).await;
     client.signal_entity(&account, "deposit", &5).await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -225,7 +233,7 @@ async fn a_critical_section_holds_other_callers_back_until_it_ends() {
         assert!(tokio::time::Instant::now() < deadline, "the signal never queued behind the lock: {metadata:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    client.raise_event(&holder, "Release", &()).await.unwrap();
+    client.raise(&holder, RELEASE, &()).await.unwrap();
     let done = client.wait_for_completion(&holder, WAIT).await.unwrap();
     assert_eq!(done.output_as::<i64>().unwrap(), 10, "inside the section nobody else touched the account");
     wait_for_entity(&client, &account, "the waiting deposit", |balance: &i64| *balance == 15).await;
@@ -233,7 +241,7 @@ async fn a_critical_section_holds_other_callers_back_until_it_ends() {
     assert_eq!((metadata.locked_by, metadata.backlog), (None, 0), "the lock was released");
 
     // A holder that is terminated gives its locks back too.
-    let terminated = client.start_new("Hold", &()).await.unwrap();
+    let terminated = client.start(HOLD, &()).await.unwrap().id().to_string();
     wait_for_entity(&client, &account, "the second holder's deposit", |balance: &i64| *balance == 25).await;
     client.terminate(&terminated, Some("stop")).await.unwrap();
     client.wait_for_completion(&terminated, WAIT).await.unwrap();
@@ -247,7 +255,7 @@ async fn a_critical_section_holds_other_callers_back_until_it_ends() {
 #[tokio::test]
 async fn the_locking_rules_are_enforced_with_clear_errors() {
     let (store, _dir) = temp_store().await;
-    async fn break_rules(ctx: OrchestrationContext) -> Result<Vec<String>, OrchestrationError> {
+    async fn break_rules(ctx: OrchestrationContext, (): ()) -> Result<Vec<String>, OrchestrationError> {
         let a = EntityId::new("Account", "rule-a").unwrap();
         let b = EntityId::new("Account", "rule-b").unwrap();
         let section = ctx.lock_entities([&a]).await?;
@@ -258,8 +266,8 @@ async fn the_locking_rules_are_enforced_with_clear_errors() {
         if let Err(error) = ctx.call_entity::<i64>(&b, "balance", &()).await {
             errors.push(error.details.error_message);
         }
-        if let Err(error) = ctx.call_sub_orchestrator::<String>("Echo", &"x").await {
-            errors.push(error.details.error_message);
+        if let Err(failure) = ctx.call(ECHO, &"x".to_string()).await {
+            errors.push(failure.details().error_message);
         }
         assert_eq!(section.lock_set(), ["@account@rule-a"]);
         drop(section);
@@ -267,10 +275,10 @@ async fn the_locking_rules_are_enforced_with_clear_errors() {
         errors.push(format!("after the section: {after}"));
         Ok(errors)
     }
-    let worker = entity_worker(&store).orchestrator("BreakRules", break_rules).build().start();
+    let worker = entity_worker(&store).orchestration(BREAK_RULES, break_rules).build().start();
     let client = worker.client();
-    let id = client.start_new("BreakRules", &()).await.unwrap();
-    let done = client.wait_for_completion(&id, WAIT).await.unwrap();
+    let id = client.start(BREAK_RULES, &()).await.unwrap();
+    let done = client.wait_for_completion(id.id(), WAIT).await.unwrap();
     let errors: Vec<String> = done.output_as().unwrap();
     assert_eq!(errors.len(), 4, "{errors:?}");
     assert!(errors[0].contains("do not nest"), "{errors:?}");
@@ -291,7 +299,11 @@ async fn unknown_entities_bad_ids_and_storage_cleaning() {
     assert!(EntityId::new("Counter", "").is_err() && EntityId::new("", "k").is_err());
     assert!(matches!(
         client
-            .start_with("Echo", &"x", StartOptions { instance_id: Some("@counter@x".into()), ..Default::default() })
+            .start_with_options(
+                ECHO,
+                &"x".to_string(),
+                StartOptions { instance_id: Some("@counter@x".into()), ..Default::default() }
+            )
             .await,
         Err(ClientError::Invalid(_))
     ));
@@ -358,7 +370,7 @@ async fn run_transfers(transfers: &[(usize, usize, i64)], accounts: usize) -> Ve
     let mut ids = Vec::new();
     for (from, to, amount) in transfers {
         let transfer = bank_transfer::Transfer { from: key(*from), to: key(*to), amount: *amount };
-        ids.push(client.start_new("BankTransfer", &transfer).await.unwrap());
+        ids.push(client.start(bank_transfer::BANK_TRANSFER, &transfer).await.unwrap().id().to_string());
     }
     for id in &ids {
         let done = client.wait_for_completion(id, WAIT).await.unwrap();

@@ -11,37 +11,41 @@ use std::time::Duration;
 
 use common::WAIT;
 use keel::{
-    ActivityContext, ActivityError, EventKind, OrchestrationContext, OrchestrationError, RuntimeStatus, StartOptions,
+    Activity, ActivityContext, ActivityError, Event, EventKind, Never, Orchestration, OrchestrationContext,
+    OrchestrationError, RuntimeStatus, StartOptions,
 };
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/hub-v1.db");
+const GOLDEN_HUB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/hub-v1.db");
 
-async fn golden(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let name: String = ctx.input()?;
-    let greeting: String = ctx.call_activity("Greet", &name).await?;
-    let retry = keel::RetryPolicy::new(2, Duration::from_millis(10));
-    let shout: String = ctx.call_activity_with_retry("Shout", &greeting, &retry).await?;
-    let children = ctx.when_all((0..3u32).map(|n| ctx.call_sub_orchestrator::<u32>("Child", &n))).await;
+const GOLDEN: Orchestration<String, String> = Orchestration::new("Golden");
+const CHILD: Orchestration<u32, u32> = Orchestration::new("Child");
+const GREET: Activity<String, String, Never> = Activity::new("Greet");
+const SHOUT: Activity<String, String> = Activity::new("Shout");
+const APPROVAL: Event<bool> = Event::new("Approval");
+
+/// The actions, in this order, are what the checked-in histories recorded: keep them.
+async fn golden(ctx: OrchestrationContext, name: String) -> Result<String, OrchestrationError> {
+    let greeting = ctx.call(GREET, &name).await?;
+    let retry = keel::RetryPolicy::new(2, Duration::from_millis(10))?;
+    let shout = ctx.call(SHOUT, &greeting).with_retry(retry).await?;
+    let children = ctx.when_all((0..3u32).map(|n| ctx.call(CHILD, &n))).await;
     let total: u32 = children.into_iter().map(|child| child.unwrap_or(0)).sum();
     ctx.set_custom_status(&"waiting for approval");
-    let approved: bool = ctx.wait_for_external_event("Approval").await?;
+    let approved = ctx.wait(APPROVAL).await?;
     Ok(format!("{shout} / {total} / {approved}"))
 }
 
-async fn child(ctx: OrchestrationContext) -> Result<u32, OrchestrationError> {
-    let n: u32 = ctx.input()?;
+async fn child(ctx: OrchestrationContext, n: u32) -> Result<u32, OrchestrationError> {
     ctx.sleep(Duration::from_millis(5)).await;
     Ok(n * 10)
 }
 
 fn worker(store: &std::sync::Arc<dyn keel_store::Store>) -> keel::WorkerBuilder {
     common::worker(store)
-        .orchestrator("Golden", golden)
-        .orchestrator("Child", child)
-        .activity("Greet", |_ctx: ActivityContext, name: String| async move {
-            Ok::<_, ActivityError>(format!("hello {name}"))
-        })
-        .activity("Shout", |ctx: ActivityContext, text: String| async move {
+        .orchestration(GOLDEN, golden)
+        .orchestration(CHILD, child)
+        .activity(GREET, |_ctx: ActivityContext, name: String| async move { Ok::<_, Never>(format!("hello {name}")) })
+        .activity(SHOUT, |ctx: ActivityContext, text: String| async move {
             if ctx.delivery_attempt == 1 && text.is_empty() {
                 return Err(ActivityError::msg("nothing to shout"));
             }
@@ -53,7 +57,7 @@ fn worker(store: &std::sync::Arc<dyn keel_store::Store>) -> keel::WorkerBuilder 
 async fn a_hub_written_by_an_earlier_version_opens_and_runs_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
-    std::fs::copy(GOLDEN, &path).expect("the golden hub is checked in");
+    std::fs::copy(GOLDEN_HUB, &path).expect("the golden hub is checked in");
     let store = keel::store::open(&format!("sqlite://{}", path.display())).await.expect("the golden hub opens");
     let worker = worker(&store).build().start();
     let client = worker.client();
@@ -68,7 +72,7 @@ async fn a_hub_written_by_an_earlier_version_opens_and_runs_on() {
     assert_eq!(waiting.status, RuntimeStatus::Running);
     assert_eq!(waiting.custom_status.as_deref(), Some("\"waiting for approval\""));
     // Replaying its stored history and going on from there.
-    client.raise_event("golden-waiting", "Approval", &false).await.unwrap();
+    client.raise("golden-waiting", APPROVAL, &false).await.unwrap();
     let finished = client.wait_for_completion("golden-waiting", WAIT).await.unwrap();
     assert_eq!(finished.status, RuntimeStatus::Completed, "{finished:?}");
     assert_eq!(finished.output.as_deref(), Some("\"HELLO GRACE / 30 / false\""));
@@ -82,18 +86,18 @@ async fn write_golden_hub() {
     if std::env::var("KEEL_WRITE_GOLDEN").is_err() {
         return;
     }
-    let _ = std::fs::remove_file(GOLDEN);
-    let store = keel::store::open(&format!("sqlite://{GOLDEN}")).await.unwrap();
+    let _ = std::fs::remove_file(GOLDEN_HUB);
+    let store = keel::store::open(&format!("sqlite://{GOLDEN_HUB}")).await.unwrap();
     let worker = worker(&store).build().start();
     let client = worker.client();
     for (id, name) in [("golden-done", "ada"), ("golden-waiting", "grace")] {
         let options = StartOptions { instance_id: Some(id.into()), ..StartOptions::default() };
-        client.start_with("Golden", &name, options).await.unwrap();
+        client.start_with_options(GOLDEN, &name.to_string(), options).await.unwrap();
     }
     for id in ["golden-done", "golden-waiting"] {
         common::wait_for_state(&client, id, "a custom status", |state| state.custom_status.is_some()).await;
     }
-    client.raise_event("golden-done", "Approval", &true).await.unwrap();
+    client.raise("golden-done", APPROVAL, &true).await.unwrap();
     client.wait_for_completion("golden-done", WAIT).await.unwrap();
     worker.shutdown(WAIT).await;
     drop(client);

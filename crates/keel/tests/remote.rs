@@ -13,21 +13,27 @@ use std::time::Duration;
 use common::{temp_store, wait_for_state, worker, WAIT};
 use keel::entity_episode::EntityEpisode;
 use keel::episode::{RemoteEpisode, RemoteOutcome};
-use keel::{EventKind, HistoryEvent, OrchestrationContext, OrchestrationError, RemoteWorkers, RuntimeStatus};
-use keel_core::replay::{orchestrator, Execution, Orchestrator};
+use keel::{
+    Activity, Event, EventKind, HistoryEvent, Orchestration, OrchestrationContext, OrchestrationError, RemoteWorkers,
+    RuntimeStatus,
+};
+use keel_core::replay::{typed_orchestrator, Execution, Orchestrator};
 use keel_store::{ActivityCompletion, ActivityItem, Message, Store};
+
+/// Hosted by the "remote worker" only: the local worker registers none of these.
+const COUNTDOWN: Orchestration<u32, String> = Orchestration::new("Countdown");
+const DECREMENT: Activity<u32, u32> = Activity::new("Decrement");
+const WORD: Event<String> = Event::new("Word");
 
 /// Counts down from its input with an activity, a timer and continue-as-new, then
 /// waits for an event.
-async fn countdown(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let n: u32 = ctx.input()?;
+async fn countdown(ctx: OrchestrationContext, n: u32) -> Result<String, OrchestrationError> {
     if n > 0 {
-        let next: u32 = ctx.call_activity("Decrement", &n).await?;
+        let next = ctx.call(DECREMENT, &n).await?;
         ctx.sleep(Duration::from_millis(20)).await;
-        ctx.continue_as_new(&next);
-        return Ok(String::new());
+        return ctx.continue_as_new(&next);
     }
-    let word: String = ctx.wait_for_external_event("Word").await?;
+    let word = ctx.wait(WORD).await?;
     Ok(format!("liftoff: {word}"))
 }
 
@@ -101,19 +107,19 @@ async fn unhosted_orchestrators_and_activities_run_on_remote_workers() {
     let (store, _dir) = temp_store().await;
     let remote = Arc::new(FakeRemote {
         store: store.clone(),
-        orchestrator: orchestrator(countdown),
+        orchestrator: typed_orchestrator(countdown),
         episodes: AtomicU32::new(0),
         activities: AtomicU32::new(0),
         entity_batches: AtomicU32::new(0),
     });
     let worker = worker(&store).remote_workers(remote.clone()).build().start();
     let client = keel::Client::new(store.clone());
-    let id = client.start_new("Countdown", &3u32).await.unwrap();
+    let id = client.start(COUNTDOWN, &3).await.unwrap().id().to_string();
     wait_for_state(&client, &id, "its last execution", |state| {
         state.input.as_deref() == Some("0") && state.status == RuntimeStatus::Running
     })
     .await;
-    client.raise_event(&id, "Word", &"go").await.unwrap();
+    client.raise(&id, WORD, &"go".to_string()).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Completed, "{done:?}");
     assert_eq!(done.output.as_deref(), Some("\"liftoff: go\""));

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{temp_store, wait_for_history, wait_for_state, worker, WAIT};
 use keel::{
-    ActivityContext, ActivityError, ClientError, EventKind, InstanceQuery, OrchestrationContext, OrchestrationError,
-    PurgeFilter, RetryPolicy, RuntimeStatus, StartOptions,
+    Activity, ActivityContext, ActivityError, ClientError, Event, EventKind, InstanceQuery, Never, Orchestration,
+    OrchestrationContext, OrchestrationError, PurgeFilter, RetryPolicy, RuntimeStatus, StartOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,16 +29,23 @@ struct Order {
     items: Vec<Item>,
 }
 
-async fn place_order(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let order: Order = ctx.input()?;
-    ctx.call_activity::<bool>("CheckAndReserveInventory", &order).await?;
-    if let Err(payment_failure) = ctx.call_activity::<String>("ProcessPayment", &order).await {
+const PLACE_ORDER: Orchestration<Order, String> = Orchestration::new("PlaceOrder");
+const CHECK_AND_RESERVE_INVENTORY: Activity<Order, bool, Never> = Activity::new("CheckAndReserveInventory");
+/// Fails untyped, with error type `PaymentDeclined`.
+const PROCESS_PAYMENT: Activity<Order, String> = Activity::new("ProcessPayment");
+const RELEASE_INVENTORY: Activity<Order, (), Never> = Activity::new("ReleaseInventory");
+const SCHEDULE_SHIPPING: Activity<Order, String, Never> = Activity::new("ScheduleShipping");
+const EMAIL_CUSTOMER: Activity<String, (), Never> = Activity::new("EmailCustomer");
+
+async fn place_order(ctx: OrchestrationContext, order: Order) -> Result<String, OrchestrationError> {
+    ctx.call(CHECK_AND_RESERVE_INVENTORY, &order).await?;
+    if let Err(payment_failure) = ctx.call(PROCESS_PAYMENT, &order).await {
         // Compensate: give the reserved stock back, then fail with the payment's reason.
-        ctx.call_activity::<()>("ReleaseInventory", &order).await?;
+        ctx.call(RELEASE_INVENTORY, &order).await?;
         return Err(payment_failure.into());
     }
-    let tracking: String = ctx.call_activity("ScheduleShipping", &order).await?;
-    ctx.call_activity::<()>("EmailCustomer", &tracking).await?;
+    let tracking = ctx.call(SCHEDULE_SHIPPING, &order).await?;
+    ctx.call(EMAIL_CUSTOMER, &tracking).await?;
     Ok(tracking)
 }
 
@@ -52,27 +59,27 @@ fn order(order_id: &str) -> Order {
 
 fn order_worker(store: &Arc<dyn keel_store::Store>, released: Arc<AtomicU32>) -> keel::WorkerBuilder {
     worker(store)
-        .orchestrator("PlaceOrder", place_order)
-        .activity("CheckAndReserveInventory", |_ctx: ActivityContext, order: Order| async move {
-            Ok::<_, ActivityError>(!order.items.is_empty())
+        .orchestration(PLACE_ORDER, place_order)
+        .activity(CHECK_AND_RESERVE_INVENTORY, |_ctx: ActivityContext, order: Order| async move {
+            Ok::<_, Never>(!order.items.is_empty())
         })
-        .activity("ProcessPayment", |_ctx: ActivityContext, order: Order| async move {
+        .activity(PROCESS_PAYMENT, |_ctx: ActivityContext, order: Order| async move {
             if order.customer.starts_with("broke") {
                 return Err(ActivityError::new("PaymentDeclined", format!("card declined for {}", order.order_id)));
             }
             Ok(format!("pay-{}", order.order_id))
         })
-        .activity("ReleaseInventory", move |_ctx: ActivityContext, _order: Order| {
+        .activity(RELEASE_INVENTORY, move |_ctx: ActivityContext, _order: Order| {
             let released = released.clone();
             async move {
                 released.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, ActivityError>(())
+                Ok::<_, Never>(())
             }
         })
-        .activity("ScheduleShipping", |_ctx: ActivityContext, order: Order| async move {
-            Ok::<_, ActivityError>(format!("TRACK-{}", order.order_id))
+        .activity(SCHEDULE_SHIPPING, |_ctx: ActivityContext, order: Order| async move {
+            Ok::<_, Never>(format!("TRACK-{}", order.order_id))
         })
-        .activity("EmailCustomer", |_ctx: ActivityContext, _tracking: String| async move { Ok::<_, ActivityError>(()) })
+        .activity(EMAIL_CUSTOMER, |_ctx: ActivityContext, _tracking: String| async move { Ok::<_, Never>(()) })
 }
 
 #[tokio::test]
@@ -80,7 +87,7 @@ async fn the_order_workflow_runs_its_activities_in_sequence() {
     let (store, _dir) = temp_store().await;
     let worker = order_worker(&store, Arc::default()).build().start();
     let client = worker.client();
-    let id = client.start_new("PlaceOrder", &order("o-1")).await.unwrap();
+    let id = client.start(PLACE_ORDER, &order("o-1")).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Completed, "{done:?}");
     assert_eq!(done.output.as_deref(), Some("\"TRACK-o-1\""));
@@ -109,7 +116,7 @@ async fn a_failed_payment_is_compensated_and_fails_the_order_with_its_details() 
     let client = worker.client();
     let mut broke = order("o-2");
     broke.customer = "broke@example.com".into();
-    let id = client.start_new("PlaceOrder", &broke).await.unwrap();
+    let id = client.start(PLACE_ORDER, &broke).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Failed);
     let failure = done.failure.expect("failure details");
@@ -121,22 +128,23 @@ async fn a_failed_payment_is_compensated_and_fails_the_order_with_its_details() 
 
 #[tokio::test]
 async fn fan_out_to_a_thousand_activities_and_fan_in() {
+    const FAN_OUT: Orchestration<u64, u64> = Orchestration::new("FanOut");
+    const SQUARE: Activity<u64, u64, Never> = Activity::new("Square");
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("FanOut", |ctx: OrchestrationContext| async move {
-            let n: u64 = ctx.input()?;
-            let results = ctx.when_all((0..n).map(|i| ctx.call_activity::<u64>("Square", &i))).await;
+        .orchestration(FAN_OUT, |ctx: OrchestrationContext, n: u64| async move {
+            let results = ctx.when_all((0..n).map(|i| ctx.call(SQUARE, &i))).await;
             let mut total = 0;
             for result in results {
                 total += result?;
             }
             Ok(total)
         })
-        .activity("Square", |_ctx: ActivityContext, i: u64| async move { Ok::<_, ActivityError>(i * i) })
+        .activity(SQUARE, |_ctx: ActivityContext, i: u64| async move { Ok::<_, Never>(i * i) })
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("FanOut", &1000u64).await.unwrap();
+    let id = client.start(FAN_OUT, &1000).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Completed, "{done:?}");
     let expected: u64 = (0..1000u64).map(|i| i * i).sum();
@@ -147,21 +155,25 @@ async fn fan_out_to_a_thousand_activities_and_fan_in() {
     worker.shutdown(WAIT).await;
 }
 
-async fn approval(ctx: OrchestrationContext) -> Result<String, OrchestrationError> {
-    let timeout_ms: u64 = ctx.input()?;
-    let outcome = ctx.wait_for_external_event_with_timeout::<bool>("Approval", Duration::from_millis(timeout_ms)).await;
-    match outcome {
-        Ok(true) => Ok("approved".into()),
-        Ok(false) => Ok("rejected".into()),
-        Err(error) if error.is_timeout() => Ok(ctx.call_activity("Escalate", &()).await?),
-        Err(error) => Err(error.into()),
+/// Takes the timeout in milliseconds.
+const APPROVAL_WORKFLOW: Orchestration<u64, String> = Orchestration::new("Approval");
+const APPROVAL: Event<bool> = Event::new("Approval");
+const ESCALATE: Activity<(), String, Never> = Activity::new("Escalate");
+/// A go-ahead without data.
+const GO: Event<()> = Event::new("Go");
+
+async fn approval(ctx: OrchestrationContext, timeout_ms: u64) -> Result<String, OrchestrationError> {
+    match ctx.wait(APPROVAL).timeout(Duration::from_millis(timeout_ms)).await? {
+        Some(true) => Ok("approved".into()),
+        Some(false) => Ok("rejected".into()),
+        None => Ok(ctx.call(ESCALATE, &()).await?),
     }
 }
 
 fn approval_worker(store: &Arc<dyn keel_store::Store>) -> keel::WorkerHandle {
     worker(store)
-        .orchestrator("Approval", approval)
-        .activity("Escalate", |_ctx: ActivityContext, ()| async { Ok::<_, ActivityError>("escalated".to_string()) })
+        .orchestration(APPROVAL_WORKFLOW, approval)
+        .activity(ESCALATE, |_ctx: ActivityContext, ()| async { Ok::<_, Never>("escalated".to_string()) })
         .build()
         .start()
 }
@@ -171,7 +183,7 @@ async fn human_interaction_approval_arrives_before_the_deadline() {
     let (store, _dir) = temp_store().await;
     let worker = approval_worker(&store);
     let client = worker.client();
-    let id = client.start_new("Approval", &60_000u64).await.unwrap();
+    let id = client.start(APPROVAL_WORKFLOW, &60_000).await.unwrap().id().to_string();
     client.wait_for_start(&id, WAIT).await.unwrap();
     // Case-insensitive event names.
     client.raise_event(&id, "approval", &true).await.unwrap();
@@ -185,13 +197,13 @@ async fn human_interaction_times_out_and_escalates() {
     let (store, _dir) = temp_store().await;
     let worker = approval_worker(&store);
     let client = worker.client();
-    let id = client.start_new("Approval", &300u64).await.unwrap();
+    let id = client.start(APPROVAL_WORKFLOW, &300).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.output.as_deref(), Some("\"escalated\""));
     let history = client.get_history(&id).await.unwrap();
     assert!(history.iter().any(|event| matches!(event.kind, EventKind::TimerFired { .. })));
     // An event for the finished instance is refused and changes nothing.
-    let late = client.raise_event(&id, "Approval", &true).await.unwrap_err();
+    let late = client.raise(&id, APPROVAL, &true).await.unwrap_err();
     assert!(matches!(late, ClientError::InvalidState { status: RuntimeStatus::Completed, .. }), "{late:?}");
     assert_eq!(client.get_history(&id).await.unwrap().len(), history.len());
     worker.shutdown(WAIT).await;
@@ -199,21 +211,23 @@ async fn human_interaction_times_out_and_escalates() {
 
 #[tokio::test]
 async fn events_raised_before_the_wait_are_buffered() {
+    const COLLECT: Orchestration<(), Vec<String>> = Orchestration::new("Collect");
+    const ITEM: Event<String> = Event::new("Item");
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("Collect", |ctx: OrchestrationContext| async move {
-            ctx.wait_for_external_event::<()>("Go").await?;
-            let a: String = ctx.wait_for_external_event("Item").await?;
-            let b: String = ctx.wait_for_external_event("Item").await?;
+        .orchestration(COLLECT, |ctx: OrchestrationContext, (): ()| async move {
+            ctx.wait(GO).await?;
+            let a = ctx.wait(ITEM).await?;
+            let b = ctx.wait(ITEM).await?;
             Ok(vec![a, b])
         })
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("Collect", &()).await.unwrap();
-    client.raise_event(&id, "Item", &"first").await.unwrap();
-    client.raise_event(&id, "Item", &"second").await.unwrap();
-    client.raise_event(&id, "Go", &()).await.unwrap();
+    let id = client.start(COLLECT, &()).await.unwrap().id().to_string();
+    client.raise(&id, ITEM, &"first".to_string()).await.unwrap();
+    client.raise(&id, ITEM, &"second".to_string()).await.unwrap();
+    client.raise(&id, GO, &()).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.output.as_deref(), Some("[\"first\",\"second\"]"));
     worker.shutdown(WAIT).await;
@@ -221,28 +235,28 @@ async fn events_raised_before_the_wait_are_buffered() {
 
 #[tokio::test]
 async fn a_monitor_loops_on_timers_and_continues_as_new() {
+    const MONITOR: Orchestration<u32, String> = Orchestration::new("Monitor");
+    const IS_CLEAR: Activity<u32, bool, Never> = Activity::new("IsClear");
     let (store, _dir) = temp_store().await;
     let checks = Arc::new(AtomicU32::new(0));
     let counted = checks.clone();
     let worker = worker(&store)
-        .orchestrator("Monitor", |ctx: OrchestrationContext| async move {
-            let round: u32 = ctx.input()?;
-            let clear: bool = ctx.call_activity("IsClear", &round).await?;
+        .orchestration(MONITOR, |ctx: OrchestrationContext, round: u32| async move {
+            let clear = ctx.call(IS_CLEAR, &round).await?;
             if clear {
                 return Ok(format!("clear after {round} rounds"));
             }
             ctx.sleep(Duration::from_millis(50)).await;
-            ctx.continue_as_new(&(round + 1));
-            Ok(String::new())
+            ctx.continue_as_new(&(round + 1))
         })
-        .activity("IsClear", move |_ctx: ActivityContext, round: u32| {
+        .activity(IS_CLEAR, move |_ctx: ActivityContext, round: u32| {
             counted.fetch_add(1, Ordering::SeqCst);
-            async move { Ok::<_, ActivityError>(round >= 4) }
+            async move { Ok::<_, Never>(round >= 4) }
         })
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("Monitor", &0u32).await.unwrap();
+    let id = client.start(MONITOR, &0).await.unwrap().id().to_string();
     let first_execution = client.get_status(&id).await.unwrap().unwrap().execution_id;
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.output.as_deref(), Some("\"clear after 4 rounds\""));
@@ -258,30 +272,32 @@ async fn a_monitor_loops_on_timers_and_continues_as_new() {
 
 #[tokio::test]
 async fn sub_orchestrations_report_results_and_failures_to_their_parent() {
+    const PARENT: Orchestration<(), (u32, String)> = Orchestration::new("Parent");
+    const CHILD: Orchestration<u32, u32> = Orchestration::new("Child");
+    const DOUBLE: Activity<u32, u32, Never> = Activity::new("Double");
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("Parent", |ctx: OrchestrationContext| async move {
-            let children = (1..=3).map(|n| ctx.call_sub_orchestrator::<u32>("Child", &n));
+        .orchestration(PARENT, |ctx: OrchestrationContext, (): ()| async move {
+            let children = (1..=3).map(|n| ctx.call(CHILD, &n));
             let mut sum = 0;
             for result in ctx.when_all(children).await {
                 sum += result?;
             }
-            let named: u32 = ctx.call_sub_orchestrator_with_id("Child", Some("named-child"), &10u32).await?;
-            let failure = ctx.call_sub_orchestrator::<u32>("Child", &0u32).await.unwrap_err();
-            Ok((sum + named, failure.details.error_type))
+            let named = ctx.call_with_instance_id(CHILD, "named-child", &10).await?;
+            let failure = ctx.call(CHILD, &0).await.unwrap_err();
+            Ok((sum + named, failure.details().error_type))
         })
-        .orchestrator("Child", |ctx: OrchestrationContext| async move {
-            let n: u32 = ctx.input()?;
+        .orchestration(CHILD, |ctx: OrchestrationContext, n: u32| async move {
             if n == 0 {
                 return Err(OrchestrationError::new("ZeroInput", "children need a positive input"));
             }
-            Ok(ctx.call_activity::<u32>("Double", &n).await?)
+            Ok(ctx.call(DOUBLE, &n).await?)
         })
-        .activity("Double", |_ctx: ActivityContext, n: u32| async move { Ok::<_, ActivityError>(n * 2) })
+        .activity(DOUBLE, |_ctx: ActivityContext, n: u32| async move { Ok::<_, Never>(n * 2) })
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("Parent", &()).await.unwrap();
+    let id = client.start(PARENT, &()).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.output.as_deref(), Some("[32,\"ZeroInput\"]"), "{done:?}");
     let child = client.get_status("named-child").await.unwrap().expect("the named child exists");
@@ -291,13 +307,17 @@ async fn sub_orchestrations_report_results_and_failures_to_their_parent() {
     worker.shutdown(WAIT).await;
 }
 
+const RETRY: Orchestration<(), u32> = Orchestration::new("Retry");
+/// Fails untyped, with error type `Transient`.
+const FLAKY: Activity<(), u32> = Activity::new("Flaky");
+
 fn flaky_worker(store: &Arc<dyn keel_store::Store>, attempts: Arc<AtomicU32>, succeed_on: u32) -> keel::WorkerBuilder {
     worker(store)
-        .orchestrator("Retry", |ctx: OrchestrationContext| async move {
-            let policy = RetryPolicy::new(3, Duration::from_millis(50)).with_backoff_coefficient(2.0);
-            Ok(ctx.call_activity_with_retry::<u32>("Flaky", &(), &policy).await?)
+        .orchestration(RETRY, |ctx: OrchestrationContext, (): ()| async move {
+            let policy = RetryPolicy::new(3, Duration::from_millis(50))?.with_backoff_coefficient(2.0)?;
+            Ok(ctx.call(FLAKY, &()).with_retry(policy).await?)
         })
-        .activity("Flaky", move |_ctx: ActivityContext, ()| {
+        .activity(FLAKY, move |_ctx: ActivityContext, ()| {
             let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
                 if attempt < succeed_on {
@@ -315,7 +335,7 @@ async fn retries_until_success() {
     let attempts = Arc::new(AtomicU32::new(0));
     let worker = flaky_worker(&store, attempts.clone(), 3).build().start();
     let client = worker.client();
-    let id = client.start_new("Retry", &()).await.unwrap();
+    let id = client.start(RETRY, &()).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.output.as_deref(), Some("3"));
     let history = client.get_history(&id).await.unwrap();
@@ -330,7 +350,7 @@ async fn retries_exhausted_fail_the_instance_with_the_last_failure() {
     let attempts = Arc::new(AtomicU32::new(0));
     let worker = flaky_worker(&store, attempts.clone(), 100).build().start();
     let client = worker.client();
-    let id = client.start_new("Retry", &()).await.unwrap();
+    let id = client.start(RETRY, &()).await.unwrap().id().to_string();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Failed);
     let failure = done.failure.unwrap();
@@ -348,16 +368,18 @@ async fn retries_exhausted_fail_the_instance_with_the_last_failure() {
 
 #[tokio::test]
 async fn rewind_of_a_transient_failure_completes_the_instance() {
+    const ONCE: Orchestration<(), u32> = Orchestration::new("Once");
+    const STEP: Activity<u32, u32> = Activity::new("Step");
     let (store, _dir) = temp_store().await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counted = attempts.clone();
     let worker = worker(&store)
-        .orchestrator("Once", |ctx: OrchestrationContext| async move {
-            let a: u32 = ctx.call_activity("Step", &1u32).await?;
-            let b: u32 = ctx.call_activity("Step", &2u32).await?;
+        .orchestration(ONCE, |ctx: OrchestrationContext, (): ()| async move {
+            let a = ctx.call(STEP, &1).await?;
+            let b = ctx.call(STEP, &2).await?;
             Ok(a + b)
         })
-        .activity("Step", move |_ctx: ActivityContext, n: u32| {
+        .activity(STEP, move |_ctx: ActivityContext, n: u32| {
             let attempt = counted.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
                 if attempt == 2 {
@@ -369,7 +391,7 @@ async fn rewind_of_a_transient_failure_completes_the_instance() {
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("Once", &()).await.unwrap();
+    let id = client.start(ONCE, &()).await.unwrap().id().to_string();
     assert_eq!(client.wait_for_completion(&id, WAIT).await.unwrap().status, RuntimeStatus::Failed);
     client.rewind(&id, None).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
@@ -381,22 +403,26 @@ async fn rewind_of_a_transient_failure_completes_the_instance() {
     worker.shutdown(WAIT).await;
 }
 
+/// Waits for the event `Value`.
+const WAIT_FOR_VALUE: Orchestration<(), u32> = Orchestration::new("Wait");
+const VALUE: Event<u32> = Event::new("Value");
+
 #[tokio::test]
 async fn suspend_resume_and_terminate() {
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("Wait", |ctx: OrchestrationContext| async move {
-            let value: u32 = ctx.wait_for_external_event("Value").await?;
+        .orchestration(WAIT_FOR_VALUE, |ctx: OrchestrationContext, (): ()| async move {
+            let value = ctx.wait(VALUE).await?;
             Ok(value + 1)
         })
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("Wait", &()).await.unwrap();
+    let id = client.start(WAIT_FOR_VALUE, &()).await.unwrap().id().to_string();
     client.wait_for_start(&id, WAIT).await.unwrap();
     client.suspend(&id, Some("maintenance")).await.unwrap();
     wait_for_state(&client, &id, "Suspended", |state| state.status == RuntimeStatus::Suspended).await;
-    client.raise_event(&id, "Value", &41u32).await.unwrap();
+    client.raise(&id, VALUE, &41).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         client.get_status(&id).await.unwrap().unwrap().status,
@@ -407,7 +433,7 @@ async fn suspend_resume_and_terminate() {
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.output.as_deref(), Some("42"));
 
-    let other = client.start_new("Wait", &()).await.unwrap();
+    let other = client.start(WAIT_FOR_VALUE, &()).await.unwrap().id().to_string();
     client.wait_for_start(&other, WAIT).await.unwrap();
     client.terminate(&other, Some("no longer needed")).await.unwrap();
     let terminated = client.wait_for_completion(&other, WAIT).await.unwrap();
@@ -419,15 +445,16 @@ async fn suspend_resume_and_terminate() {
 
 #[tokio::test]
 async fn a_scheduled_start_waits_for_its_time() {
+    const NOW: Orchestration<(), i64> = Orchestration::new("Now");
     let (store, _dir) = temp_store().await;
-    let worker = worker(&store).orchestrator("Now", |ctx: OrchestrationContext| async move {
+    let worker = worker(&store).orchestration(NOW, |ctx: OrchestrationContext, (): ()| async move {
         Ok(ctx.current_utc_datetime().timestamp_millis())
     });
     let worker = worker.build().start();
     let client = worker.client();
     let start_at = chrono::Utc::now() + chrono::Duration::milliseconds(700);
     let options = StartOptions { scheduled_start: Some(start_at), ..StartOptions::default() };
-    let id = client.start_with("Now", &(), options).await.unwrap();
+    let id = client.start_with_options(NOW, &(), options).await.unwrap().id().to_string();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(client.get_status(&id).await.unwrap().unwrap().status, RuntimeStatus::Pending);
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
@@ -440,34 +467,33 @@ async fn a_scheduled_start_waits_for_its_time() {
 async fn bad_requests_are_refused_and_change_nothing() {
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("Wait", |ctx: OrchestrationContext| async move {
-            Ok(ctx.wait_for_external_event::<u32>("Value").await?)
-        })
+        .orchestration(WAIT_FOR_VALUE, |ctx: OrchestrationContext, (): ()| async move { Ok(ctx.wait(VALUE).await?) })
         .build()
         .start();
     let client = worker.client();
     assert!(matches!(client.start_new("NoSuchThing", &()).await, Err(ClientError::UnknownOrchestrator(_))));
     let too_big = "x".repeat(keel_core::limits::MAX_PAYLOAD_BYTES + 1);
-    assert!(matches!(client.start_new("Wait", &too_big).await, Err(ClientError::Invalid(_))));
+    // By name: the typed start takes no string.
+    assert!(matches!(client.start_new(WAIT_FOR_VALUE.name(), &too_big).await, Err(ClientError::Invalid(_))));
     let bad_id = StartOptions { instance_id: Some("a/b".into()), ..StartOptions::default() };
-    assert!(matches!(client.start_with("Wait", &(), bad_id).await, Err(ClientError::Invalid(_))));
+    assert!(matches!(client.start_with_options(WAIT_FOR_VALUE, &(), bad_id).await, Err(ClientError::Invalid(_))));
     assert!(matches!(
         client.start_raw("Wait", Some("{not json".into()), StartOptions::default()).await,
         Err(ClientError::Invalid(_))
     ));
-    assert!(matches!(client.raise_event("nobody", "Value", &1).await, Err(ClientError::NotFound(_))));
+    assert!(matches!(client.raise("nobody", VALUE, &1).await, Err(ClientError::NotFound(_))));
     assert!(matches!(client.terminate("nobody", None).await, Err(ClientError::NotFound(_))));
     let page = client.query(&InstanceQuery::default()).await.unwrap();
     assert!(page.instances.is_empty(), "nothing was written: {page:?}");
 
     let fixed = StartOptions { instance_id: Some("singleton".into()), ..StartOptions::default() };
-    client.start_with("Wait", &(), fixed.clone()).await.unwrap();
-    let again = client.start_with("Wait", &(), fixed.clone()).await.unwrap_err();
+    client.start_with_options(WAIT_FOR_VALUE, &(), fixed.clone()).await.unwrap();
+    let again = client.start_with_options(WAIT_FOR_VALUE, &(), fixed.clone()).await.unwrap_err();
     assert!(matches!(again, ClientError::AlreadyExists { .. }), "{again:?}");
-    client.raise_event("singleton", "Value", &7u32).await.unwrap();
+    client.raise("singleton", VALUE, &7).await.unwrap();
     assert_eq!(client.wait_for_completion("singleton", WAIT).await.unwrap().output.as_deref(), Some("7"));
     // A finished instance is replaced by a new start with the same id.
-    client.start_with("Wait", &(), fixed).await.unwrap();
+    client.start_with_options(WAIT_FOR_VALUE, &(), fixed).await.unwrap();
     let replaced = client.wait_for_start("singleton", WAIT).await.unwrap();
     assert_eq!(replaced.status, RuntimeStatus::Running);
     assert_eq!(replaced.output, None);
@@ -476,29 +502,33 @@ async fn bad_requests_are_refused_and_change_nothing() {
 
 #[tokio::test]
 async fn panics_fail_the_instance_not_the_worker() {
+    const PANICKY_ORCHESTRATOR: Orchestration<(), ()> = Orchestration::new("PanickyOrchestrator");
+    const CALLS_PANICKY_ACTIVITY: Orchestration<(), ()> = Orchestration::new("CallsPanickyActivity");
+    const FINE: Orchestration<(), String> = Orchestration::new("Fine");
+    const PANICKY_ACTIVITY: Activity<(), (), Never> = Activity::new("PanickyActivity");
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("PanickyOrchestrator", |_ctx: OrchestrationContext| async move {
+        .orchestration(PANICKY_ORCHESTRATOR, |_ctx: OrchestrationContext, (): ()| async move {
             if true {
                 panic!("orchestrator bug");
             }
             Ok(())
         })
-        .orchestrator("CallsPanickyActivity", |ctx: OrchestrationContext| async move {
-            Ok(ctx.call_activity::<()>("PanickyActivity", &()).await?)
+        .orchestration(CALLS_PANICKY_ACTIVITY, |ctx: OrchestrationContext, (): ()| async move {
+            Ok(ctx.call(PANICKY_ACTIVITY, &()).await?)
         })
-        .orchestrator("Fine", |_ctx: OrchestrationContext| async move { Ok("fine") })
-        .activity("PanickyActivity", |_ctx: ActivityContext, ()| async move {
+        .orchestration(FINE, |_ctx: OrchestrationContext, (): ()| async move { Ok("fine".to_string()) })
+        .activity(PANICKY_ACTIVITY, |_ctx: ActivityContext, ()| async move {
             if true {
                 panic!("activity bug");
             }
-            Ok::<_, ActivityError>(())
+            Ok::<_, Never>(())
         })
         .build()
         .start();
     let client = worker.client();
-    let a = client.start_new("PanickyOrchestrator", &()).await.unwrap();
-    let b = client.start_new("CallsPanickyActivity", &()).await.unwrap();
+    let a = client.start(PANICKY_ORCHESTRATOR, &()).await.unwrap().id().to_string();
+    let b = client.start(CALLS_PANICKY_ACTIVITY, &()).await.unwrap().id().to_string();
     let a = client.wait_for_completion(&a, WAIT).await.unwrap();
     let b = client.wait_for_completion(&b, WAIT).await.unwrap();
     assert_eq!(a.status, RuntimeStatus::Failed);
@@ -507,37 +537,41 @@ async fn panics_fail_the_instance_not_the_worker() {
     let failure = b.failure.unwrap();
     assert_eq!(failure.error_type, "Panic");
     assert!(failure.error_message.contains("activity bug"), "{failure:?}");
-    let c = client.start_new("Fine", &()).await.unwrap();
+    let c = client.start(FINE, &()).await.unwrap().id().to_string();
     assert_eq!(client.wait_for_completion(&c, WAIT).await.unwrap().status, RuntimeStatus::Completed);
     worker.shutdown(WAIT).await;
 }
 
 #[tokio::test]
 async fn changed_orchestrator_code_is_detected_as_non_determinism() {
+    const VERSIONED: Orchestration<(), u32> = Orchestration::new("Versioned");
+    const OLD: Activity<(), (), Never> = Activity::new("Old");
+    const NEW: Activity<(), (), Never> = Activity::new("New");
+    const GO_WITH_A_NUMBER: Event<u32> = Event::new("Go");
     let (store, _dir) = temp_store().await;
     let first = worker(&store)
-        .orchestrator("Versioned", |ctx: OrchestrationContext| async move {
-            let _: () = ctx.call_activity("Old", &()).await?;
-            Ok(ctx.wait_for_external_event::<u32>("Go").await?)
+        .orchestration(VERSIONED, |ctx: OrchestrationContext, (): ()| async move {
+            ctx.call(OLD, &()).await?;
+            Ok(ctx.wait(GO_WITH_A_NUMBER).await?)
         })
-        .activity("Old", |_ctx: ActivityContext, ()| async { Ok::<_, ActivityError>(()) })
+        .activity(OLD, |_ctx: ActivityContext, ()| async { Ok::<_, Never>(()) })
         .build()
         .start();
     let client = first.client();
-    let id = client.start_new("Versioned", &()).await.unwrap();
+    let id = client.start(VERSIONED, &()).await.unwrap().id().to_string();
     wait_for_history(&client, &id, "TaskCompleted", |kind| matches!(kind, EventKind::TaskCompleted { .. })).await;
     first.shutdown(WAIT).await;
 
     let second = worker(&store)
-        .orchestrator("Versioned", |ctx: OrchestrationContext| async move {
-            let _: () = ctx.call_activity("New", &()).await?;
-            Ok(ctx.wait_for_external_event::<u32>("Go").await?)
+        .orchestration(VERSIONED, |ctx: OrchestrationContext, (): ()| async move {
+            ctx.call(NEW, &()).await?;
+            Ok(ctx.wait(GO_WITH_A_NUMBER).await?)
         })
-        .activity("New", |_ctx: ActivityContext, ()| async { Ok::<_, ActivityError>(()) })
+        .activity(NEW, |_ctx: ActivityContext, ()| async { Ok::<_, Never>(()) })
         .build()
         .start();
     let client = second.client();
-    client.raise_event(&id, "Go", &1u32).await.unwrap();
+    client.raise(&id, GO_WITH_A_NUMBER, &1).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.status, RuntimeStatus::Failed);
     let failure = done.failure.unwrap();
@@ -553,16 +587,15 @@ async fn changed_orchestrator_code_is_detected_as_non_determinism() {
 
 #[tokio::test]
 async fn query_pages_purge_and_restart() {
+    const ECHO: Orchestration<u32, u32> = Orchestration::new("Echo");
     let (store, _dir) = temp_store().await;
-    let worker = worker(&store)
-        .orchestrator("Echo", |ctx: OrchestrationContext| async move { ctx.input::<u32>() })
-        .build()
-        .start();
+    let worker =
+        worker(&store).orchestration(ECHO, |_ctx: OrchestrationContext, n: u32| async move { Ok(n) }).build().start();
     let client = worker.client();
     let mut ids = Vec::new();
     for n in 0..25u32 {
         let options = StartOptions { instance_id: Some(format!("echo-{n:02}")), ..StartOptions::default() };
-        ids.push(client.start_with("Echo", &n, options).await.unwrap());
+        ids.push(client.start_with_options(ECHO, &n, options).await.unwrap().id().to_string());
     }
     for id in &ids {
         client.wait_for_completion(id, WAIT).await.unwrap();
@@ -600,25 +633,24 @@ async fn query_pages_purge_and_restart() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_running_activities() {
+    const SLOW: Orchestration<(), u32> = Orchestration::new("Slow");
+    const NAP: Activity<(), u32, Never> = Activity::new("Nap");
     let (store, _dir) = temp_store().await;
     let runs = Arc::new(AtomicU32::new(0));
     let build = |runs: Arc<AtomicU32>| {
         worker(&store)
-            .orchestrator(
-                "Slow",
-                |ctx: OrchestrationContext| async move { Ok(ctx.call_activity::<u32>("Nap", &()).await?) },
-            )
-            .activity("Nap", move |_ctx: ActivityContext, ()| {
+            .orchestration(SLOW, |ctx: OrchestrationContext, (): ()| async move { Ok(ctx.call(NAP, &()).await?) })
+            .activity(NAP, move |_ctx: ActivityContext, ()| {
                 let runs = runs.clone();
                 async move {
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok::<_, ActivityError>(runs.fetch_add(1, Ordering::SeqCst) + 1)
+                    Ok::<_, Never>(runs.fetch_add(1, Ordering::SeqCst) + 1)
                 }
             })
     };
     let first = build(runs.clone()).build().start();
     let client = first.client();
-    let id = client.start_new("Slow", &()).await.unwrap();
+    let id = client.start(SLOW, &()).await.unwrap().id().to_string();
     wait_for_history(&client, &id, "TaskScheduled", |kind| matches!(kind, EventKind::TaskScheduled { .. })).await;
     tokio::time::sleep(Duration::from_millis(100)).await; // the activity is running now
     first.shutdown(WAIT).await;
@@ -631,22 +663,23 @@ async fn graceful_shutdown_finishes_running_activities() {
 
 #[tokio::test]
 async fn custom_status_and_guids_are_recorded() {
+    const STATUS: Orchestration<(), String> = Orchestration::new("Status");
     let (store, _dir) = temp_store().await;
     let worker = worker(&store)
-        .orchestrator("Status", |ctx: OrchestrationContext| async move {
+        .orchestration(STATUS, |ctx: OrchestrationContext, (): ()| async move {
             ctx.set_custom_status(&serde_json::json!({"stage": "waiting"}));
             let id = ctx.new_guid();
-            ctx.wait_for_external_event::<()>("Go").await?;
+            ctx.wait(GO).await?;
             ctx.set_custom_status(&"done");
             Ok(id.to_string())
         })
         .build()
         .start();
     let client = worker.client();
-    let id = client.start_new("Status", &()).await.unwrap();
+    let id = client.start(STATUS, &()).await.unwrap().id().to_string();
     let status = wait_for_state(&client, &id, "a custom status", |state| state.custom_status.is_some()).await;
     assert_eq!(status.custom_status.as_deref(), Some("{\"stage\":\"waiting\"}"));
-    client.raise_event(&id, "Go", &()).await.unwrap();
+    client.raise(&id, GO, &()).await.unwrap();
     let done = client.wait_for_completion(&id, WAIT).await.unwrap();
     assert_eq!(done.custom_status.as_deref(), Some("\"done\""));
     let guid: String = done.output_as().unwrap();
@@ -656,24 +689,25 @@ async fn custom_status_and_guids_are_recorded() {
 
 #[tokio::test]
 async fn work_that_keeps_crashing_its_workers_is_failed_as_poison() {
+    const CALLS: Orchestration<(), u32> = Orchestration::new("Calls");
+    const PLAIN: Orchestration<(), u32> = Orchestration::new("Plain");
+    const WORK: Activity<(), u32, Never> = Activity::new("Work");
     let (store, _dir) = temp_store().await;
     let build = |activity_hangs: bool| {
         worker(&store)
-            .orchestrator("Calls", |ctx: OrchestrationContext| async move {
-                Ok(ctx.call_activity::<u32>("Work", &()).await?)
-            })
-            .orchestrator("Plain", |_ctx: OrchestrationContext| async move { Ok(1) })
-            .activity("Work", move |_ctx: ActivityContext, ()| async move {
+            .orchestration(CALLS, |ctx: OrchestrationContext, (): ()| async move { Ok(ctx.call(WORK, &()).await?) })
+            .orchestration(PLAIN, |_ctx: OrchestrationContext, (): ()| async move { Ok(1) })
+            .activity(WORK, move |_ctx: ActivityContext, ()| async move {
                 if activity_hangs {
                     std::future::pending::<()>().await;
                 }
-                Ok::<_, ActivityError>(7u32)
+                Ok::<_, Never>(7u32)
             })
     };
     let client = build(false).build().client();
     // Workers that take an item and die before finishing it are simulated by taking the
     // item with a zero lease, over and over, without committing.
-    let plain = client.start_new("Plain", &()).await.unwrap();
+    let plain = client.start(PLAIN, &()).await.unwrap().id().to_string();
     for _ in 0..keel_core::limits::MAX_DELIVERY_ATTEMPTS {
         let items = store.fetch_orchestration_items(10, Duration::ZERO, chrono::Utc::now()).await.unwrap();
         assert_eq!(items.len(), 1);
@@ -685,7 +719,7 @@ async fn work_that_keeps_crashing_its_workers_is_failed_as_poison() {
     worker.shutdown(WAIT).await;
 
     // An activity item: a worker whose activity hangs gives it back at shutdown.
-    let calls = client.start_new("Calls", &()).await.unwrap();
+    let calls = client.start(CALLS, &()).await.unwrap().id().to_string();
     let hanging = build(true).build().start();
     wait_for_history(&client, &calls, "TaskScheduled", |kind| matches!(kind, EventKind::TaskScheduled { .. })).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

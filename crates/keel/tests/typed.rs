@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{temp_store, worker, WAIT};
 use keel::testing::{replay_export, HistoryExport, OrchestrationTest};
 use keel::{
-    Activity, ActivityContext, Never, OrchestrationContext, OrchestrationError, Orchestration, Outcome, RuntimeStatus,
+    Activity, ActivityContext, Never, Orchestration, OrchestrationContext, OrchestrationError, Outcome, RuntimeStatus,
     TaskFailure,
 };
 use keel_samples::human_interaction::{self, ApprovalRequest, APPROVAL, APPROVAL_WORKFLOW, ESCALATE, REQUEST_APPROVAL};
@@ -122,10 +122,7 @@ async fn the_typed_client_starts_waits_and_raises_and_exported_histories_replay(
     let replayed = replay_export(SUM, sum_of_squares, &export).expect("the same code replays cleanly");
     assert!(replayed.new_actions.is_empty());
     let divergence = replay_export(SUM, sum_of_cubes, &export).unwrap_err();
-    assert!(
-        divergence.message.contains("at sequence number 0, history has TaskScheduled \"Square\""),
-        "{divergence}"
-    );
+    assert!(divergence.message.contains("at sequence number 0, history has TaskScheduled \"Square\""), "{divergence}");
     assert!(divergence.message.contains("TaskScheduled \"Cube\""), "{divergence}");
     worker.shutdown(Duration::from_secs(5)).await;
 }

@@ -1,6 +1,6 @@
 //! Shared helpers of the end-to-end tests: run the real `keel serve` binary on port 0
-//! with a task hub in a temporary directory, find its address, and poll instances and
-//! entities.
+//! with a task hub in a temporary directory (and the sample app, unless a test asks for
+//! a host without it), find its address, and poll instances and entities.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -26,14 +26,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `keel serve --port 0` on a SQLite task hub in a temp dir, with extra arguments.
+    /// Starts `keel serve --samples --port 0` on a SQLite task hub in a temp dir, with
+    /// extra arguments.
     pub fn start(extra_args: &[&str]) -> Server {
         Server::start_on(None, extra_args)
     }
 
-    /// Starts `keel serve --port 0` on the task hub `store` (a SQLite file in a temp dir
-    /// when `None`), with extra arguments.
+    /// Starts `keel serve --samples --port 0` on the task hub `store` (a SQLite file in a
+    /// temp dir when `None`), with extra arguments.
     pub fn start_on(store: Option<&str>, extra_args: &[&str]) -> Server {
+        Server::spawn(store, &[&["--samples"], extra_args].concat())
+    }
+
+    /// Starts `keel serve --port 0` without the sample app: a host with no functions of
+    /// its own.
+    pub fn start_without_samples(extra_args: &[&str]) -> Server {
+        Server::spawn(None, extra_args)
+    }
+
+    fn spawn(store: Option<&str>, extra_args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = match store {
             Some(store) => store.to_string(),

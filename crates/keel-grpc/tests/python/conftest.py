@@ -33,8 +33,9 @@ def keel_binary() -> pathlib.Path:
 class KeelServer:
     """One ``keel serve`` process; ``restart`` keeps its task hub and its gRPC port."""
 
-    def __init__(self, directory: pathlib.Path, api_key: str | None = None):
+    def __init__(self, directory: pathlib.Path, api_key: str | None = None, tls: tuple | None = None):
         self.directory = directory
+        self.tls = tls  # (certificate file, key file): HTTP and gRPC over TLS
         self.store = f"sqlite://{directory / 'hub.db'}"
         self.api_key = api_key
         self.grpc_port = 0
@@ -48,9 +49,11 @@ class KeelServer:
         assert binary.exists(), f"{binary} is missing: build it with `cargo build -p keel-cli`"
         env = {key: value for key, value in os.environ.items() if key not in ("KEEL_API_KEY", "KEEL_STORE")}
         env.setdefault("RUST_LOG", "info")
-        args = [str(binary), "serve", "--port", "0", "--grpc-port", str(self.grpc_port), "--store", self.store]
+        args = [str(binary), "serve", "--samples", "--port", "0", "--grpc-port", str(self.grpc_port), "--store", self.store]
         if self.api_key:
             args += ["--api-key", self.api_key]
+        if self.tls:
+            args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         self._log = open(self.directory / "host.log", "a")
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
                                         text=True, env=env)
@@ -94,12 +97,22 @@ class KeelServer:
             return ""
 
 
-def new_worker(address: str, metadata=None) -> worker.TaskHubGrpcWorker:
+class ExceptionProperties:
+    """Describes ``PropertiesError``s with properties (they travel in failure details)."""
+
+    def get_exception_properties(self, exception):
+        if isinstance(exception, orchestrations.PropertiesError):
+            return {"code": 7, "retry": False, "where": ["activity"]}
+        return None
+
+
+def new_worker(address: str, metadata=None, **options) -> worker.TaskHubGrpcWorker:
     """A worker hosting ``orchestrations.py``, ``entity_functions.py`` and the SDK's
     scheduled tasks; its work-item filters ask Keel for those functions and entities
     only, so that other workers on the same hub (the README example's, the Rust one in
     ``keel serve``) keep theirs."""
-    w = worker.TaskHubGrpcWorker(host_address=address, metadata=metadata)
+    w = worker.TaskHubGrpcWorker(host_address=address, metadata=metadata, **options,
+                                 exception_properties_provider=ExceptionProperties())
     w.use_work_item_filters()
     for orchestrator in orchestrations.ORCHESTRATORS + entity_functions.ORCHESTRATORS:
         w.add_orchestrator(orchestrator)

@@ -183,9 +183,47 @@ def py_calls_rust(ctx: task.OrchestrationContext, city: str):
     return (yield ctx.call_activity("SayHello", input=city))
 
 
+class PropertiesError(Exception):
+    """An error the worker's exception properties provider describes (see conftest)."""
+
+
+def py_fail_with_properties(ctx: task.ActivityContext, code: int) -> None:
+    raise PropertiesError(f"code {code}")
+
+
+def py_payload(ctx: task.ActivityContext, n: int) -> str:
+    """A 4 KiB result."""
+    return f"{n:08d}" * 512
+
+
+def py_retry_200ms(ctx: task.OrchestrationContext, spec: dict):
+    policy = task.RetryPolicy(first_retry_interval=timedelta(milliseconds=200), max_number_of_attempts=2)
+    return (yield ctx.call_activity(py_flaky, input=spec, retry_policy=policy))
+
+
+def py_versioned(ctx: task.OrchestrationContext, n: int):
+    """Continues as new once, with version 2.0; returns the version it then runs as."""
+    if n == 0:
+        ctx.continue_as_new(1, new_version="2.0")
+        return None
+    return ctx.version
+
+
+def py_big_fan_out(ctx: task.OrchestrationContext, n: int):
+    """``n`` activities of 4 KiB results each, at once: a history of n * 4 KiB."""
+    results = yield task.when_all([ctx.call_activity(py_payload, input=i) for i in range(n)])
+    return sum(len(result) for result in results)
+
+
+def py_fail_with_details(ctx: task.OrchestrationContext, code: int):
+    yield ctx.call_activity(py_fail_with_properties, input=code)
+    return "unreachable"
+
+
 ORCHESTRATORS = [
     py_chain, py_fan_out, py_child, py_parent, py_timer, py_wait_event, py_event_or_timeout, py_retry,
     py_retry_child, py_flaky_orchestrator, py_counter, py_collect, py_custom_status, py_forever,
     py_parent_of_forever, py_fail, py_catch, py_nondeterministic, py_rewindable, py_calls_rust,
+    py_retry_200ms, py_versioned, py_fail_with_details,
 ]
-ACTIVITIES = [py_hello, py_square, py_boom, py_flaky]
+ACTIVITIES = [py_hello, py_square, py_boom, py_flaky, py_fail_with_properties]

@@ -220,29 +220,3 @@ def test_status_codes(hub, stub):
     assert code_of(lambda: stub.GetEntity(pb.GetEntityRequest(instanceId="@e"))) == grpc.StatusCode.INVALID_ARGUMENT
     stub.Hello(__import__("google.protobuf.empty_pb2", fromlist=["Empty"]).Empty())
     stub.CreateTaskHub(pb.CreateTaskHubRequest())
-
-
-def test_delete_task_hub(private_keel):
-    from conftest import new_worker
-    from durabletask.internal import orchestrator_service_pb2_grpc as services
-    server = private_keel()
-    worker = new_worker(server.address)
-    worker.start()
-    hub = client.TaskHubGrpcClient(host_address=server.address)
-    try:
-        done = run(hub, o.py_chain, ["gone soon"]).instance_id
-        running = hub.schedule_new_orchestration(o.py_forever)
-        hub.wait_for_orchestration_start(running, timeout=WAIT)
-        with grpc.insecure_channel(server.address) as channel:
-            stub = services.TaskHubSidecarServiceStub(channel)
-            assert code_of(lambda: stub.DeleteTaskHub(pb.DeleteTaskHubRequest())) == \
-                grpc.StatusCode.FAILED_PRECONDITION, "refused while an orchestration runs"
-            assert hub.get_orchestration_state(done) is not None
-            hub.terminate_orchestration(running)
-            hub.wait_for_orchestration_completion(running, timeout=WAIT)
-            stub.DeleteTaskHub(pb.DeleteTaskHubRequest())
-            assert hub.get_orchestration_state(done) is None and hub.get_orchestration_state(running) is None
-            stub.CreateTaskHub(pb.CreateTaskHubRequest(recreateIfExists=True))
-    finally:
-        hub.close()
-        worker.stop()

@@ -113,6 +113,7 @@ function filterQuery() {
   const params = new URLSearchParams();
   const top = parseInt($("#filter-top").value, 10);
   params.set("top", Number.isFinite(top) && top > 0 ? String(top) : "20");
+  params.set("showInput", "false"); // the list shows no inputs; the detail view fetches them
   if ($("#filter-status").value) params.set("runtimeStatus", $("#filter-status").value);
   if ($("#filter-prefix").value.trim()) params.set("instanceIdPrefix", $("#filter-prefix").value.trim());
   if ($("#filter-name").value.trim()) params.set("namePrefix", $("#filter-name").value.trim());
