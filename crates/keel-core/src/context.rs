@@ -426,7 +426,7 @@ impl OrchestrationContext {
     /// The input, deserialized. A missing input reads as JSON `null`.
     pub fn input<T: DeserializeOwned>(&self) -> Result<T, OrchestrationError> {
         let input = self.lock().input.clone();
-        serde_json::from_str(input.as_deref().unwrap_or("null")).map_err(|error| {
+        crate::history::decode_payload(input.as_deref().unwrap_or("null")).map_err(|error| {
             OrchestrationError::new("InvalidInput", format!("the orchestration input does not fit: {error}"))
         })
     }
@@ -980,7 +980,7 @@ fn serialize_input(input: &impl Serialize) -> Result<Option<String>, FailureDeta
 }
 
 fn deserialize_output<T: DeserializeOwned>(task: &str, output: Option<String>) -> Result<T, TaskError> {
-    serde_json::from_str(output.as_deref().unwrap_or("null")).map_err(|error| TaskError {
+    crate::history::decode_payload(output.as_deref().unwrap_or("null")).map_err(|error| TaskError {
         task: task.to_string(),
         details: FailureDetails::new("DeserializationError", format!("the result does not fit: {error}")),
     })

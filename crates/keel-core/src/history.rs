@@ -99,6 +99,18 @@ impl std::fmt::Display for FailureDetails {
     }
 }
 
+/// Decodes a payload (JSON text) into `T`. Compatibility rule: when that fails and the
+/// payload is a JSON string whose text is itself JSON, that inner text is decoded
+/// instead — the Durable Functions Python client encodes inputs and event data twice
+/// (`"{\"a\":1}"`), and a typed Rust orchestrator should read them as it would from any
+/// other client. A payload that decodes into `T` as it is is never unwrapped.
+pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &str) -> serde_json::Result<T> {
+    serde_json::from_str(payload).or_else(|error| match serde_json::from_str::<String>(payload) {
+        Ok(inner) => serde_json::from_str(&inner).map_err(|_| error),
+        Err(_) => Err(error),
+    })
+}
+
 /// The kinds of history events, with their fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -149,6 +161,9 @@ pub enum EventKind {
         /// The activity's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
+        /// Tags an SDK orchestration gave the task (the protocol's `ScheduleTask.tags`).
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        tags: std::collections::BTreeMap<String, String>,
     },
     /// An activity returned.
     TaskCompleted {
@@ -512,6 +527,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn payloads_encoded_twice_are_read_like_any_other() {
+        #[derive(Debug, PartialEq, Deserialize)]
+        struct Order {
+            id: u32,
+        }
+        assert_eq!(decode_payload::<Order>(r#"{"id":1}"#).unwrap(), Order { id: 1 });
+        assert_eq!(decode_payload::<Order>(r#""{\"id\":2}""#).unwrap(), Order { id: 2 }, "JSON in a JSON string");
+        assert_eq!(decode_payload::<bool>(r#""true""#).unwrap(), true);
+        assert_eq!(decode_payload::<String>(r#""{\"id\":2}""#).unwrap(), r#"{"id":2}"#, "a string stays a string");
+        assert!(decode_payload::<Order>(r#""not json""#).is_err());
+    }
+
+    #[test]
     fn status_codes_round_trip_and_match_dtfx() {
         for status in RuntimeStatus::ALL {
             assert_eq!(RuntimeStatus::from_code(status.code()), Some(status));
@@ -538,7 +566,7 @@ mod tests {
         let event = HistoryEvent::with_id(
             3,
             DateTime::from_timestamp_millis(0).unwrap(),
-            EventKind::TaskScheduled { name: "Say".into(), input: Some("\"x\"".into()) },
+            EventKind::TaskScheduled { name: "Say".into(), input: Some("\"x\"".into()), tags: Default::default() },
         );
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["kind"]["type"], "TaskScheduled");

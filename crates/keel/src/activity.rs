@@ -53,7 +53,7 @@ where
     Arc::new(move |context, input| {
         let function = function.clone();
         Box::pin(async move {
-            let input: I = serde_json::from_str(input.as_deref().unwrap_or("null")).map_err(|error| {
+            let input: I = keel_core::history::decode_payload(input.as_deref().unwrap_or("null")).map_err(|error| {
                 FailureDetails::new(
                     "InvalidInput",
                     format!("the input of activity '{}' does not fit: {error}", context.name),

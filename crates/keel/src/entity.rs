@@ -163,7 +163,7 @@ impl<S: Default> EntityContext<S> {
 
     /// The operation's input, deserialized (a missing input reads as JSON `null`).
     pub fn input<T: DeserializeOwned>(&self) -> Result<T, EntityError> {
-        serde_json::from_str(self.input.as_deref().unwrap_or("null")).map_err(|error| {
+        keel_core::history::decode_payload(self.input.as_deref().unwrap_or("null")).map_err(|error| {
             EntityError::new(
                 "InvalidInput",
                 format!("the input of operation '{}' on {} does not fit: {error}", self.operation, self.id),

@@ -3,9 +3,9 @@ against ``keel serve --samples``: its ``DurableOrchestrationClient`` is built fr
 Functions host's client binding with only the host and port changed, so every call goes
 to the ``rpcBaseUrl`` path (``/durabletask/…``) the way it goes to a Functions host.
 
-The client sends inputs and event data JSON-encoded twice (issue 10, item 14): the
-instances whose Rust orchestrators need a structured input are started over plain HTTP
-(``start_over_http``) and driven with the client from there.
+The client sends inputs and event data JSON-encoded twice; Keel's typed decoding reads
+a JSON string that holds JSON as that JSON (``keel_core::history::decode_payload``), so
+the Rust samples take the client's inputs and events as they are.
 """
 
 import datetime
@@ -120,11 +120,18 @@ def test_raise_event(run, keel, df_client):
         time.sleep(0.05)
         status = run(df_client.get_status(instance_id))
     run(df_client.raise_event(instance_id, "Approval", True))
-    # The event reaches the instance (what the orchestrator makes of the client's doubly
-    # encoded `true` is item 14's business), which then finishes.
-    wait_for(run, df_client, instance_id, FINISHED)
+    # The client encodes `true` twice; the typed wait reads it as `true`.
+    assert wait_for(run, df_client, instance_id, FINISHED).output == "Approved"
     raised = [event for event in history_of(run, df_client, instance_id) if event["EventType"] == "EventRaised"]
     assert [event["Name"] for event in raised] == ["Approval"]
+
+
+def test_structured_inputs_from_the_client_reach_typed_orchestrators(run, df_client):
+    order = {"orderId": "df-1", "customer": "ada@example.com", "items": [{"sku": "A1", "quantity": 2}]}
+    instance_id = run(df_client.start_new("PlaceOrder", client_input=order))
+    status = wait_for(run, df_client, instance_id, FINISHED)
+    assert status.runtime_status == Status.Completed, status.output
+    assert status.output == "TRACK-DF-1"
 
     with pytest.raises(Exception, match="is gone"):
         run(df_client.raise_event(instance_id, "Approval", True))
