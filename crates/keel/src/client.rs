@@ -552,23 +552,22 @@ impl Client {
         Ok(())
     }
 
-    /// Suspends an instance: it takes no steps until resumed. A no-op if suspended.
+    /// Suspends an instance: it takes no steps until resumed. Suspending a suspended
+    /// instance changes nothing. Like every accepted command, it takes effect in the
+    /// order it was accepted, whatever state the instance is in until then.
     pub async fn suspend(&self, instance_id: &str, reason: Option<&str>) -> Result<()> {
         let status = self.existing(instance_id).await?;
         refuse_if_terminal(&status, "suspending")?;
-        if status.status != RuntimeStatus::Suspended {
-            self.send(instance_id, EventKind::ExecutionSuspended { reason: reason.map(str::to_string) }, false).await?;
-        }
+        self.send(instance_id, EventKind::ExecutionSuspended { reason: reason.map(str::to_string) }, false).await?;
         Ok(())
     }
 
-    /// Resumes a suspended instance. A no-op unless it is suspended.
+    /// Resumes a suspended instance. Resuming an instance that is not suspended (once
+    /// the commands before it took effect) changes nothing.
     pub async fn resume(&self, instance_id: &str, reason: Option<&str>) -> Result<()> {
         let status = self.existing(instance_id).await?;
         refuse_if_terminal(&status, "resuming")?;
-        if status.status == RuntimeStatus::Suspended {
-            self.send(instance_id, EventKind::ExecutionResumed { reason: reason.map(str::to_string) }, false).await?;
-        }
+        self.send(instance_id, EventKind::ExecutionResumed { reason: reason.map(str::to_string) }, false).await?;
         Ok(())
     }
 

@@ -72,9 +72,19 @@ fn intake(item: &OrchestrationItem, now: Timestamp, history: Option<&[HistoryEve
     let mut events = Vec::new();
     let mut unlocks = Vec::new();
     let waits = history.map(EntityWaits::of);
+    // Suspend and resume take effect in order; one that would change nothing (a resume
+    // of a running instance, a second suspend) is dropped, so no worker ever sees it.
+    let mut suspended = instance.status == RuntimeStatus::Suspended;
     for stored in &item.messages {
         let message = &stored.message;
         match &message.event.kind {
+            EventKind::ExecutionSuspended { .. } | EventKind::ExecutionResumed { .. } => {
+                let suspends = matches!(message.event.kind, EventKind::ExecutionSuspended { .. });
+                if suspends != suspended {
+                    suspended = suspends;
+                    events.push((false, message.event.clone()));
+                }
+            }
             EventKind::ExecutionStarted { execution_id, .. } => {
                 if *execution_id == instance.execution_id && instance.history_len == 0 && start.is_none() {
                     start = Some(message.event.clone());
