@@ -8,6 +8,10 @@
 //! The scaling scenarios (`--scenario scale`, see [`scale`]): `large-fanout`,
 //! `long-history` and `idle`.
 //!
+//! `verify` (see [`verify`]): `keel::Worker::verify` over 10,000 in-flight instances of
+//! 20 history events each (setting the hub up takes a few seconds, so it is not in
+//! `all`).
+//!
 //! `--store sqlite` (a fresh file per scenario) or `--store postgres://…` (a fresh
 //! schema per scenario in that database, see [`hub`]). By default the worker runs in
 //! the bench process; `--workers N` runs N worker processes instead (PostgreSQL only)
@@ -31,6 +35,7 @@ use crate::hub::{FreshHub, HubSpec, WorkerProcesses};
 
 mod hub;
 mod scale;
+mod verify;
 
 const WAIT: Duration = Duration::from_secs(600);
 
@@ -68,7 +73,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale] \
+                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify] \
                      [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N]"
                 );
                 std::process::exit(0);
@@ -78,14 +83,15 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     }
     let all = ["chain", "fanout", "throughput", "latency"];
     let scaling = ["large-fanout", "long-history", "idle"];
+    let single = ["verify"];
     let scenarios = if scenario == "all" {
         all.iter().map(|s| s.to_string()).collect()
     } else if scenario == "scale" {
         scaling.iter().map(|s| s.to_string()).collect()
-    } else if all.contains(&scenario.as_str()) || scaling.contains(&scenario.as_str()) {
+    } else if [&all[..], &scaling[..], &single[..]].concat().contains(&scenario.as_str()) {
         vec![scenario]
     } else {
-        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle or scale");
+        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale or verify");
     };
     let hub = if store == "sqlite" {
         HubSpec::Sqlite(durability)
@@ -327,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
             "large-fanout" => scale::run_large_fanout(&args.store, &args.hub).await?,
             "long-history" => vec![scale::run_long_history(&args.store, &args.hub).await?],
             "idle" => vec![scale::run_idle(&args.store, &args.hub).await?],
+            "verify" => vec![verify::run_verify(&args.store, &args.hub).await?],
             other => unreachable!("scenario {other} was validated"),
         };
         for mut result in results {

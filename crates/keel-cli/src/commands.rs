@@ -2,7 +2,7 @@
 //! (instances, and entities for `keel entity …`), printed as a table or, with `--json`,
 //! as the host's JSON.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -103,11 +103,19 @@ impl Session {
         }
     }
 
-    pub async fn start(&self, name: &str, instance_id: Option<&str>, input: Option<String>) -> anyhow::Result<()> {
+    pub async fn start(
+        &self,
+        name: &str,
+        instance_id: Option<&str>,
+        version: Option<&str>,
+        input: Option<String>,
+    ) -> anyhow::Result<()> {
         let mut path = format!("{API}/orchestrators/{}", percent_encode(name));
         if let Some(instance_id) = instance_id {
             path = format!("{path}/{}", percent_encode(instance_id));
         }
+        let parameters: Vec<(&str, &str)> = version.iter().map(|version| ("version", *version)).collect();
+        path.push_str(&query(&parameters));
         let reply = self.remote.send(Method::POST, &path, input).await?.expect(&[StatusCode::ACCEPTED])?;
         let payload = reply.json()?;
         if self.json {
@@ -274,11 +282,22 @@ impl Session {
         Ok(())
     }
 
+    /// The history as a table; with `--json`, the host's export of it
+    /// (`GET …/instances/{id}/history`) exactly as the host sent it, which `keel verify
+    /// --history` reads back.
     pub async fn history(&self, instance_id: &str) -> anyhow::Result<()> {
-        let status = self.get_status(instance_id, true).await?;
         if self.json {
-            return self.print_json(&status["historyEvents"]);
+            let path = format!("{}/history", instance_path(instance_id));
+            let reply = self.remote.send(Method::GET, &path, None).await?.expect(&[StatusCode::OK])?;
+            reply.json()?; // refuse to export something that is not JSON
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&reply.body)?;
+            if !reply.body.ends_with(b"\n") {
+                stdout.write_all(b"\n")?;
+            }
+            return Ok(stdout.flush()?);
         }
+        let status = self.get_status(instance_id, true).await?;
         output::print_history(&status["historyEvents"]);
         Ok(())
     }

@@ -1,14 +1,17 @@
 //! `keel`: `keel serve` runs the function host (on a task hub: the Durable Functions
 //! HTTP API, the dashboard, the gRPC endpoint for the Durable Task SDKs, and with
-//! `--samples` the sample app); the other subcommands drive a running host over that
-//! API (`keel entity …` its entities).
+//! `--samples` the sample app); `keel verify` checks a task hub's running instances
+//! (or an exported history) against the sample app's code; the other subcommands drive
+//! a running host over that API (`keel entity …` its entities).
 
 mod commands;
 mod output;
 mod remote;
 mod serve;
+mod verify;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -33,6 +36,9 @@ enum Command {
         /// The input: JSON text, or @FILE to read it from a file.
         #[arg(long)]
         input: Option<String>,
+        /// The orchestration version the instance runs (the host's default when omitted).
+        #[arg(long)]
+        version: Option<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -123,12 +129,16 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Show an instance's history.
+    /// Show an instance's history; with --json, export it (`keel history ID --json > h.json`)
+    /// for `keel verify --history`.
     History {
         instance_id: String,
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Replay a task hub's running instances (or an exported history) against the code of
+    /// this build's sample app, writing nothing; exit code 1 when any does not replay.
+    Verify(verify::VerifyArgs),
     /// Signal, read, list, delete and clean up durable entities.
     Entity {
         #[command(subcommand)]
@@ -235,20 +245,23 @@ struct ReasonArgs {
     remote: RemoteArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(cli.command))
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Runs a subcommand; the exit code is a failure when it failed (the error is printed)
+/// or, for `keel verify`, when an instance does not replay.
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
     use commands::Session;
     let session = |remote: RemoteArgs| Session::new(&remote.url, remote.api_key, remote.json);
     match command {
+        Command::Verify(args) => return verify::run(args).await,
         Command::Serve(args) => serve::run(args).await,
-        Command::Start { name, id, input, remote } => {
+        Command::Start { name, id, input, version, remote } => {
             let input = input.map(read_input).transpose()?;
-            session(remote)?.start(&name, id.as_deref(), input).await
+            session(remote)?.start(&name, id.as_deref(), version.as_deref(), input).await
         }
         Command::Status { instance_id, history, remote } => session(remote)?.status(&instance_id, history).await,
         Command::Wait { instance_id, timeout, remote } => session(remote)?.wait(&instance_id, timeout).await,
@@ -268,7 +281,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         },
         Command::History { instance_id, remote } => session(remote)?.history(&instance_id).await,
         Command::Entity { command } => run_entity(command).await,
-    }
+    }?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_entity(command: EntityCommand) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ pub fn print_status(status: &Value) {
     let rows = [
         ("Instance", text(&status["instanceId"])),
         ("Name", text(&status["name"])),
+        ("Version", status["version"].as_str().unwrap_or("-").to_string()),
         ("Status", text(&status["runtimeStatus"])),
         ("Created", text(&status["createdTime"])),
         ("Last updated", text(&status["lastUpdatedTime"])),

@@ -52,9 +52,19 @@ async fn start_wait_status_history_and_list() {
 
     let status = keel_json(&server, &["status", "cli-hello", "--history"]);
     assert_eq!(status["historyEvents"].as_array().unwrap().len(), 5);
+    // `keel history --json` prints the host's export of the history, byte for byte.
     let history = keel_json(&server, &["history", "cli-hello"]);
-    assert_eq!(history[1]["FunctionName"], "SayHello");
-    assert_eq!(history[1]["Result"], "Hello Tokyo!");
+    assert_eq!(history["instanceId"], "cli-hello");
+    assert_eq!(history["name"], "HelloCities");
+    assert_eq!(history["runtimeStatus"], "Completed");
+    let scheduled: Vec<&Value> =
+        history["events"].as_array().unwrap().iter().filter(|event| event["kind"]["type"] == "TaskScheduled").collect();
+    assert_eq!(scheduled.len(), 3);
+    assert_eq!(scheduled[0]["kind"]["name"], "SayHello");
+    let exported = keel(&server, &["history", "cli-hello", "--json"]).stdout;
+    let served = common::http().get(server.url(&format!("{}/instances/cli-hello/history", common::API))).send();
+    let served = served.await.unwrap();
+    assert_eq!(String::from_utf8(exported).unwrap().trim_end(), served.text().await.unwrap());
 
     let order = r#"{"orderId":"o-7","customer":"ada@example.com","items":[{"sku":"A1","quantity":2}]}"#;
     let input_file = server.dir().join("order.json");
@@ -83,6 +93,24 @@ async fn start_wait_status_history_and_list() {
     assert!(history.contains("TaskCompleted") && history.contains("FunctionName=SayHello"), "{history}");
     let started = stdout(&keel(&server, &["start", "HelloCities"]));
     assert!(started.starts_with("Started HelloCities as instance "), "{started}");
+}
+
+#[tokio::test]
+async fn start_takes_a_version_and_status_shows_it() {
+    let server = Server::start(&[]);
+    let started = keel_json(&server, &["start", "HelloCities", "--id", "cli-versioned", "--version", "1.2.3"]);
+    assert_eq!(started["id"], "cli-versioned");
+    let done = keel_json(&server, &["wait", "cli-versioned"]);
+    assert_eq!(done["version"], "1.2.3");
+    assert_eq!(keel_json(&server, &["status", "cli-versioned"])["version"], "1.2.3");
+    let status = stdout(&keel(&server, &["status", "cli-versioned"]));
+    assert!(status.lines().any(|line| line == "Version:       1.2.3"), "{status}");
+    assert_eq!(keel_json(&server, &["history", "cli-versioned"])["version"], "1.2.3");
+
+    keel_json(&server, &["start", "HelloCities", "--id", "cli-unversioned"]);
+    keel_json(&server, &["wait", "cli-unversioned"]);
+    let status = stdout(&keel(&server, &["status", "cli-unversioned"]));
+    assert!(status.lines().any(|line| line == "Version:       -"), "{status}");
 }
 
 #[tokio::test]

@@ -1,9 +1,9 @@
 //! The dashboard in a real browser: headless Chromium, driven over the DevTools
 //! protocol, loads the page of a real `keel serve`, sees an instance started over
-//! HTTP listed as Completed, starts another one with the page's own form (typing and
-//! clicking like a user) and sees it complete, with its history on the page; in the
-//! entities view it sees an entity signalled over HTTP with its state, and signals it
-//! with the page's form.
+//! HTTP listed as Completed (and its version in its details), starts another one with
+//! the page's own form (typing and clicking like a user) and sees it complete, with its
+//! history on the page; in the entities view it sees an entity signalled over HTTP with
+//! its state, and signals it with the page's form.
 //!
 //! Skipped, with a message, when Chromium is not installed (`apt-get install -y chromium`).
 
@@ -168,7 +168,8 @@ async fn the_dashboard_lists_starts_and_shows_instances_in_chromium() {
         return;
     };
     let server = Server::start(&[]);
-    let response = http().post(server.url("/api/orchestrators/HelloCities/before-page")).send().await.unwrap();
+    let response =
+        http().post(server.url("/api/orchestrators/HelloCities/before-page?version=2.4")).send().await.unwrap();
     assert_eq!(response.status(), 202);
     wait_until_finished(&server, "before-page").await;
 
@@ -178,6 +179,11 @@ async fn the_dashboard_lists_starts_and_shows_instances_in_chromium() {
     page.wait_for("document.body && document.body.dataset.ready === 'true'", json!(true)).await;
     page.wait_for("document.querySelector('tr[data-instance-id=\"before-page\"]')?.dataset.status", json!("Completed"))
         .await;
+
+    // Its details show the version it was started with.
+    page.click("tr[data-instance-id=\"before-page\"] a").await;
+    page.wait_for("document.querySelector('#detail-id').textContent", json!("before-page")).await;
+    assert_eq!(page.eval("document.querySelector('#detail-version').textContent").await, json!("2.4"));
 
     // Start an instance with the page's form, as a user would.
     page.eval("(() => { const s = document.querySelector('#start-name'); s.value = 'HelloCities'; s.dispatchEvent(new Event('change')); })()")
@@ -191,9 +197,11 @@ async fn the_dashboard_lists_starts_and_shows_instances_in_chromium() {
     .await;
 
     // The page opened the new instance: status, output and history timeline.
+    page.wait_for("document.querySelector('#detail-id').textContent", json!("from-dashboard")).await;
     page.wait_for("document.querySelector('#detail-panel').dataset.status", json!("Completed")).await;
     let output = page.eval("document.querySelector('#detail-output').textContent").await;
     assert!(output.as_str().unwrap().contains("Hello London!"), "{output}");
+    assert_eq!(page.eval("document.querySelector('#detail-version').textContent").await, json!("-"));
     let events = page.eval("[...document.querySelectorAll('#timeline li strong')].map(e => e.textContent)").await;
     assert_eq!(
         events,

@@ -969,11 +969,15 @@ async fn bad_entity_requests_get_a_json_4xx_and_write_nothing() {
     assert!(named.is_empty());
     assert_eq!(instance_count(&server).await, 0);
 
-    // The body of a signal without a JSON content type is text: a string, which `add` refuses.
-    let response = http().post(server.api("/entities/Counter/typed?op=add")).body("2").send().await.unwrap();
-    assert_eq!(response.status(), 202);
+    // The body of a signal without a JSON content type is text: a JSON string. Typed
+    // decoding reads a string that holds JSON as that JSON (the Durable Functions Python
+    // client encodes inputs twice), so "2" adds 2, and `add` refuses "two".
+    for text in ["2", "two"] {
+        let response = http().post(server.api("/entities/Counter/typed?op=add")).body(text).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+    }
     signal(&server, "Counter", "typed", "add", Some(json!(5))).await;
-    wait_for_entity(&server, "Counter", "typed", Some(json!(5))).await;
+    wait_for_entity(&server, "Counter", "typed", Some(json!(7))).await;
 }
 
 #[tokio::test]
@@ -1028,4 +1032,165 @@ async fn a_bank_transfer_started_over_http_moves_money_inside_a_critical_section
     }
     assert_eq!(entity_state(&server, "Account", "alice").await, Some(json!(70 - 40 + 12)));
     assert_eq!(entity_state(&server, "Account", "bob").await, Some(json!(35 + 40 - 12)));
+}
+
+#[tokio::test]
+async fn versions_given_at_start_show_in_status_lists_and_restarts() {
+    let server = Server::start(&[]);
+    let starts = [
+        (server.url("/api/orchestrators/HelloCities/ver-starter?version=2.1"), "ver-starter", "2.1"),
+        (server.api("/orchestrators/HelloCities/ver-management?version=3.0.1"), "ver-management", "3.0.1"),
+        (server.url("/durabletask/orchestrators/HelloCities/ver-alias?version=v4"), "ver-alias", "v4"),
+    ];
+    for (url, id, version) in &starts {
+        let response = http().post(url).send().await.unwrap();
+        assert_eq!(response.status(), 202, "{url}");
+        let done = wait_until_finished(&server, id).await;
+        assert_eq!(done["runtimeStatus"], "Completed", "{done}");
+        assert_eq!(done["version"], *version, "{done}");
+    }
+    let response = http().post(server.url("/api/orchestrators/HelloCities/wait?version=5")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the waiting starter takes a version too");
+    start(&server, "HelloCities", Some("ver-none"), None).await;
+    let done = wait_until_finished(&server, "ver-none").await;
+    assert!(done.get("version").is_none(), "no version, no field: {done}");
+
+    let listed: Vec<Value> = http().get(server.api("/instances?top=100")).send().await.unwrap().json().await.unwrap();
+    let versions: Vec<(&str, Option<&str>)> = listed
+        .iter()
+        .map(|status| (status["name"].as_str().unwrap(), status.get("version").and_then(Value::as_str)))
+        .collect();
+    for version in ["2.1", "3.0.1", "v4", "5"] {
+        assert!(versions.contains(&("HelloCities", Some(version))), "{version} in {versions:?}");
+    }
+    assert!(versions.contains(&("HelloCities", None)), "{versions:?}");
+
+    // A restart runs the same version.
+    let response = http().post(server.api("/instances/ver-starter/restart")).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let restarted = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_until_finished(&server, &restarted).await["version"], "2.1");
+
+    // A version too long is refused before anything is written.
+    let before = instance_count(&server).await;
+    let long = "v".repeat(300);
+    let response = http()
+        .post(server.url(&format!("/api/orchestrators/HelloCities/ver-long?version={long}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["message"].as_str().unwrap().contains("'version'"), "{error}");
+    assert_eq!(status_of(&server, "ver-long", "").await.0, 404);
+    assert_eq!(instance_count(&server).await, before);
+}
+
+#[tokio::test]
+async fn the_history_route_exports_the_current_execution() {
+    let server = Server::start(&[]);
+    let url = server.api("/orchestrators/HelloCities/export-1?timeout=20&pollingInterval=1&version=1.0");
+    let response = http().post(url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let response = http().get(server.api("/instances/export-1/history")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "content-type"), Some("application/json"));
+    let export: Value = response.json().await.unwrap();
+    assert_eq!(export["instanceId"], "export-1");
+    assert_eq!(export["name"], "HelloCities");
+    assert_eq!(export["version"], "1.0");
+    assert_eq!(export["runtimeStatus"], "Completed");
+    let events = export["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|event| event["kind"]["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|kind| **kind == "TaskScheduled").count(), 3, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|kind| **kind == "TaskCompleted").count(), 3, "{kinds:?}");
+    assert!(kinds.contains(&"ExecutionStarted") && kinds.last() == Some(&"ExecutionCompleted"), "{kinds:?}");
+    let started = events.iter().find(|event| event["kind"]["type"] == "ExecutionStarted").unwrap();
+    assert_eq!(started["kind"]["execution_id"], export["executionId"], "{started}");
+    assert_eq!(started["kind"]["version"], "1.0", "{started}");
+
+    let alias: Value =
+        http().get(server.url("/durabletask/instances/export-1/history")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(alias, export);
+
+    let response = http().get(server.api("/instances/nobody/history")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "NotFound");
+}
+
+#[tokio::test]
+async fn waits_out_of_range_are_refused_before_anything_is_written() {
+    let server = Server::start(&[]);
+    start(&server, "HelloCities", Some("wait-done"), None).await;
+    wait_until_finished(&server, "wait-done").await;
+    let export = |server: &Server| {
+        let url = server.api("/instances/wait-done/history");
+        async move { http().get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let done_before = export(&server).await;
+    let before = instance_count(&server).await;
+
+    // The regression: a timeout too long for the clock is a 400, not a panic or a hang.
+    let response =
+        http().post(server.url("/api/orchestrators/HelloCities/wait-huge?timeout=1e19&pollingInterval=1")).send();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(header(&response, "content-type"), Some("application/json"));
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "BadRequest");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("'timeout'") && message.contains("1e19"), "{message}");
+    assert_eq!(status_of(&server, "wait-huge", "").await.0, 404, "no instance was created");
+
+    // An interval longer than the timeout: refused before the start too.
+    let response =
+        http().post(server.url("/api/orchestrators/HelloCities/wait-interval?timeout=1&pollingInterval=5")).send();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["message"].as_str().unwrap().contains("must not be longer than the timeout"), "{error}");
+    assert_eq!(status_of(&server, "wait-interval", "").await.0, 404, "no instance was created");
+
+    for value in ["1e19", "-1", "NaN", "inf", "-inf", "1e400", "86401"] {
+        let urls = [
+            server.url(&format!("/api/orchestrators/HelloCities/w?timeout={value}&pollingInterval=1")),
+            server.url(&format!("/api/orchestrators/HelloCities/w?timeout=10&pollingInterval={value}")),
+            server.url(&format!("/api/orchestrators/HelloCities?timeout={value}&pollingInterval=0")),
+            server.api(&format!("/orchestrators/HelloCities/w?timeout={value}&pollingInterval=1")),
+            server.url(&format!("/durabletask/orchestrators/HelloCities/w?timeout={value}&pollingInterval=1")),
+            server.url(&format!("/api/orchestrators/HelloCities/wait?timeout={value}")),
+            server.url(&format!("/api/orchestrators/HelloCities/wait?retryInterval={value}")),
+            server.url(&format!("/api/orchestrators/HelloCities/wait?timeout=5&pollingInterval={value}")),
+            server.api(&format!("/instances/wait-done/restart?timeout={value}&pollingInterval=1")),
+            server.api(&format!(
+                "/instances/wait-done/restart?restartWithNewInstanceId=false&timeout=10&pollingInterval={value}"
+            )),
+            // Only one of the pair: no wait, but a bad value is still refused.
+            server.url(&format!("/api/orchestrators/HelloCities/w?timeout={value}")),
+        ];
+        for url in urls {
+            let response = http().post(&url).send().await.unwrap();
+            assert_eq!(response.status(), 400, "{url}");
+            let error: Value = response.json().await.unwrap();
+            assert!(error["message"].as_str().unwrap().contains("from 0 to 86400"), "{url}: {error}");
+        }
+    }
+    let response = http()
+        .post(server.api("/instances/wait-done/restart?restartWithNewInstanceId=false&timeout=1&pollingInterval=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400, "a restart's interval longer than its timeout");
+    assert_eq!(instance_count(&server).await, before, "nothing was written");
+    assert_eq!(status_of(&server, "w", "").await.0, 404);
+    assert_eq!(export(&server).await, done_before, "the finished instance was not restarted in place");
+
+    // The helpers an app's route calls refuse such a wait as well (400, not a hang).
+    let order = json!({"customer": "ada@example.com", "items": [{"sku": "A1", "quantity": 1}]});
+    let response = http().post(server.url("/api/orders/o-huge?timeout=1e19")).json(&order).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["message"].as_str().unwrap().contains("longer than the limit"), "{error}");
 }

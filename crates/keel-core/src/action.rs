@@ -129,7 +129,7 @@ impl Action {
     pub fn to_history_event(&self, now: Timestamp) -> HistoryEvent {
         let kind = match self {
             Action::ScheduleTask { name, input, .. } => {
-                EventKind::TaskScheduled { name: name.clone(), input: input.clone() }
+                EventKind::TaskScheduled { name: name.clone(), input: input.clone(), tags: Default::default() }
             }
             Action::CreateTimer { fire_at, .. } => EventKind::TimerCreated { fire_at: *fire_at },
             Action::CreateSubOrchestration { name, instance_id, input, .. } => {

@@ -33,7 +33,11 @@ fn started(name: &str, input: &str) -> HistoryEvent {
 }
 
 fn scheduled(id: i32, name: &str) -> HistoryEvent {
-    HistoryEvent::with_id(id, at(0), EventKind::TaskScheduled { name: name.into(), input: None })
+    HistoryEvent::with_id(
+        id,
+        at(0),
+        EventKind::TaskScheduled { name: name.into(), input: None, tags: Default::default() },
+    )
 }
 
 fn task_completed(id: i32, result: &str) -> HistoryEvent {

@@ -174,9 +174,10 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
             input: reason_to_wire(reason.as_deref()),
             recurse: false,
         }),
-        EventKind::TaskScheduled { name, input } => EventType::TaskScheduled(proto::TaskScheduledEvent {
+        EventKind::TaskScheduled { name, input, tags } => EventType::TaskScheduled(proto::TaskScheduledEvent {
             name: name.clone(),
             input: input.clone(),
+            tags: tags.clone().into_iter().collect(),
             ..Default::default()
         }),
         EventKind::TaskCompleted { task_scheduled_id, result } => EventType::TaskCompleted(proto::TaskCompletedEvent {
@@ -342,9 +343,11 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
         Some(EventType::ExecutionTerminated(terminated)) => {
             EventKind::ExecutionTerminated { reason: reason_from_wire(terminated.input.clone()) }
         }
-        Some(EventType::TaskScheduled(scheduled)) => {
-            EventKind::TaskScheduled { name: scheduled.name.clone(), input: payload(scheduled.input.clone()) }
-        }
+        Some(EventType::TaskScheduled(scheduled)) => EventKind::TaskScheduled {
+            name: scheduled.name.clone(),
+            input: payload(scheduled.input.clone()),
+            tags: scheduled.tags.clone().into_iter().collect(),
+        },
         Some(EventType::TaskCompleted(completed)) => EventKind::TaskCompleted {
             task_scheduled_id: completed.task_scheduled_id,
             result: payload(completed.result.clone()),
@@ -933,7 +936,11 @@ mod tests {
                 }),
                 scheduled_start: Some(at(5_000)),
             },
-            EventKind::TaskScheduled { name: "A".into(), input: Some("1".into()) },
+            EventKind::TaskScheduled {
+                name: "A".into(),
+                input: Some("1".into()),
+                tags: [("team".to_string(), "payments".to_string())].into(),
+            },
             EventKind::TaskCompleted { task_scheduled_id: 1, result: Some("2".into()) },
             EventKind::TaskFailed { task_scheduled_id: 1, failure: failure.clone() },
             EventKind::SubOrchestrationInstanceCreated { name: "S".into(), instance_id: "c".into(), input: None },

@@ -605,21 +605,7 @@ impl Sidecar {
             outcome.actions.extend(unlocks);
         }
         let mut commit = RemoteEpisode::complete(*episode, outcome, now);
-        // Sub-orchestrations keep the tags they were created with.
-        for action in &response.actions {
-            let Some(proto::orchestrator_action::OrchestratorActionType::CreateSubOrchestration(sub)) =
-                &action.orchestrator_action_type
-            else {
-                continue;
-            };
-            let created = commit
-                .new_instances
-                .iter_mut()
-                .filter(|child| child.parent.as_ref().is_some_and(|parent| parent.task_scheduled_id == action.id));
-            for child in created {
-                child.tags = sub.tags.clone().into_iter().collect();
-            }
-        }
+        keep_tags(&mut commit, &response.actions);
         for termination in terminations {
             commit.messages.push(Message {
                 instance_id: termination.instance_id,
@@ -780,6 +766,35 @@ impl Sidecar {
             empty_entities_removed: count(cleaned.empty_entities_removed),
             orphaned_locks_released: count(cleaned.orphaned_locks_released),
         })
+    }
+}
+
+/// Keeps the tags of a worker's actions in the commit of its episode: a task's on its
+/// `TaskScheduled` event, a sub-orchestration's on the child instance.
+fn keep_tags(commit: &mut EpisodeCommit, actions: &[proto::OrchestratorAction]) {
+    use proto::orchestrator_action::OrchestratorActionType;
+    for action in actions {
+        match &action.orchestrator_action_type {
+            Some(OrchestratorActionType::ScheduleTask(task)) if !task.tags.is_empty() => {
+                let scheduled =
+                    commit.history.iter_mut().rev().find(|event| {
+                        event.event_id == action.id && matches!(event.kind, EventKind::TaskScheduled { .. })
+                    });
+                if let Some(HistoryEvent { kind: EventKind::TaskScheduled { tags, .. }, .. }) = scheduled {
+                    *tags = task.tags.clone().into_iter().collect();
+                }
+            }
+            Some(OrchestratorActionType::CreateSubOrchestration(sub)) if !sub.tags.is_empty() => {
+                let created = commit
+                    .new_instances
+                    .iter_mut()
+                    .filter(|child| child.parent.as_ref().is_some_and(|parent| parent.task_scheduled_id == action.id));
+                for child in created {
+                    child.tags = sub.tags.clone().into_iter().collect();
+                }
+            }
+            _ => {}
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The dashboard: one page (HTML, JS and CSS embedded in the binary) with two views.
 //! Instances: lists them with filters and paging, shows an instance with its history
-//! timeline, input, output and custom status, and starts, raises events to,
+//! timeline, version, input, output and custom status, and starts, raises events to,
 //! terminates, suspends, resumes, rewinds, restarts and purges instances. Entities
 //! (`#entities`): lists them with their states and last operation times (name prefix
 //! filter, paging), signals operations, deletes entities and cleans up entity storage.

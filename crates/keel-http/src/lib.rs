@@ -4,11 +4,13 @@
 //!   `/runtime/webhooks/durabletask` and its alias `/durabletask` (a Functions host's
 //!   `rpcBaseUrl`) — start, status, list, raise event, terminate, suspend, resume,
 //!   rewind, restart, purge — field for field and status code for status code as
-//!   Durable Functions has it; [`entities`]: its entity routes (signal, delete, read,
-//!   list, and Keel's storage clean-up).
+//!   Durable Functions has it, plus Keel's additions (an instance's `version`, the
+//!   `version` start parameter, an instance's history export); [`entities`]: its
+//!   entity routes (signal, delete, read, list, and Keel's storage clean-up).
 //! - [`trigger`]: the built-in starter `POST /api/orchestrators/{name}` and the helpers
 //!   an app's own routes use: [`DurableClient`], [`create_check_status_response`],
-//!   [`wait_for_completion_or_create_check_status_response`].
+//!   [`wait_for_completion_or_create_check_status_response`] (and [`check_wait`], to
+//!   refuse a bad wait before starting anything).
 //! - [`dashboard`]: a web page (embedded HTML, JS and CSS) to watch and manage instances.
 //! - [`host`]: [`serve`] an [`App`] — its functions on a worker, its routes next to the
 //!   API — on a task hub, with an optional API key.
@@ -55,7 +57,8 @@ pub use error::{ApiError, ApiResult};
 pub use host::{serve, App, Host, HostConfig, HostError, TlsIdentity};
 pub use payload::{percent_encode, HttpManagementPayload};
 pub use trigger::{
-    create_check_status_response, wait_for_completion_or_create_check_status_response, DurableClient, RequestHead,
+    check_wait, create_check_status_response, wait_for_completion_or_create_check_status_response, DurableClient,
+    RequestHead, MAX_WAIT,
 };
 
 /// The path under which the management API lives, as in Azure Functions.

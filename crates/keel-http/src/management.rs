@@ -10,8 +10,12 @@
 //! unless `showInput=false`, and their `x-ms-continuation-token` is opaque (the
 //! private module `continuation` makes and reads it).
 //!
-//! Keel adds one route: `GET …/orchestrators` lists the orchestrator names the host
-//! runs (the dashboard's start form uses it). The entity routes live in
+//! Keel adds two routes: `GET …/orchestrators` lists the orchestrator names the host
+//! runs (the dashboard's start form uses it), and `GET …/instances/{id}/history`
+//! exports the history of an instance's current execution as a
+//! [`keel::testing::HistoryExport`] (what `keel history ID --json` prints and `keel
+//! verify --history` replays). Status objects carry the instance's `version`, and the
+//! start routes take a `version` query parameter. The entity routes live in
 //! [`crate::entities`].
 
 use axum::extract::OriginalUri;
@@ -20,6 +24,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keel::testing::HistoryExport;
 use keel::{ClientError, InstanceQuery, PurgeFilter, RuntimeStatus};
 use serde_json::json;
 
@@ -53,6 +58,7 @@ pub(crate) fn routes() -> Router {
         .route("/instances", get(list_instances).delete(purge_instances))
         .route("/instances/", get(list_instances).delete(purge_instances))
         .route("/instances/{instance_id}", get(get_status).delete(purge_instance))
+        .route("/instances/{instance_id}/history", get(export_history))
         .route("/instances/{instance_id}/raiseEvent/{event_name}", post(raise_event))
         .route("/instances/{instance_id}/terminate", post(terminate))
         .route("/instances/{instance_id}/suspend", post(suspend))
@@ -112,6 +118,43 @@ async fn get_status(
         headers.insert(RETRY_AFTER, HeaderValue::from(STATUS_RETRY_AFTER_SECONDS));
     }
     Ok(response)
+}
+
+/// How often [`export_history`] reads an instance that changes under it again.
+const EXPORT_ATTEMPTS: usize = 5;
+
+/// `GET /instances/{id}/history` (a Keel addition): 200 with the
+/// [`HistoryExport`] of the instance's current execution, 404 for unknown ids. The
+/// instance's row is read before and after its history; when an episode committed in
+/// between, it reads again, so that the status and the events belong together.
+async fn export_history(durable: DurableClient, PathParams(instance_id): PathParams<String>) -> ApiResult<Response> {
+    record_instance(&instance_id, None);
+    let client = durable.client();
+    let not_found = || ClientError::NotFound(instance_id.clone());
+    let mut before = client.get_status(&instance_id).await?.ok_or_else(not_found)?;
+    record_instance(&instance_id, Some(&before.name));
+    for attempt in 1..=EXPORT_ATTEMPTS {
+        let events = client.get_history(&instance_id).await?;
+        let after = client.get_status(&instance_id).await?.ok_or_else(not_found)?;
+        // Nothing committed while the history was read: the row and the events match.
+        // Else, on the last attempt, the same execution at both reads is enough: the
+        // events are still that execution's (a prefix of what it has now).
+        let settled = after == before || (attempt == EXPORT_ATTEMPTS && after.execution_id == before.execution_id);
+        if settled {
+            let export = HistoryExport {
+                instance_id: before.instance_id,
+                name: before.name,
+                version: before.version,
+                execution_id: before.execution_id,
+                runtime_status: before.status,
+                events,
+            };
+            return Ok(Json(export).into_response());
+        }
+        before = after;
+    }
+    let message = format!("instance '{instance_id}' kept changing while its history was read; try again");
+    Err(ClientError::Store(keel::store::Error::Backend { message, retryable: true }).into())
 }
 
 /// `GET /instances`: one page of status objects (with inputs unless

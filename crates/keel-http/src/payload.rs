@@ -1,6 +1,6 @@
-//! The JSON shapes of the Durable Functions HTTP API: the instance status object, the
-//! history view of `showHistory`, the entity status of entity lists, and the management
-//! URLs of a check-status response.
+//! The JSON shapes of the Durable Functions HTTP API: the instance status object (with
+//! Keel's additions), the history view of `showHistory`, the entity status of entity
+//! lists, and the management URLs of a check-status response.
 
 use keel::{EntityMetadata, EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,12 @@ pub(crate) struct StatusObject {
     output: Value,
     created_time: String,
     last_updated_time: String,
+    /// Keel addition: the instance's tags (from an SDK's start), when it has any.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    tags: std::collections::BTreeMap<String, String>,
+    /// Keel addition: the orchestration version the instance runs, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     history_events: Option<Vec<Value>>,
 }
@@ -73,6 +79,8 @@ pub(crate) fn status_object(
         output,
         created_time: status_time(status.created_at),
         last_updated_time: status_time(status.last_updated_at),
+        tags: status.tags.clone(),
+        version: status.version.clone(),
         history_events: view
             .show_history
             .then(|| history.map(|history| history_events(history, view)).unwrap_or_default()),
@@ -189,7 +197,7 @@ pub(crate) fn history_events(history: &[HistoryEvent], view: StatusView) -> Vec<
             EventKind::ExecutionTerminated { reason } => {
                 row.insert("Input".into(), payload_value(reason.as_deref()));
             }
-            EventKind::TaskScheduled { name, input: task_input } => {
+            EventKind::TaskScheduled { name, input: task_input, .. } => {
                 row.insert("Name".into(), json!(name));
                 row.insert("Input".into(), input(task_input));
             }
@@ -286,9 +294,8 @@ pub(crate) fn history_events(history: &[HistoryEvent], view: StatusView) -> Vec<
 fn merge_scheduling(row: &mut Map<String, Value>, scheduling: Option<&HistoryEvent>, view: StatusView) {
     let Some(scheduling) = scheduling else { return };
     let (name, input) = match &scheduling.kind {
-        EventKind::TaskScheduled { name, input } | EventKind::SubOrchestrationInstanceCreated { name, input, .. } => {
-            (name, input)
-        }
+        EventKind::TaskScheduled { name, input, .. }
+        | EventKind::SubOrchestrationInstanceCreated { name, input, .. } => (name, input),
         _ => return,
     };
     row.insert("FunctionName".into(), json!(name));
@@ -390,7 +397,11 @@ mod tests {
             HistoryEvent::with_id(
                 0,
                 at(0),
-                EventKind::TaskScheduled { name: "SayHello".into(), input: Some("\"Tokyo\"".into()) },
+                EventKind::TaskScheduled {
+                    name: "SayHello".into(),
+                    input: Some("\"Tokyo\"".into()),
+                    tags: Default::default(),
+                },
             ),
             HistoryEvent::new(at(1), EventKind::OrchestratorStarted),
             HistoryEvent::new(
@@ -400,7 +411,11 @@ mod tests {
             HistoryEvent::with_id(
                 1,
                 at(1),
-                EventKind::TaskScheduled { name: "SayHello".into(), input: Some("\"Oslo\"".into()) },
+                EventKind::TaskScheduled {
+                    name: "SayHello".into(),
+                    input: Some("\"Oslo\"".into()),
+                    tags: Default::default(),
+                },
             ),
         ]
     }

@@ -16,6 +16,7 @@ use keel::{RuntimeStatus, Timestamp};
 use tracing::Instrument;
 
 use crate::error::{ApiError, ApiResult};
+use crate::trigger::MAX_WAIT;
 use crate::HostContext;
 
 /// Path parameters. A path that does not decode (bad percent-encoding) is answered like
@@ -63,15 +64,22 @@ impl Params {
         }
     }
 
-    /// A number of seconds (fractions allowed).
-    pub fn seconds(&self, name: &str) -> ApiResult<Option<Duration>> {
+    /// The length of a wait: a number of seconds (fractions allowed) from 0 to
+    /// [`MAX_WAIT`]; negative numbers, NaN, infinities and longer waits are refused.
+    pub fn wait_seconds(&self, name: &str) -> ApiResult<Option<Duration>> {
         self.get(name)
             .map(|value| {
                 value
                     .parse::<f64>()
                     .ok()
                     .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
-                    .ok_or_else(|| ApiError::BadRequest(format!("'{name}' must be a number of seconds, not '{value}'")))
+                    .filter(|duration| *duration <= MAX_WAIT)
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "'{name}' must be a number of seconds from 0 to {}, not '{value}'",
+                            MAX_WAIT.as_secs()
+                        ))
+                    })
             })
             .transpose()
     }
@@ -256,7 +264,17 @@ mod tests {
         assert!(params.time("d").is_err());
         assert!(params.bool("flag", false).unwrap());
         assert!(!params.bool("missing", false).unwrap());
-        assert_eq!(params.seconds("t").unwrap(), Some(Duration::from_millis(1500)));
-        assert!(params.seconds("flag").is_err());
+        assert_eq!(params.wait_seconds("t").unwrap(), Some(Duration::from_millis(1500)));
+        assert!(params.wait_seconds("flag").is_err());
+    }
+
+    #[test]
+    fn waits_out_of_range_are_refused() {
+        for value in ["1e19", "1e300", "-1", "-0.5", "NaN", "nan", "inf", "-inf", "infinity", "86400.001"] {
+            let error = params(&[("timeout", value)]).wait_seconds("timeout").unwrap_err();
+            assert!(error.to_string().contains("from 0 to 86400"), "{value}: {error}");
+        }
+        assert_eq!(params(&[("timeout", "86400")]).wait_seconds("timeout").unwrap(), Some(MAX_WAIT));
+        assert_eq!(params(&[("timeout", "0")]).wait_seconds("timeout").unwrap(), Some(Duration::ZERO));
     }
 }

@@ -4,6 +4,12 @@
 //! [`create_check_status_response`] and
 //! [`wait_for_completion_or_create_check_status_response`].
 //!
+//! Waits are checked before anything is written: a `timeout` or `pollingInterval` that
+//! is not a number of seconds from 0 to [`MAX_WAIT`], or an interval longer than the
+//! timeout, is refused with 400 and no instance is created (an app's route does the
+//! same with [`check_wait`] before it starts anything). The starter also takes Keel's
+//! `version` query parameter: the orchestration version the new instance runs.
+//!
 //! ```no_run
 //! use axum::{extract::Request, response::Response, routing::post, Router};
 //! use keel_http::DurableClient;
@@ -28,6 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use keel::{Client, ClientError, InstanceStatus, RuntimeStatus, StartOptions};
+use keel_core::limits::MAX_NAME_BYTES;
 
 use crate::error::{ApiError, ApiResult};
 use crate::payload::{payload_value, status_object, HttpManagementPayload, StatusView};
@@ -40,6 +47,43 @@ const CHECK_STATUS_RETRY_AFTER_SECONDS: u32 = 10;
 /// How long the starter's `/wait` route waits by default, and how often it looks.
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_WAIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest wait a request may ask for (`timeout`, `pollingInterval`,
+/// `retryInterval`): one day. Longer ones are refused with 400 before anything is
+/// written.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Checks the wait of [`wait_for_completion_or_create_check_status_response`]: the
+/// timeout at most [`MAX_WAIT`] and the retry interval not longer than the timeout.
+/// An app's route calls it before it starts the instance it waits for, so that a bad
+/// wait is refused (400) with nothing written.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// assert!(keel_http::check_wait(Duration::from_secs(10), Duration::from_secs(1)).is_ok());
+/// assert!(keel_http::check_wait(Duration::from_secs(1), Duration::from_secs(5)).is_err());
+/// assert!(keel_http::check_wait(Duration::from_secs(u64::MAX), Duration::ZERO).is_err());
+/// ```
+pub fn check_wait(timeout: Duration, retry_interval: Duration) -> ApiResult<()> {
+    for (what, duration) in [("timeout", timeout), ("retry interval", retry_interval)] {
+        if duration > MAX_WAIT {
+            return Err(ApiError::BadRequest(format!(
+                "the {what} ({}s) is longer than the limit of {}s",
+                duration.as_secs_f64(),
+                MAX_WAIT.as_secs()
+            )));
+        }
+    }
+    if retry_interval > timeout {
+        return Err(ApiError::BadRequest(format!(
+            "the retry interval ({}s) must not be longer than the timeout ({}s)",
+            retry_interval.as_secs_f64(),
+            timeout.as_secs_f64()
+        )));
+    }
+    Ok(())
+}
 
 /// The parts of a request the helpers need: its headers (for the host name) and its
 /// extensions (where the host keeps its client and settings).
@@ -133,21 +177,16 @@ impl DurableClient {
 
     /// Waits up to `timeout` for the instance to finish: 200 with its output when it
     /// completed, the status response when it failed or was terminated, else the
-    /// check-status response (202). `retry_interval` must not exceed `timeout`; the
-    /// wait itself is woken by the task hub, not by polling.
+    /// check-status response (202). The wait must pass [`check_wait`] (else 400; check
+    /// it before starting the instance to write nothing); the wait itself is woken by
+    /// the task hub, not by polling.
     pub async fn wait_for_completion_or_create_check_status_response(
         &self,
         instance_id: &str,
         timeout: Duration,
         retry_interval: Duration,
     ) -> ApiResult<Response> {
-        if retry_interval > timeout {
-            return Err(ApiError::BadRequest(format!(
-                "the retry interval ({}s) must not be longer than the timeout ({}s)",
-                retry_interval.as_secs_f64(),
-                timeout.as_secs_f64()
-            )));
-        }
+        check_wait(timeout, retry_interval)?;
         match self.client().wait_for_completion(instance_id, timeout).await {
             Ok(status) => Ok(finished_response(&status)),
             Err(ClientError::Timeout { .. }) => Ok(self.create_check_status_response(instance_id)),
@@ -191,20 +230,24 @@ pub async fn wait_for_completion_or_create_check_status_response(
     waited.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Starts an orchestration for a start route: body = JSON input (optional); with
-/// `wait` = (timeout, retry interval) it waits for the outcome.
+/// Starts an orchestration for a start route: body = JSON input (optional), query
+/// parameter `version` = the orchestration version (optional); with `wait` =
+/// (timeout, retry interval), already checked, it waits for the outcome. Everything is
+/// checked before the instance is written.
 pub(crate) async fn start_orchestration(
     durable: &DurableClient,
     name: &str,
     instance_id: Option<String>,
+    params: &Params,
     body: &Body,
     wait: Option<(Duration, Duration)>,
 ) -> ApiResult<Response> {
+    let version = version_parameter(params)?;
     let input = body.json_text("orchestration input")?;
     if let Some(id) = &instance_id {
         record_instance(id, Some(name));
     }
-    let options = StartOptions { instance_id, ..StartOptions::default() };
+    let options = StartOptions { instance_id, version, ..StartOptions::default() };
     let client = durable.client();
     // A host with functions of its own refuses names it does not run. One with none
     // (`keel serve` without `--samples`) hands every orchestrator to the SDK workers and
@@ -225,10 +268,26 @@ pub(crate) async fn start_orchestration(
     }
 }
 
+/// The `version` query parameter (a Keel addition): the orchestration version a start
+/// stamps on the new instance.
+fn version_parameter(params: &Params) -> ApiResult<Option<String>> {
+    let Some(version) = params.get("version") else { return Ok(None) };
+    if version.len() > MAX_NAME_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "'version' is {} bytes long; the limit is {MAX_NAME_BYTES}",
+            version.len()
+        )));
+    }
+    if let Some(bad) = version.chars().find(|c| c.is_control()) {
+        return Err(ApiError::BadRequest(format!("'version' contains the control character {bad:?}")));
+    }
+    Ok(Some(version.to_string()))
+}
+
 /// The built-in starter: `POST /api/orchestrators/{name}[/{instanceId}]` (optionally
 /// waiting when `timeout` and `pollingInterval` are given) and
 /// `POST /api/orchestrators/{name}/wait?timeout=&retryInterval=` (waits; 30 s and 1 s by
-/// default).
+/// default); each takes `version`.
 pub(crate) fn starter_routes() -> Router {
     Router::new()
         .route("/api/orchestrators/{name}", post(start_new))
@@ -236,12 +295,17 @@ pub(crate) fn starter_routes() -> Router {
         .route("/api/orchestrators/{name}/wait", post(start_and_wait))
 }
 
-/// `timeout` and `pollingInterval`, when both are given.
+/// `timeout` and `pollingInterval`, when both are given, checked ([`check_wait`]);
+/// either one is refused when it is not a number of seconds from 0 to [`MAX_WAIT`],
+/// even without the other.
 pub(crate) fn wait_parameters(params: &Params) -> ApiResult<Option<(Duration, Duration)>> {
-    Ok(match (params.seconds("timeout")?, params.seconds("pollingInterval")?) {
-        (Some(timeout), Some(interval)) => Some((timeout, interval)),
-        _ => None,
-    })
+    match (params.wait_seconds("timeout")?, params.wait_seconds("pollingInterval")?) {
+        (Some(timeout), Some(interval)) => {
+            check_wait(timeout, interval)?;
+            Ok(Some((timeout, interval)))
+        }
+        _ => Ok(None),
+    }
 }
 
 pub(crate) async fn start_new(
@@ -250,7 +314,8 @@ pub(crate) async fn start_new(
     params: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    start_orchestration(&durable, &name, None, &body, wait_parameters(&params)?).await
+    let wait = wait_parameters(&params)?;
+    start_orchestration(&durable, &name, None, &params, &body, wait).await
 }
 
 pub(crate) async fn start_with_id(
@@ -259,7 +324,8 @@ pub(crate) async fn start_with_id(
     params: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    start_orchestration(&durable, &name, Some(instance_id), &body, wait_parameters(&params)?).await
+    let wait = wait_parameters(&params)?;
+    start_orchestration(&durable, &name, Some(instance_id), &params, &body, wait).await
 }
 
 async fn start_and_wait(
@@ -268,10 +334,10 @@ async fn start_and_wait(
     params: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    let timeout = params.seconds("timeout")?.unwrap_or(DEFAULT_WAIT_TIMEOUT);
-    let retry_interval = match params.seconds("retryInterval")?.or(params.seconds("pollingInterval")?) {
-        Some(interval) => interval,
-        None => DEFAULT_WAIT_RETRY_INTERVAL.min(timeout),
-    };
-    start_orchestration(&durable, &name, None, &body, Some((timeout, retry_interval))).await
+    let timeout = params.wait_seconds("timeout")?.unwrap_or(DEFAULT_WAIT_TIMEOUT);
+    let (retry_interval, polling_interval) =
+        (params.wait_seconds("retryInterval")?, params.wait_seconds("pollingInterval")?);
+    let retry_interval = retry_interval.or(polling_interval).unwrap_or(DEFAULT_WAIT_RETRY_INTERVAL.min(timeout));
+    check_wait(timeout, retry_interval)?;
+    start_orchestration(&durable, &name, None, &params, &body, Some((timeout, retry_interval))).await
 }

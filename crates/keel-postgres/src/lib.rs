@@ -31,7 +31,11 @@
 //! Connection failures are retryable errors; the pool replaces broken connections and
 //! the listener reconnects, so workers ride out a restart of the database.
 //!
-//! Code map: `config` reads the URL, `pool` holds the connections, `pipeline` sends
+//! Connections use TLS as the URL's `sslmode` says (libpq's modes; `prefer` by default),
+//! the notification listener's too; see [`SslMode`].
+//!
+//! Code map: `config` reads the URL, `tls` its TLS settings and the connector they
+//! call for, `pool` makes and holds the connections, `pipeline` sends
 //! groups of statements in one round trip, `schema` the tables and migrations, `codec`
 //! how values map to columns, `client` and `worker` the two halves of the [`Store`]
 //! contract, `wakeups` the cross-process notifications, `failure` the internal error
@@ -44,6 +48,7 @@ mod failure;
 mod pipeline;
 mod pool;
 mod schema;
+mod tls;
 mod wakeups;
 mod worker;
 
@@ -63,6 +68,7 @@ use crate::wakeups::Wakeups;
 
 pub use config::{PostgresOptions, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA};
 pub use schema::SCHEMA_VERSION;
+pub use tls::SslMode;
 
 /// A task hub in a PostgreSQL schema. Cheap to share: use it as `Arc<dyn Store>`.
 pub struct PostgresStore {
@@ -79,16 +85,18 @@ impl PostgresStore {
     }
 
     /// Opens a task hub, creating its schema if needed and migrating it to
-    /// [`SCHEMA_VERSION`]. A hub with a newer schema is refused. Must run inside a
+    /// [`SCHEMA_VERSION`]. A hub with a newer schema is refused. The TLS settings' CA
+    /// file is read here: one that cannot be used is [`keel_store::Error::Invalid`], and
+    /// a server certificate they refuse is a non-retryable error. Must run inside a
     /// tokio runtime: the store's notification listener is a task on it.
     pub async fn open(options: PostgresOptions) -> Result<PostgresStore> {
-        let pool = Pool::new(options.connection_config(), options.schema.clone(), options.pool_size);
+        let pool = Pool::new(options.endpoint()?, options.schema.clone(), options.pool_size);
         let mut connection = pool.get().await?;
         schema::migrate(&mut connection, &options.schema).await?;
         drop(connection);
         let notifications = Arc::new(Notifications::default());
         let listener =
-            tokio::spawn(wakeups::listen(pool.config().clone(), pool.channel().to_owned(), notifications.clone()));
+            tokio::spawn(wakeups::listen(pool.endpoint().clone(), pool.channel().to_owned(), notifications.clone()));
         Ok(PostgresStore { pool, notifications, listener, schema: options.schema })
     }
 

@@ -10,6 +10,10 @@
 //! so a statement is parsed once per connection. Transactions are explicit
 //! (`BEGIN` … `COMMIT`); a connection dropped inside one is closed rather than reused,
 //! which rolls the transaction back on the server.
+//!
+//! Every connection is made through the store's [`Endpoint`] (the driver's configuration
+//! and the TLS connector), which the notification listener uses too, so that both
+//! connect alike.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,18 +21,58 @@ use std::time::Duration;
 
 use keel_store::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{Client, Row, Socket, Statement};
 
 use crate::failure::{backend_error, unavailable, Failure};
 use crate::pipeline::Pipeline;
+use crate::tls::{refused_certificate, Connector};
 
 /// How long an operation waits for a free connection before failing (retryably).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a store connects to its database: the driver's configuration (with the hub's
+/// search path) and the TLS connector its settings call for.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    config: tokio_postgres::Config,
+    tls: Connector,
+    /// The TLS settings in the URL's words, for errors.
+    tls_settings: String,
+}
+
+/// What a connection's bytes travel on: the TLS stream (or plaintext, when the server
+/// or the settings say so).
+pub(crate) type DriverConnection = tokio_postgres::Connection<Socket, <Connector as MakeTlsConnect<Socket>>::Stream>;
+
+impl Endpoint {
+    pub(crate) fn new(config: tokio_postgres::Config, tls: Connector, tls_settings: String) -> Endpoint {
+        Endpoint { config, tls, tls_settings }
+    }
+
+    /// A new connection, TLS negotiated as the settings say; the caller drives (spawns)
+    /// the connection.
+    pub(crate) async fn connect(&self) -> Result<(Client, DriverConnection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+
+    /// A failed connection as the store reports it. A server certificate that the TLS
+    /// settings refuse is a configuration error: not retryable, and naming the settings.
+    pub(crate) fn connect_error(&self, error: &tokio_postgres::Error) -> Error {
+        match refused_certificate(error) {
+            Some(why) => Error::Backend {
+                message: format!("postgres: the server's TLS certificate was refused ({}): {why}", self.tls_settings),
+                retryable: false,
+            },
+            None => backend_error(error),
+        }
+    }
+}
+
 /// The connections of one store.
 pub(crate) struct Pool {
-    config: tokio_postgres::Config,
+    endpoint: Endpoint,
     /// The task hub's notification channel (its schema name).
     channel: String,
     idle: Mutex<Vec<Connection>>,
@@ -44,9 +88,9 @@ struct Connection {
 }
 
 impl Pool {
-    pub(crate) fn new(config: tokio_postgres::Config, channel: String, size: usize) -> Arc<Pool> {
+    pub(crate) fn new(endpoint: Endpoint, channel: String, size: usize) -> Arc<Pool> {
         assert!(size > 0, "a pool needs room for one connection");
-        Arc::new(Pool { config, channel, idle: Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(size)), size })
+        Arc::new(Pool { endpoint, channel, idle: Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(size)), size })
     }
 
     /// A connection: an idle one that is still open, or a new one.
@@ -75,7 +119,8 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Connection, Error> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|error| backend_error(&error))?;
+        let (client, connection) =
+            self.endpoint.connect().await.map_err(|error| self.endpoint.connect_error(&error))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "a task hub connection ended");
@@ -86,8 +131,8 @@ impl Pool {
 
     /// How the pool connects; the notification listener connects the same way, outside
     /// the pool.
-    pub(crate) fn config(&self) -> &tokio_postgres::Config {
-        &self.config
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     pub(crate) fn channel(&self) -> &str {

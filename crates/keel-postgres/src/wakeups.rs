@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use keel_store::Notifications;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use crate::pool::Endpoint;
 
 /// The first pause before reconnecting the listener; it doubles up to [`MAX_RECONNECT_PAUSE`].
 const FIRST_RECONNECT_PAUSE: Duration = Duration::from_millis(50);
@@ -89,11 +91,12 @@ impl Wakeups {
 const EVERYTHING: Wakeups = Wakeups { orchestration_work: true, activity_work: true, instance_changed: true };
 
 /// Listens on `channel` until aborted, signalling `notifications` for every
-/// notification, reconnecting when the connection drops.
-pub(crate) async fn listen(config: tokio_postgres::Config, channel: String, notifications: Arc<Notifications>) {
+/// notification, reconnecting when the connection drops. It connects as the store's pool
+/// does (`endpoint`: the same configuration and TLS).
+pub(crate) async fn listen(endpoint: Endpoint, channel: String, notifications: Arc<Notifications>) {
     let mut pause = FIRST_RECONNECT_PAUSE;
     loop {
-        match listen_once(&config, &channel, &notifications).await {
+        match listen_once(&endpoint, &channel, &notifications).await {
             Ok(()) => {
                 tracing::warn!(%channel, "the task hub's notification connection closed; reconnecting");
                 pause = FIRST_RECONNECT_PAUSE;
@@ -107,11 +110,11 @@ pub(crate) async fn listen(config: tokio_postgres::Config, channel: String, noti
 
 /// One connection's worth of listening: returns when the connection ends.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    endpoint: &Endpoint,
     channel: &str,
     notifications: &Notifications,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = endpoint.connect().await?;
     let (sender, mut received) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {

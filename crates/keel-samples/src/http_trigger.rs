@@ -49,6 +49,8 @@ async fn place_order(
             .map_err(|_| ApiError::BadRequest("timeout must be a number of seconds".into()))?,
         None => DEFAULT_TIMEOUT,
     };
+    // Everything is checked before the order is written.
+    keel_http::check_wait(timeout, timeout.min(Duration::from_secs(1)))?;
     let options = StartOptions { instance_id: Some(format!("order-{order_id}")), ..StartOptions::default() };
     let instance = durable.client().start_with_options(PLACE_ORDER, &order, options).await?;
     tracing::info!(instance_id = %instance.id(), function = PLACE_ORDER.name(), "order placed over the app route");

@@ -528,7 +528,11 @@ pub async fn commit_applies_everything_at_once(store: &dyn Store) {
         HistoryEvent::with_id(
             0,
             secs(2),
-            EventKind::TaskScheduled { name: "Greet".into(), input: Some("\"x\"".into()) },
+            EventKind::TaskScheduled {
+                name: "Greet".into(),
+                input: Some("\"x\"".into()),
+                tags: [("team".to_string(), "payments".to_string())].into(),
+            },
         ),
         HistoryEvent::with_id(1, secs(2), EventKind::TimerCreated { fire_at: timer_at }),
     ]);

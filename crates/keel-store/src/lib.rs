@@ -124,6 +124,9 @@ impl NewInstance {
     pub fn check(&self) -> Result<()> {
         keel_core::limits::check_instance_id(&self.instance_id)
             .and_then(|()| keel_core::limits::check_name("orchestrator", &self.name))
+            .and_then(|()| {
+                self.version.as_deref().map_or(Ok(()), |version| keel_core::limits::check_name("version", version))
+            })
             .and_then(|()| keel_core::limits::check_payload("input", self.input.as_deref()))
             .and_then(|()| keel_core::limits::check_payload("tags", stored::tags_to_json(&self.tags).as_deref()))
             .map_err(Error::Invalid)

@@ -407,6 +407,9 @@ impl Client {
         limits::check_payload("input", input.as_deref()).map_err(ClientError::Invalid)?;
         let instance_id = options.instance_id.unwrap_or_else(new_instance_id);
         limits::check_instance_id(&instance_id).map_err(ClientError::Invalid)?;
+        if let Some(version) = options.version.as_deref().or(self.default_version.as_deref()) {
+            limits::check_name("version", version).map_err(ClientError::Invalid)?;
+        }
         refuse_entity_id(&instance_id)?;
         let created_at = self.clock.now();
         let instance = NewInstance {

@@ -419,6 +419,10 @@ fn poll_jitter(idle_poll: Duration) -> Duration {
     Duration::from_micros(random % range)
 }
 
+/// How long a worker that gave instances back waits before it looks for work again, so
+/// that the workers which may run them take them first.
+const REJECT_BACKOFF: Duration = Duration::from_millis(250);
+
 /// Pause after a store error before trying again.
 const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -469,7 +473,13 @@ impl ExecutionCache {
 async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let store = shared.store.as_ref();
     let mut cache = ExecutionCache::new(shared.options.execution_cache_size);
+    // Set when this worker gave instances back for workers of another version.
+    let mut back_off = false;
     while !*shutdown.borrow() {
+        if std::mem::take(&mut back_off) {
+            // Give the workers that may run what this one gave back the first go at it.
+            tokio::time::sleep(REJECT_BACKOFF + poll_jitter(shared.options.idle_poll)).await;
+        }
         let fetched_at = shared.clock.now();
         let items = match store
             .fetch_orchestration_items(
@@ -493,6 +503,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         let now = shared.clock.now().max(fetched_at);
         let mut commits = Vec::with_capacity(items.len());
         let mut keep = Vec::with_capacity(items.len());
+        let mut rejected = false;
         for item in items {
             // Every log line of an episode names the instance and the orchestrator.
             let span = tracing::info_span!(
@@ -526,6 +537,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 let cached = cache.take(&item.instance).filter(|_| !terminating);
                 let versioning = &shared.options.versioning;
                 if !versioning.may_run(item.instance.version.as_deref()) {
+                    rejected = true;
                     if let Some(commit) = refuse_version(store, versioning, &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
                         commits.push(commit);
@@ -570,6 +582,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             .instrument(span)
             .await;
         }
+        back_off = rejected;
         if commits.is_empty() {
             continue;
         }
@@ -645,7 +658,9 @@ async fn refuse_version(
     match versioning.failure_strategy {
         VersionFailure::Reject => {
             tracing::debug!(instance_id = %item.instance.instance_id, version, "left for a worker of another version");
-            let retry_at = now + chrono::Duration::from_std(REMOTE_RETRY_DELAY).expect("a small duration");
+            // Visible again at once, so that the wake-up of the give-back brings the
+            // workers that may run it; this one backs off before it looks again.
+            let retry_at = now;
             if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
                 tracing::warn!(instance_id = %item.instance.instance_id, %error, "giving back work failed");
             }

@@ -22,6 +22,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// The task hub's URL (`sqlite://…/hub.db` in the temp dir unless a test gave one).
+    pub store: String,
     dir: tempfile::TempDir,
 }
 
@@ -76,7 +78,14 @@ impl Server {
                 panic!("no address in {first_line:?}; log:\n{log}")
             })
             .to_string();
-        Server { child, base, dir }
+        Server { child, base, store, dir }
+    }
+
+    /// Kills the host and waits for it to exit; its temp dir (and task hub) stays until
+    /// the `Server` is dropped.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self, path: &str) -> String {

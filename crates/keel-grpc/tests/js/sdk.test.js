@@ -63,6 +63,7 @@ async function* js_child(ctx, n) {
 
 async function* js_parent(ctx, n) {
   // No instance id: the SDK derives the child's from this execution's id.
+  yield ctx.callActivity(js_hello, "tagged", { tags: { kind: "greeting" } });
   return yield ctx.callSubOrchestrator(js_child, n, { tags: { level: "child" } });
 }
 
@@ -158,13 +159,15 @@ test("tags on an orchestration and a sub-orchestration are kept; default child i
   const id = await client.scheduleNewOrchestration(js_parent, 5, { tags });
   const child = await output(id);
   assert.equal(child.n, 5);
-  assert.match(child.instanceId, /^[0-9a-f]{32}:0001$/, "execution id (32 hex digits) + action id");
+  assert.match(child.instanceId, /^[0-9a-f]{32}:0002$/, "execution id (32 hex digits) + action id");
   const state = await client.getOrchestrationState(id);
   assert.deepEqual(state.tags, tags);
   const response = await call("getInstance", new pb.GetInstanceRequest().setInstanceid(id));
   assert.match(response.getOrchestrationstate().getExecutionid().getValue(), /^[0-9a-f]{32}$/);
   assert.equal(child.instanceId.split(":")[0], response.getOrchestrationstate().getExecutionid().getValue());
   assert.deepEqual((await client.getOrchestrationState(child.instanceId)).tags, { level: "child" });
+  const scheduled = (await client.getOrchestrationHistory(id)).find((e) => e.type === dt.HistoryEventType.TaskScheduled);
+  assert.deepEqual(scheduled.tags, { kind: "greeting" }, "task tags are kept in the history");
 });
 
 test("a termination output stays the JSON value it was", async () => {

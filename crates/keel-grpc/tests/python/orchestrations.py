@@ -215,6 +215,10 @@ def py_big_fan_out(ctx: task.OrchestrationContext, n: int):
     return sum(len(result) for result in results)
 
 
+def py_tagged_task(ctx: task.OrchestrationContext, name: str):
+    return (yield ctx.call_activity(py_hello, input=name, tags={"kind": "greeting"}))
+
+
 def py_fail_with_details(ctx: task.OrchestrationContext, code: int):
     yield ctx.call_activity(py_fail_with_properties, input=code)
     return "unreachable"
@@ -224,6 +228,6 @@ ORCHESTRATORS = [
     py_chain, py_fan_out, py_child, py_parent, py_timer, py_wait_event, py_event_or_timeout, py_retry,
     py_retry_child, py_flaky_orchestrator, py_counter, py_collect, py_custom_status, py_forever,
     py_parent_of_forever, py_fail, py_catch, py_nondeterministic, py_rewindable, py_calls_rust,
-    py_retry_200ms, py_versioned, py_fail_with_details,
+    py_retry_200ms, py_versioned, py_fail_with_details, py_tagged_task,
 ]
 ACTIVITIES = [py_hello, py_square, py_boom, py_flaky, py_fail_with_properties]

@@ -9,6 +9,7 @@ from durabletask import client
 from durabletask.internal import orchestrator_service_pb2 as pb
 
 import orchestrations as o
+from test_lifecycle import http_status
 from test_patterns import completed, run
 
 Status = client.OrchestrationStatus
@@ -26,7 +27,7 @@ def test_execution_ids_are_32_lowercase_hex_digits(hub, stub):
     assert started, "the history starts with its ExecutionStarted"
 
 
-def test_tags_are_kept_and_returned(hub, stub):
+def test_tags_are_kept_and_returned(hub, stub, keel):
     tags = {"team": "payments", "ticket": "T-17"}
     instance_id = f"tagged-{uuid.uuid4().hex}"
     run(hub, o.py_chain, ["tags"], instance_id=instance_id, tags=tags)
@@ -36,11 +37,20 @@ def test_tags_are_kept_and_returned(hub, stub):
         instanceIdPrefix=__import__("google.protobuf.wrappers_pb2", fromlist=["StringValue"]).StringValue(
             value=instance_id))))
     assert [dict(s.tags) for s in page.orchestrationState] == [tags]
+    assert http_status(keel, instance_id)["tags"] == tags, "the HTTP status shows them"
     started = next(e for e in hub.get_orchestration_history(instance_id) if type(e).__name__ == "ExecutionStartedEvent")
     assert started.tags == tags, "the start event carries them"
     restarted = hub.restart_orchestration(instance_id, restart_with_new_instance_id=True)
     hub.wait_for_orchestration_completion(restarted, timeout=30)
     assert dict(stub.GetInstance(pb.GetInstanceRequest(instanceId=restarted)).orchestrationState.tags) == tags
+
+
+def test_task_tags_are_kept_in_the_history(hub):
+    state = run(hub, o.py_tagged_task, "tags")
+    assert completed(state) == "Hello tags!"
+    scheduled = next(e for e in hub.get_orchestration_history(state.instance_id)
+                     if type(e).__name__ == "TaskScheduledEvent")
+    assert scheduled.tags == {"kind": "greeting"}
 
 
 def test_failure_properties_survive_the_round_trip(hub, stub):

@@ -211,6 +211,7 @@ async function loadDetail() {
   $("#detail-panel").dataset.status = status.runtimeStatus;
   $("#detail-id").textContent = status.instanceId;
   $("#detail-name").textContent = status.name;
+  $("#detail-version").textContent = status.version ?? "-";
   $("#detail-status").replaceWith(Object.assign(statusBadge(status.runtimeStatus), { id: "detail-status" }));
   $("#detail-created").textContent = status.createdTime;
   $("#detail-updated").textContent = status.lastUpdatedTime;

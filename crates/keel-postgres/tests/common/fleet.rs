@@ -9,6 +9,10 @@
 //! held when it ran) to its own entity log, so that the parent can count executions per
 //! activity and per operation, tell which worker ran each, and see what state each
 //! operation ran on, whether or not its batch was committed.
+//!
+//! A worker process may run another build instead of the fleet's functions: one of the
+//! versioned builds of [`super::versioned`] ([`Fleet::start_worker_of_build`]), which
+//! logs its orchestration code runs instead.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -29,6 +33,8 @@ const HUB_ENV: &str = "KEEL_FLEET_HUB";
 const LOG_DIR_ENV: &str = "KEEL_FLEET_LOG_DIR";
 /// Set in a worker process: its name in the logs.
 const NAME_ENV: &str = "KEEL_FLEET_WORKER";
+/// Set in a worker process that runs a versioned build: the build's name.
+const BUILD_ENV: &str = "KEEL_FLEET_BUILD";
 
 /// Activities per chain.
 const CHAIN_LENGTH: u32 = 3;
@@ -82,7 +88,7 @@ async fn parent(ctx: OrchestrationContext, value: u32) -> Result<u32, Orchestrat
 }
 
 /// A log of this worker process: its activity executions or its entity operations.
-struct ExecutionLog {
+pub struct ExecutionLog {
     worker: String,
     file: std::sync::Mutex<std::fs::File>,
 }
@@ -96,7 +102,7 @@ impl ExecutionLog {
     /// One line per execution (the worker's name, then `fields`), written with one
     /// `write` on a file opened for appending, so that lines of a killed process are
     /// whole or absent.
-    fn record(&self, fields: std::fmt::Arguments<'_>) {
+    pub fn record(&self, fields: std::fmt::Arguments<'_>) {
         let line = format!("{} {fields}\n", self.worker);
         let mut file = self.file.lock().expect("log lock");
         file.write_all(line.as_bytes()).expect("the execution log is writable");
@@ -141,13 +147,23 @@ pub fn run_worker_process() {
     else {
         return;
     };
+    let build = std::env::var(BUILD_ENV).ok();
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async move {
         let store = open_with_retries(&url).await;
         let log_dir = std::path::Path::new(&log_dir);
-        let activity_log = ExecutionLog::open(&name, &log_path(log_dir, &name, ACTIVITY_LOG));
-        let entity_log = ExecutionLog::open(&name, &log_path(log_dir, &name, ENTITY_LOG));
-        let _worker = fleet_worker(store, activity_log, entity_log).start();
+        let worker = match build {
+            Some(build) => {
+                let log = ExecutionLog::open(&name, &log_path(log_dir, &name, super::versioned::ORCHESTRATION_LOG));
+                super::versioned::worker(store, &build, log)
+            }
+            None => {
+                let activity_log = ExecutionLog::open(&name, &log_path(log_dir, &name, ACTIVITY_LOG));
+                let entity_log = ExecutionLog::open(&name, &log_path(log_dir, &name, ENTITY_LOG));
+                fleet_worker(store, activity_log, entity_log)
+            }
+        };
+        let _worker = worker.start();
         std::future::pending::<()>().await;
     });
 }
@@ -211,15 +227,29 @@ impl Fleet {
 
     /// Starts a worker process named `name`.
     pub fn start_worker(&mut self, name: &str) {
-        let child = Command::new(std::env::current_exe().expect("the test binary"))
+        self.spawn_worker(name, None);
+    }
+
+    /// Starts a worker process named `name` that runs the versioned build `build` (see
+    /// [`super::versioned`]).
+    pub fn start_worker_of_build(&mut self, name: &str, build: &str) {
+        self.spawn_worker(name, Some(build));
+    }
+
+    fn spawn_worker(&mut self, name: &str, build: Option<&str>) {
+        let mut command = Command::new(std::env::current_exe().expect("the test binary"));
+        command
             .args(["--exact", "fleet_worker", "--ignored", "--nocapture", "--test-threads", "1"])
             .env(HUB_ENV, &self.hub_url)
             .env(LOG_DIR_ENV, self.log_dir.path())
             .env(NAME_ENV, name)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the worker process starts");
+            .stdout(Stdio::null());
+        match build {
+            Some(build) => command.env(BUILD_ENV, build),
+            None => command.env_remove(BUILD_ENV),
+        };
+        let child = command.spawn().expect("the worker process starts");
         self.workers.insert(name.to_owned(), child);
     }
 
@@ -272,6 +302,11 @@ impl Fleet {
             runs.entry((key.clone(), value)).or_default().push(OperationRun { worker: worker.clone(), position });
         }
         runs
+    }
+
+    /// Every line of the logs of kind `kind`, split into fields (the worker's name first).
+    pub fn lines(&self, kind: &str) -> Vec<Vec<String>> {
+        log_lines(self.log_dir.path(), kind)
     }
 
     fn lines_by(&self, name: &str, kind: &str) -> Vec<Vec<String>> {

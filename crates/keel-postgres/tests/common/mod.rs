@@ -49,3 +49,4 @@ pub async fn fresh_store(url: &str) -> PostgresStore {
 }
 
 pub mod fleet;
+pub mod versioned;
