@@ -68,7 +68,11 @@ enum LogFormat {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let tls = tls_files(&args)?;
-    let api_key = args.api_key.filter(|key| !key.is_empty());
+    // An empty key would let every request in while looking like protection.
+    if args.api_key.as_deref().is_some_and(|key| key.trim().is_empty()) {
+        anyhow::bail!("the API key is empty: give a key, or leave --api-key (and KEEL_API_KEY) out");
+    }
+    let api_key = args.api_key;
     let config = HostConfig {
         address: SocketAddr::new(args.host, args.port),
         store_url: args.store.clone(),

@@ -248,3 +248,15 @@ async fn entity_subcommands_signal_get_list_delete_and_clean() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("400"), "{bad:?}");
 }
+
+#[test]
+fn an_empty_api_key_is_refused() {
+    let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--port", "0", "--grpc-port", "0", "--api-key", ""])
+        .env_remove("KEEL_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "an empty key must not start an open host");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the API key is empty"), "{stderr}");
+}

@@ -31,6 +31,9 @@ pub fn check_instance_id(instance_id: &str) -> Result<(), String> {
     if let Some(bad) = instance_id.chars().find(|c| c.is_control() || "/\\#?".contains(*c)) {
         return Err(format!("instance id contains the character {bad:?}, which is not allowed"));
     }
+    if instance_id == "." || instance_id == ".." {
+        return Err(format!("instance id '{instance_id}' is not allowed (it names a path, not an instance)"));
+    }
     Ok(())
 }
 
@@ -65,6 +68,8 @@ mod tests {
         assert!(check_instance_id("").is_err());
         assert!(check_instance_id("a/b").is_err());
         assert!(check_instance_id("a\nb").is_err());
+        assert!(check_instance_id(".").is_err() && check_instance_id("..").is_err());
+        assert!(check_instance_id("a.b").is_ok());
         assert!(check_instance_id(&"x".repeat(MAX_INSTANCE_ID_BYTES + 1)).is_err());
     }
 
