@@ -380,11 +380,12 @@ async fn run_transfers(transfers: &[(usize, usize, i64)], accounts: usize) -> Ve
     }
     let mut balances = Vec::new();
     for n in 0..accounts {
-        // The last unlocks were sent with the transfers' completion; they arrive soon after.
+        // The last unlocks were sent with the transfers' completion, and an account no
+        // transfer touched may not have had its deposit yet: both arrive soon after.
         let deadline = tokio::time::Instant::now() + WAIT;
         let entity = loop {
             let entity = client.get_entity(&account_id(&key(n))).await.unwrap().unwrap();
-            if entity.locked_by.is_none() && entity.backlog == 0 {
+            if entity.exists() && entity.locked_by.is_none() && entity.backlog == 0 {
                 break entity;
             }
             assert!(tokio::time::Instant::now() < deadline, "a lock was never released: {entity:?}");
