@@ -193,7 +193,7 @@ async fn scheduled_signals_wait_for_their_time() {
     let worker = entity_worker(&store).build().start();
     let client = worker.client();
     let entity = counter_id("later");
-    let at = chrono::Utc::now() + chrono::Duration::milliseconds(800);
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
     client.signal_entity_at(&entity, "add", &3, at).await.unwrap();
     client.signal_entity(&entity, "add", &1).await.unwrap();
     let value: i64 = wait_for_entity(&client, &entity, "the immediate signal", |value: &i64| *value >= 1).await;
