@@ -16,6 +16,12 @@ function keelBinary() {
   return path.join(target, "debug", "keel");
 }
 
+/** The environment without KEEL_API_KEY: these tests run an open host. */
+function withoutApiKey(env) {
+  const { KEEL_API_KEY: _ignored, ...rest } = env;
+  return rest;
+}
+
 /** Starts `keel serve`; resolves to { grpc, http, stop() } once it prints its addresses. */
 async function startKeel() {
   const binary = keelBinary();
@@ -24,7 +30,7 @@ async function startKeel() {
   const log = fs.openSync(path.join(directory, "host.log"), "a");
   const child = spawn(binary, ["serve", "--port", "0", "--grpc-port", "0", "--store", `sqlite://${directory}/hub.db`], {
     stdio: ["ignore", "pipe", log],
-    env: { ...process.env, KEEL_API_KEY: "", RUST_LOG: process.env.RUST_LOG || "info" },
+    env: { ...withoutApiKey(process.env), RUST_LOG: process.env.RUST_LOG || "info" },
   });
   const lines = readline.createInterface({ input: child.stdout });
   const addresses = await new Promise((resolve, reject) => {
