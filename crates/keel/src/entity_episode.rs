@@ -17,7 +17,7 @@ use keel_store::{
 };
 
 use crate::entity::{BatchOutcome, EntityAction};
-use crate::episode::POISON_ERROR_TYPE;
+use crate::episode::{empty_commit, POISON_ERROR_TYPE};
 
 /// A batch of operations to run on one entity.
 #[derive(Clone, Debug)]
@@ -49,16 +49,7 @@ pub enum EntityIntake {
 /// Plans the batch of an entity item.
 pub fn prepare_entity(item: &OrchestrationItem, now: Timestamp) -> EntityIntake {
     let instance = &item.instance;
-    let mut commit = EpisodeCommit {
-        lock: item.lock.clone(),
-        consumed: item.messages.iter().map(|message| message.id).collect(),
-        replace_history: None,
-        history: Vec::new(),
-        state: None,
-        activities: Vec::new(),
-        messages: Vec::new(),
-        new_instances: Vec::new(),
-    };
+    let mut commit = empty_commit(item);
     let id = match EntityId::parse(&instance.instance_id) {
         Ok(id) => id,
         Err(error) => {

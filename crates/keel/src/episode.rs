@@ -48,7 +48,7 @@ enum Intake {
 }
 
 /// A commit for `item` that consumes all its messages and changes nothing else yet.
-fn empty_commit(item: &OrchestrationItem) -> EpisodeCommit {
+pub(crate) fn empty_commit(item: &OrchestrationItem) -> EpisodeCommit {
     EpisodeCommit {
         lock: item.lock.clone(),
         consumed: item.messages.iter().map(|message| message.id).collect(),
