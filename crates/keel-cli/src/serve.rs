@@ -48,6 +48,28 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert", value_name = "FILE")]
     tls_key: Option<std::path::PathBuf>,
+    /// Accept this name in a request's Host header (repeatable), besides the bound
+    /// address, localhost and the loopback addresses; NAME:PORT matches exactly.
+    /// Other Host values get 421 (no DNS rebinding).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// How long an HTTP client gets to send a request's head, in milliseconds; an idle
+    /// kept-alive connection is closed after as long.
+    #[arg(long, default_value_t = keel_http::HostConfig::DEFAULT_HEADER_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_ms: u64,
+    /// The most HTTP connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = keel_http::HostConfig::DEFAULT_MAX_CONNECTIONS,
+          value_parser = parse_positive)]
+    max_connections: usize,
+}
+
+fn parse_positive(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(value) => Ok(value),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// The certificate and key files, read.
@@ -76,8 +98,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = HostConfig {
         address: SocketAddr::new(args.host, args.port),
         store_url: args.store.clone(),
-        api: ApiSettings { api_key: api_key.clone(), max_body_bytes: args.max_body_bytes, ..ApiSettings::default() },
+        api: ApiSettings {
+            api_key: api_key.clone(),
+            max_body_bytes: args.max_body_bytes,
+            allowed_hosts: args.allowed_hosts.clone(),
+            ..ApiSettings::default()
+        },
         tls: tls.clone().map(|(certificate_pem, key_pem)| keel_http::TlsIdentity { certificate_pem, key_pem }),
+        header_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
+        max_connections: args.max_connections,
         ..HostConfig::default()
     };
     let scheme = if tls.is_some() { "https" } else { "http" };

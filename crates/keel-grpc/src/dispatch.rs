@@ -491,6 +491,10 @@ impl RemoteWorkers for GrpcRemoteWorkers {
             _ => unreachable!("an offered entity batch comes back as itself"),
         })
     }
+
+    fn connected_workers(&self) -> Option<usize> {
+        Some(GrpcRemoteWorkers::connected_workers(self))
+    }
 }
 
 /// The response stream of one `GetWorkItems` call: the items dispatched to it, and a

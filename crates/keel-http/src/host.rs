@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use keel::{Client, WorkerBuilder, WorkerHandle, WorkerOptions};
 
+use crate::security::Connection;
 use crate::ApiSettings;
 
 /// How long running activities get to finish when the host stops.
@@ -94,6 +95,23 @@ pub struct HostConfig {
     pub worker: WorkerOptions,
     /// Serve HTTPS with this certificate (needs the `tls` feature).
     pub tls: Option<TlsIdentity>,
+    /// How long a client gets to send a request's head (request line and headers),
+    /// counted from when the connection is opened or, on a kept-alive connection, from
+    /// the end of the previous response: a slow client is cut off, and a kept-alive
+    /// connection idle this long is closed. Default [`HostConfig::DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
+    /// The most connections served at once; beyond it the host accepts no more until
+    /// one closes (new ones wait in the listen backlog). Default
+    /// [`HostConfig::DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+}
+
+impl HostConfig {
+    /// The default of [`HostConfig::header_timeout`]: 10 s.
+    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The default of [`HostConfig::max_connections`]: 1,000 (under a 1,024 open-file
+    /// limit, leaves room for the task hub's files and the gRPC server).
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 }
 
 /// A server certificate (chain) and its private key, PEM-encoded.
@@ -119,6 +137,8 @@ impl Default for HostConfig {
             api: ApiSettings::default(),
             worker: WorkerOptions::default(),
             tls: None,
+            header_timeout: HostConfig::DEFAULT_HEADER_TIMEOUT,
+            max_connections: HostConfig::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -156,6 +176,8 @@ pub struct Host {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     worker: WorkerHandle,
+    header_timeout: Duration,
+    max_connections: usize,
     #[cfg(feature = "tls")]
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -186,6 +208,8 @@ impl Host {
             listener,
             router,
             worker,
+            header_timeout: config.header_timeout,
+            max_connections: config.max_connections.max(1),
             #[cfg(feature = "tls")]
             tls,
         })
@@ -202,19 +226,103 @@ impl Host {
     }
 
     /// Serves until `shutdown` resolves, then stops taking requests and work, giving
-    /// running activities a few seconds to finish.
+    /// open connections and running activities a few seconds to finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), HostError> {
+        let limits = Limits { header_timeout: self.header_timeout, max_connections: self.max_connections };
         #[cfg(feature = "tls")]
-        let served = match self.tls {
-            Some(acceptor) => crate::tls::serve(self.listener, self.router, acceptor, shutdown).await,
-            None => axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await,
-        };
+        let served = serve_connections(self.listener, self.router, limits, self.tls, shutdown).await;
         #[cfg(not(feature = "tls"))]
-        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
+        let served = serve_connections(self.listener, self.router, limits, shutdown).await;
         tracing::info!("stopping the worker");
         self.worker.shutdown(SHUTDOWN_GRACE).await;
         served.map_err(HostError::Serve)
     }
+}
+
+/// The connection settings of the accept loop.
+#[derive(Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
+    max_connections: usize,
+}
+
+/// The accept loop: hyper serves `router` over HTTP/1.1 on each connection (after the
+/// TLS handshake with `tls`), with the header timeout and at most `max_connections`
+/// connections at once; each request carries its [`Connection`]. At shutdown the
+/// listener closes and open connections get [`SHUTDOWN_GRACE`] to finish their requests.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: Limits,
+    #[cfg(feature = "tls")] tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+    #[cfg(not(feature = "tls"))]
+    let tls: Option<std::convert::Infallible> = None;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait for some to close.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(local) = stream.local_addr() else { continue };
+        let connection = Connection { local, tls: tls.is_some() };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(connection);
+            let mut router = router.clone();
+            tower_service::Service::call(&mut router, request)
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        #[cfg(feature = "tls")]
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            #[cfg(feature = "tls")]
+            if let Some(acceptor) = tls {
+                let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return tracing::debug!(%peer, %error, "a TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "a TLS handshake timed out"),
+                };
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(error) = watcher.watch(connection.into_owned()).await {
+                    tracing::debug!(%peer, %error, "an HTTPS connection ended with an error");
+                }
+                return;
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, %error, "an HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some HTTP connections were still open when the host stopped");
+    }
+    Ok(())
 }
 
 /// Runs `app` as configured until Ctrl-C or SIGTERM: opens the task hub, starts the

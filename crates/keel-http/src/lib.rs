@@ -74,6 +74,11 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// The task hub name written into management URLs (`taskHub=`).
     pub task_hub: String,
+    /// Names a request's `Host` header may give besides the host's own address,
+    /// `localhost` and the loopback addresses (with the host's port; an entry with a
+    /// port matches exactly, e.g. behind a proxy). Any other `Host` is refused with 421,
+    /// so that a rebound DNS name cannot reach the host from a browser.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ApiSettings {
@@ -83,7 +88,12 @@ impl ApiSettings {
 
 impl Default for ApiSettings {
     fn default() -> ApiSettings {
-        ApiSettings { api_key: None, max_body_bytes: ApiSettings::DEFAULT_MAX_BODY_BYTES, task_hub: "keel".to_string() }
+        ApiSettings {
+            api_key: None,
+            max_body_bytes: ApiSettings::DEFAULT_MAX_BODY_BYTES,
+            task_hub: "keel".to_string(),
+            allowed_hosts: Vec::new(),
+        }
     }
 }
 
@@ -96,7 +106,7 @@ pub(crate) struct HostContext {
 }
 
 /// The whole HTTP surface of a host: management API (under [`MANAGEMENT_BASE_PATH`]
-/// and [`management::RPC_BASE_PATH`]), starter, the app's own routes (all behind the
+/// and [`management::RPC_BASE_PATH`]), starter, `GET /metrics` ([`keel::metrics`]), the app's own routes (all behind the
 /// API key when one is set) and the dashboard.
 pub fn router(client: keel::Client, settings: ApiSettings, app_routes: axum::Router) -> axum::Router {
     let context = HostContext { client, settings: Arc::new(settings) };
@@ -105,12 +115,14 @@ pub fn router(client: keel::Client, settings: ApiSettings, app_routes: axum::Rou
         .nest(MANAGEMENT_BASE_PATH, api.clone())
         .nest(management::RPC_BASE_PATH, api)
         .merge(trigger::starter_routes())
+        .route("/metrics", axum::routing::get(management::metrics))
         .merge(app_routes)
         .fallback(|| async { ApiError::NotFound("no such route".to_string()) })
         .layer(axum::middleware::from_fn(security::require_api_key));
     protected
         .merge(dashboard::routes())
         .layer(axum::extract::DefaultBodyLimit::max(context.settings.max_body_bytes))
+        .layer(axum::middleware::from_fn(security::check_host_and_origin))
         .layer(axum::middleware::from_fn(request::log_request))
         .layer(axum::Extension(context))
 }

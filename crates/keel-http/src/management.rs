@@ -68,6 +68,17 @@ pub(crate) fn routes() -> Router {
         .merge(crate::entities::routes())
 }
 
+/// `GET /metrics`: the worker's metrics ([`keel::metrics`]) in the OpenMetrics text
+/// format, which Prometheus scrapes; behind the API key like the management API.
+pub(crate) async fn metrics(axum::Extension(context): axum::Extension<crate::HostContext>) -> Response {
+    match context.client.metrics() {
+        Some(metrics) => {
+            ([(axum::http::header::CONTENT_TYPE, keel::metrics::CONTENT_TYPE)], metrics.encode()).into_response()
+        }
+        None => ApiError::NotFound("this host has no worker, so no metrics".to_string()).into_response(),
+    }
+}
+
 async fn no_such_route() -> ApiError {
     ApiError::NotFound("no such route (start routes take POST only)".into())
 }

@@ -170,6 +170,8 @@ pub struct Client {
     /// The version of instances started without one.
     default_version: Option<String>,
     clock: Arc<dyn Clock>,
+    /// The metrics of the worker this client came from.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// An entity as the client sees it: its last committed state and its scheduler.
@@ -328,7 +330,14 @@ impl Client {
     /// A client for any orchestrator name (it cannot check names: the functions live
     /// in workers elsewhere).
     pub fn new(store: Arc<dyn Store>) -> Client {
-        Client { store, registry: None, remote_workers: false, default_version: None, clock: Arc::new(SystemClock) }
+        Client {
+            store,
+            registry: None,
+            remote_workers: false,
+            default_version: None,
+            clock: Arc::new(SystemClock),
+            metrics: None,
+        }
     }
 
     pub(crate) fn with_registry(
@@ -337,8 +346,15 @@ impl Client {
         remote_workers: bool,
         default_version: Option<String>,
         clock: Arc<dyn Clock>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Client {
-        Client { store, registry: Some(registry), remote_workers, default_version, clock }
+        Client { store, registry: Some(registry), remote_workers, default_version, clock, metrics: Some(metrics) }
+    }
+
+    /// The metrics of the worker this client came from ([`crate::Worker::client`]);
+    /// `None` for a client made with [`Client::new`].
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// The task hub this client works on.

@@ -46,6 +46,7 @@ pub mod clock;
 pub mod entity;
 pub mod entity_episode;
 pub mod episode;
+pub mod metrics;
 pub mod registry;
 pub mod store;
 pub mod testing;
@@ -70,5 +71,6 @@ pub use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeSta
 pub use keel_core::impl_failure;
 pub use keel_core::{OrchestrationContext, OrchestrationError, RetryPolicy, TaskError};
 pub use keel_store::{EntityQuery, InstancePage, InstanceQuery, PurgeFilter};
+pub use metrics::Metrics;
 pub use versioning::{VersionFailure, VersionMatch, Versioning};
 pub use worker::{RemoteWorkers, Worker, WorkerBuilder, WorkerHandle, WorkerOptions};

@@ -33,6 +33,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::entity::{EntityContext, EntityError, ENTITY_NOT_REGISTERED_ERROR_TYPE};
 use crate::entity_episode::{prepare_entity, EntityEpisode, EntityIntake};
 use crate::episode::{self, Plan, RemoteEpisode, RemoteIntake, Resume};
+use crate::metrics::{ActivityOutcome, WorkKind as MetricKind};
 use crate::registry::Registry;
 use crate::versioning::{VersionFailure, Versioning, VERSION_MISMATCH_ERROR_TYPE};
 
@@ -45,6 +46,11 @@ pub trait RemoteWorkers: Send + Sync + 'static {
     fn offer_activity(&self, item: Box<ActivityItem>) -> Result<(), Box<ActivityItem>>;
     /// Hands over an entity batch; gives it back when no remote worker can take it now.
     fn offer_entity(&self, episode: Box<EntityEpisode>) -> Result<(), Box<EntityEpisode>>;
+    /// How many remote workers are connected now, for the metrics (`None`: unknown,
+    /// and the gauge is left out).
+    fn connected_workers(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// How long work for remote workers waits before it is offered again when none is
@@ -186,6 +192,7 @@ impl WorkerBuilder {
                 registry: Arc::new(self.registry),
                 options: self.options,
                 clock: self.clock,
+                metrics: Arc::new(crate::metrics::Metrics::new(self.remote.clone())),
                 remote: self.remote,
             }),
         }
@@ -198,6 +205,7 @@ struct Shared {
     options: WorkerOptions,
     clock: Arc<dyn Clock>,
     remote: Option<Arc<dyn RemoteWorkers>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A configured worker; [`Worker::start`] runs it.
@@ -267,7 +275,13 @@ impl Worker {
             self.shared.remote.is_some(),
             self.shared.options.versioning.default_version.clone(),
             self.shared.clock.clone(),
+            self.shared.metrics.clone(),
         )
+    }
+
+    /// This worker's metrics ([`crate::metrics`]).
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.shared.metrics.clone()
     }
 
     /// Replays the task hub's instances that `filter` selects against this worker's
@@ -315,6 +329,11 @@ impl WorkerHandle {
     /// A client on the worker's task hub that knows its functions ([`Worker::client`]).
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// The worker's metrics ([`crate::metrics`]).
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.shared.metrics.clone()
     }
 
     /// Stops taking work, lets running activities finish for up to `deadline`, then
@@ -503,8 +522,12 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         let now = shared.clock.now().max(fetched_at);
         let mut commits = Vec::with_capacity(items.len());
         let mut keep = Vec::with_capacity(items.len());
+        let mut counted = Vec::with_capacity(items.len());
         let mut rejected = false;
         for item in items {
+            if item.delivery_attempts > 1 {
+                shared.metrics.lease_taken_over(MetricKind::Orchestration);
+            }
             // Every log line of an episode names the instance and the orchestrator.
             let span = tracing::info_span!(
                 "episode",
@@ -515,6 +538,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 if keel_core::entity::is_entity_instance_id(&item.instance.instance_id) {
                     if let Some(commit) = run_entity(&shared, &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
+                        counted.push(None);
                         commits.push(commit);
                     }
                     return;
@@ -524,6 +548,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 {
                     if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
+                        counted.push(Counted::of(&item.instance.name, &commit));
                         commits.push(commit);
                     }
                     return;
@@ -540,6 +565,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     rejected = true;
                     if let Some(commit) = refuse_version(store, versioning, &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
+                        counted.push(Counted::of(&item.instance.name, &commit));
                         commits.push(commit);
                     }
                     return;
@@ -555,8 +581,10 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                         }
                     },
                 };
+                let planning = std::time::Instant::now();
                 let planned =
                     std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, &item, resume, now)));
+                shared.metrics.episode_planned(planning.elapsed());
                 match planned {
                     Ok(Plan::Commit { commit, execution, history_len }) => {
                         let execution_id =
@@ -565,6 +593,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                             item.instance.instance_id.clone(),
                             execution.map(|execution| CachedExecution { execution, execution_id, history_len }),
                         ));
+                        counted.push(Counted::of(&item.instance.name, &commit));
                         commits.push(*commit);
                     }
                     Ok(Plan::Abandon { retry_at }) => {
@@ -592,8 +621,16 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             .filter(|message| message.visible_at > now)
             .map(|message| message.visible_at)
             .collect();
-        match store.commit_episodes(commits, now).await {
+        let committing = std::time::Instant::now();
+        let committed = store.commit_episodes(commits, now).await;
+        shared.metrics.episodes_committed(committing.elapsed());
+        match committed {
             Ok(results) => {
+                for (result, counted) in results.iter().zip(&counted) {
+                    if let (Ok(()), Some(counted)) = (result, counted) {
+                        counted.record(&shared.metrics);
+                    }
+                }
                 for at in due {
                     store.notifications().orchestration_work_due(at);
                 }
@@ -611,6 +648,42 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 tracing::warn!(%error, "committing episodes failed; they will run again");
                 tokio::time::sleep(STORE_ERROR_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// What a committed episode adds to the instance counters.
+struct Counted {
+    orchestrator: String,
+    started: bool,
+    status: Option<keel_core::history::RuntimeStatus>,
+    poison: bool,
+}
+
+impl Counted {
+    fn of(orchestrator: &str, commit: &keel_store::EpisodeCommit) -> Option<Counted> {
+        let started = commit.history.iter().any(|event| matches!(event.kind, EventKind::ExecutionStarted { .. }));
+        let status = commit.state.as_ref().map(|state| state.status).filter(|status| status.is_terminal());
+        if !started && status.is_none() {
+            return None;
+        }
+        let poison = commit
+            .state
+            .as_ref()
+            .and_then(|state| state.failure.as_ref())
+            .is_some_and(|failure| failure.error_type == episode::POISON_ERROR_TYPE);
+        Some(Counted { orchestrator: orchestrator.to_string(), started, status, poison })
+    }
+
+    fn record(&self, metrics: &crate::metrics::Metrics) {
+        if self.started {
+            metrics.instance_started(&self.orchestrator);
+        }
+        if let Some(status) = self.status {
+            metrics.instance_finished(&self.orchestrator, status);
+        }
+        if self.poison {
+            metrics.poison_item(MetricKind::Orchestration);
         }
     }
 }
@@ -777,6 +850,9 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             continue;
         }
         for item in items {
+            if item.delivery_attempts > 1 {
+                shared.metrics.lease_taken_over(MetricKind::Activity);
+            }
             if let Some(remote) = shared.remote.as_ref().filter(|_| shared.registry.activity(&item.name).is_none()) {
                 if let Err(item) = remote.offer_activity(Box::new(item)) {
                     let retry_at =
@@ -842,7 +918,11 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
         name: item.name.clone(),
         delivery_attempt: item.delivery_attempts,
     };
+    let started = std::time::Instant::now();
+    let mut counted_as = None;
     let outcome = if item.delivery_attempts > limits::MAX_DELIVERY_ATTEMPTS {
+        counted_as = Some(ActivityOutcome::Poison);
+        shared.metrics.poison_item(MetricKind::Activity);
         Err(FailureDetails::new(
             episode::POISON_ERROR_TYPE,
             format!(
@@ -853,10 +933,13 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
         ))
     } else {
         match shared.registry.activity(&item.name) {
-            None => Err(FailureDetails::new(
-                ACTIVITY_NOT_REGISTERED_ERROR_TYPE,
-                format!("no activity named '{}' is registered on this worker", item.name),
-            )),
+            None => Err({
+                counted_as = Some(ActivityOutcome::NotRegistered);
+                FailureDetails::new(
+                    ACTIVITY_NOT_REGISTERED_ERROR_TYPE,
+                    format!("no activity named '{}' is registered on this worker", item.name),
+                )
+            }),
             Some(activity) => run_with_lease_renewal(shared, &item.lock, activity, context, item.input.clone()).await,
         }
     };
@@ -870,6 +953,11 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
         },
         Err(failure) => EventKind::TaskFailed { task_scheduled_id: item.task_id, failure },
     };
+    let outcome = counted_as.unwrap_or(match kind {
+        EventKind::TaskCompleted { .. } => ActivityOutcome::Completed,
+        _ => ActivityOutcome::Failed,
+    });
+    shared.metrics.activity_executed(&item.name, outcome, started.elapsed());
     let now = shared.clock.now();
     ActivityCompletion {
         lock: item.lock,
