@@ -13,7 +13,7 @@ use keel::{
     Client, ClientError, EntityId, EntityQuery, EventKind, HistoryEvent, InstanceQuery, PurgeFilter, RuntimeStatus,
     StartOptions,
 };
-use keel_core::{limits, Action};
+use keel_core::limits;
 use keel_store::{ActivityCompletion, ActivityItem, EpisodeCommit, Message, Store};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -109,36 +109,6 @@ fn due_times(commit: &EpisodeCommit, now: keel::Timestamp) -> Vec<keel::Timestam
     let messages = commit.messages.iter().map(|message| message.visible_at);
     let starts = commit.new_instances.iter().filter_map(|instance| instance.scheduled_start);
     messages.chain(starts).filter(|at| *at > now).collect()
-}
-
-/// Unlocks for the entity locks an ending execution still holds or waits for (the
-/// server ended it, or the worker did not release them): nobody else would release
-/// them. The SDKs release their locks themselves, so this is usually empty.
-fn unlocks_at_the_end(episode: &RemoteEpisode, actions: &[Action], now: keel::Timestamp) -> Vec<Action> {
-    let decided: Vec<HistoryEvent> = actions.iter().map(|action| action.to_history_event(now)).collect();
-    let history = episode.past_events.iter().chain(&episode.new_events).chain(&decided);
-    let held = keel_core::entity::unreleased_locks(history);
-    let mut next_id = episode
-        .past_events
-        .iter()
-        .chain(&episode.new_events)
-        .map(|event| event.event_id)
-        .chain(actions.iter().map(Action::id))
-        .max()
-        .unwrap_or(0);
-    let mut unlocks = Vec::new();
-    for (critical_section_id, targets) in held {
-        for target in targets {
-            next_id += 1;
-            unlocks.push(Action::UnlockEntity {
-                id: next_id,
-                critical_section_id: critical_section_id.clone(),
-                target,
-                parent_instance_id: episode.instance.instance_id.clone(),
-            });
-        }
-    }
-    unlocks
 }
 
 /// The statuses an `orchestrationIdReusePolicy` lets a start replace. A running status
@@ -593,17 +563,13 @@ impl Sidecar {
                 now,
             )
         };
-        let (mut outcome, terminations) = match decided {
+        let (outcome, terminations) = match decided {
             Ok(decided) => decided,
             Err(error) => {
                 self.remote.give_back(Work::Orchestration(episode), ABANDON_RETRY_DELAY);
                 return Err(error);
             }
         };
-        if outcome.completion.is_some() {
-            let unlocks = unlocks_at_the_end(&episode, &outcome.actions, now);
-            outcome.actions.extend(unlocks);
-        }
         let mut commit = RemoteEpisode::complete(*episode, outcome, now);
         keep_tags(&mut commit, &response.actions);
         for termination in terminations {
@@ -1064,90 +1030,6 @@ mod tests {
 
     fn at(millis: i64) -> keel::Timestamp {
         chrono::DateTime::from_timestamp_millis(millis).unwrap()
-    }
-
-    #[test]
-    fn an_execution_that_ends_holding_locks_releases_them() {
-        let history = vec![
-            HistoryEvent::new(at(0), EventKind::OrchestratorStarted),
-            HistoryEvent::new(
-                at(0),
-                EventKind::ExecutionStarted {
-                    name: "O".into(),
-                    version: None,
-                    input: None,
-                    execution_id: "e".into(),
-                    parent: None,
-                    scheduled_start: None,
-                },
-            ),
-            HistoryEvent::with_id(
-                1,
-                at(0),
-                EventKind::EntityLockRequested {
-                    critical_section_id: "cs".into(),
-                    lock_set: vec!["@a@1".into(), "@a@2".into()],
-                    position: 0,
-                    parent_instance_id: "o".into(),
-                },
-            ),
-        ];
-        let item = OrchestrationItem {
-            lock: OrchestrationLock { instance_id: "o".into(), token: "l".into() },
-            instance: InstanceRecord {
-                instance_id: "o".into(),
-                name: "O".into(),
-                version: None,
-                execution_id: "e".into(),
-                status: RuntimeStatus::Running,
-                input: None,
-                output: None,
-                custom_status: None,
-                failure: None,
-                parent: None,
-                scheduled_start: None,
-                created_at: at(0),
-                last_updated_at: at(0),
-                completed_at: None,
-                history_len: history.len() as u64,
-                tags: Default::default(),
-            },
-            messages: vec![StoredMessage {
-                id: 1,
-                message: Message {
-                    instance_id: "o".into(),
-                    execution_id: None,
-                    event: HistoryEvent::new(at(1), EventKind::EventRaised { name: "go".into(), input: None }),
-                    visible_at: at(1),
-                },
-            }],
-            delivery_attempts: 1,
-        };
-        let RemoteIntake::Run(episode) = prepare_remote(&item, history, at(2)) else { panic!() };
-        // The worker released one of the two locks itself.
-        let actions = vec![Action::UnlockEntity {
-            id: 2,
-            critical_section_id: "cs".into(),
-            target: "@a@1".into(),
-            parent_instance_id: "o".into(),
-        }];
-        assert_eq!(
-            unlocks_at_the_end(&episode, &actions, at(2)),
-            vec![Action::UnlockEntity {
-                id: 3,
-                critical_section_id: "cs".into(),
-                target: "@a@2".into(),
-                parent_instance_id: "o".into(),
-            }]
-        );
-        let mut all = actions.clone();
-        all.push(Action::UnlockEntity {
-            id: 3,
-            critical_section_id: "cs".into(),
-            target: "@a@2".into(),
-            parent_instance_id: "o".into(),
-        });
-        assert!(unlocks_at_the_end(&episode, &all, at(2)).is_empty());
     }
 
     #[test]

@@ -373,8 +373,13 @@ impl RemoteEpisode {
     pub fn complete(self, outcome: RemoteOutcome, now: Timestamp) -> EpisodeCommit {
         let RemoteEpisode { instance, past_events, new_events, mut commit, .. } = self;
         let execution_id = instance.execution_id.clone();
-        record_actions(&mut commit, &instance, &execution_id, &outcome.actions, now);
-        match outcome.completion {
+        let RemoteOutcome { mut actions, completion, custom_status } = outcome;
+        if completion.is_some() {
+            let unlocks = unlocks_at_the_end(&instance.instance_id, &past_events, &new_events, &actions, now);
+            actions.extend(unlocks);
+        }
+        record_actions(&mut commit, &instance, &execution_id, &actions, now);
+        match completion {
             None => {
                 let suspended =
                     past_events.iter().chain(&new_events).fold(false, |suspended, event| match event.kind {
@@ -389,25 +394,17 @@ impl RemoteEpisode {
                     input: instance.input.clone(),
                     output: None,
                     failure: None,
-                    custom_status: outcome.custom_status,
+                    custom_status,
                 });
             }
             Some(Completion::ContinuedAsNew { input, carryover_events, version }) => {
                 let version = version.or_else(|| instance.version.clone());
-                start_next_execution(
-                    &mut commit,
-                    &instance,
-                    input,
-                    version,
-                    carryover_events,
-                    outcome.custom_status,
-                    now,
-                );
+                start_next_execution(&mut commit, &instance, input, version, carryover_events, custom_status, now);
             }
             Some(mut completion) => {
                 check_output_size(&mut completion);
                 commit.history.push(completion.to_history_event(now));
-                finish(&mut commit, &instance, instance.input.clone(), outcome.custom_status, &completion, now);
+                finish(&mut commit, &instance, instance.input.clone(), custom_status, &completion, now);
             }
         }
         commit
@@ -456,6 +453,36 @@ fn start_next_execution(
         failure: None,
         custom_status,
     });
+}
+
+/// Unlocks for the entity locks an ending remote execution still holds or waits for
+/// (the server ended it, or the worker did not release them): nobody else would release
+/// them. The SDKs release their locks themselves, so this is usually empty; a Rust
+/// execution releases its own in keel-core.
+fn unlocks_at_the_end(
+    instance_id: &str,
+    past: &[HistoryEvent],
+    new: &[HistoryEvent],
+    actions: &[Action],
+    now: Timestamp,
+) -> Vec<Action> {
+    let decided: Vec<HistoryEvent> = actions.iter().map(|action| action.to_history_event(now)).collect();
+    let held = keel_core::entity::unreleased_locks(past.iter().chain(new).chain(&decided));
+    let mut next_id =
+        past.iter().chain(new).map(|event| event.event_id).chain(actions.iter().map(Action::id)).max().unwrap_or(0);
+    let mut unlocks = Vec::new();
+    for (critical_section_id, targets) in held {
+        for target in targets {
+            next_id += 1;
+            unlocks.push(Action::UnlockEntity {
+                id: next_id,
+                critical_section_id: critical_section_id.clone(),
+                target,
+                parent_instance_id: instance_id.to_string(),
+            });
+        }
+    }
+    unlocks
 }
 
 /// Most executions one episode may start by continuing as new: an orchestrator that
@@ -759,6 +786,103 @@ mod tests {
 
     fn raised(name: &str) -> HistoryEvent {
         HistoryEvent::new(at(1), EventKind::EventRaised { name: name.into(), input: None })
+    }
+
+    #[test]
+    fn a_remote_execution_that_ends_holding_locks_releases_them() {
+        let history = vec![
+            HistoryEvent::new(at(0), EventKind::OrchestratorStarted),
+            HistoryEvent::new(
+                at(0),
+                EventKind::ExecutionStarted {
+                    name: "O".into(),
+                    version: None,
+                    input: None,
+                    execution_id: "e".into(),
+                    parent: None,
+                    scheduled_start: None,
+                },
+            ),
+            HistoryEvent::with_id(
+                1,
+                at(0),
+                EventKind::EntityLockRequested {
+                    critical_section_id: "cs".into(),
+                    lock_set: vec!["@a@1".into(), "@a@2".into()],
+                    position: 0,
+                    parent_instance_id: "o".into(),
+                },
+            ),
+        ];
+        let item = OrchestrationItem {
+            lock: OrchestrationLock { instance_id: "o".into(), token: "l".into() },
+            instance: InstanceRecord {
+                instance_id: "o".into(),
+                name: "O".into(),
+                version: None,
+                execution_id: "e".into(),
+                status: RuntimeStatus::Running,
+                input: None,
+                output: None,
+                custom_status: None,
+                failure: None,
+                parent: None,
+                scheduled_start: None,
+                created_at: at(0),
+                last_updated_at: at(0),
+                completed_at: None,
+                history_len: history.len() as u64,
+                tags: Default::default(),
+            },
+            messages: vec![StoredMessage {
+                id: 1,
+                message: Message {
+                    instance_id: "o".into(),
+                    execution_id: None,
+                    event: HistoryEvent::new(at(1), EventKind::EventRaised { name: "go".into(), input: None }),
+                    visible_at: at(1),
+                },
+            }],
+            delivery_attempts: 1,
+        };
+        let RemoteIntake::Run(episode) = prepare_remote(&item, history, at(2)) else { panic!() };
+        // The worker released one of the two locks itself, then completed.
+        let released = Action::UnlockEntity {
+            id: 2,
+            critical_section_id: "cs".into(),
+            target: "@a@1".into(),
+            parent_instance_id: "o".into(),
+        };
+        let completed = Some(Completion::Completed { output: None });
+        let outcome =
+            RemoteOutcome { actions: vec![released.clone()], completion: completed.clone(), custom_status: None };
+        let commit = episode.clone().complete(outcome, at(2));
+        let unlocked: Vec<(&str, i32)> = commit
+            .history
+            .iter()
+            .filter_map(|event| match &event.kind {
+                EventKind::EntityUnlockSent { target_instance_id, .. } => {
+                    Some((target_instance_id.as_str(), event.event_id))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(unlocked, [("@a@1", 2), ("@a@2", 3)], "the lock the worker kept is released under the next id");
+        let sent: Vec<&str> = commit.messages.iter().map(|message| message.instance_id.as_str()).collect();
+        assert_eq!(sent, ["@a@1", "@a@2"]);
+        // A worker that released everything itself gets nothing more.
+        let all = vec![
+            released,
+            Action::UnlockEntity {
+                id: 3,
+                critical_section_id: "cs".into(),
+                target: "@a@2".into(),
+                parent_instance_id: "o".into(),
+            },
+        ];
+        let commit =
+            episode.complete(RemoteOutcome { actions: all, completion: completed, custom_status: None }, at(2));
+        assert_eq!(commit.messages.len(), 2);
     }
 
     #[test]
