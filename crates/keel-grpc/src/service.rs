@@ -1025,12 +1025,6 @@ impl TaskHubSidecarService for Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel::episode::{prepare_remote, RemoteIntake};
-    use keel_store::{InstanceRecord, OrchestrationItem, OrchestrationLock, StoredMessage};
-
-    fn at(millis: i64) -> keel::Timestamp {
-        chrono::DateTime::from_timestamp_millis(millis).unwrap()
-    }
 
     #[test]
     fn client_deadlines_are_read_from_grpc_timeout() {
