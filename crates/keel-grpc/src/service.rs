@@ -103,14 +103,6 @@ impl Kind {
     }
 }
 
-/// The times at which messages (and scheduled starts) a commit writes become visible,
-/// later than `now`: the dispatchers of this process must wake up then.
-fn due_times(commit: &EpisodeCommit, now: keel::Timestamp) -> Vec<keel::Timestamp> {
-    let messages = commit.messages.iter().map(|message| message.visible_at);
-    let starts = commit.new_instances.iter().filter_map(|instance| instance.scheduled_start);
-    messages.chain(starts).filter(|at| *at > now).collect()
-}
-
 /// The statuses an `orchestrationIdReusePolicy` lets a start replace. A running status
 /// (Pending, Running, Suspended) without Terminated cannot be honoured: the running
 /// instance is terminated to be replaced, and Terminated is not replaceable.
@@ -589,7 +581,7 @@ impl Sidecar {
         // The due times are known before the commit wakes the dispatchers, and the
         // dispatchers are woken after: an idle one sleeps until the earliest of them (a
         // timer fires on time), not until its fallback poll.
-        let due = due_times(&commit, now);
+        let due: Vec<keel::Timestamp> = commit.due_times(now).collect();
         let notifications = self.store.notifications();
         for at in &due {
             notifications.orchestration_work_due(*at);

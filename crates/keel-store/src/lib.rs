@@ -309,6 +309,17 @@ pub struct EpisodeCommit {
     pub new_instances: Vec<NewInstance>,
 }
 
+impl EpisodeCommit {
+    /// The times later than `now` at which what this commit writes becomes visible
+    /// (timers, delayed signals, scheduled starts): when the dispatchers of the writing
+    /// process must look again.
+    pub fn due_times(&self, now: Timestamp) -> impl Iterator<Item = Timestamp> + '_ {
+        let messages = self.messages.iter().map(|message| message.visible_at);
+        let starts = self.new_instances.iter().filter_map(|instance| instance.scheduled_start);
+        messages.chain(starts).filter(move |at| *at > now)
+    }
+}
+
 /// Proof that a worker holds an activity item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActivityLock {

@@ -615,12 +615,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         if commits.is_empty() {
             continue;
         }
-        let due: Vec<keel_core::Timestamp> = commits
-            .iter()
-            .flat_map(|commit| &commit.messages)
-            .filter(|message| message.visible_at > now)
-            .map(|message| message.visible_at)
-            .collect();
+        let due: Vec<keel_core::Timestamp> = commits.iter().flat_map(|commit| commit.due_times(now)).collect();
         let committing = std::time::Instant::now();
         let committed = store.commit_episodes(commits, now).await;
         shared.metrics.episodes_committed(committing.elapsed());
