@@ -310,6 +310,9 @@ async fn unknown_entities_bad_ids_and_storage_cleaning() {
     let big = "x".repeat(keel_core::limits::MAX_PAYLOAD_BYTES + 1);
     assert!(matches!(client.signal_entity(&counter_id("big"), "add", &big).await, Err(ClientError::Invalid(_))));
     assert_eq!(client.get_entity(&counter_id("big")).await.unwrap(), None);
+    let everything = EntityQuery { include_transient: true, ..EntityQuery::default() };
+    assert!(client.query_entities(&everything).await.unwrap().entities.is_empty(), "no refused signal wrote a row");
+    assert!(client.query(&keel::InstanceQuery::default()).await.unwrap().instances.is_empty(), "nor an instance");
 
     let kept = counter_id("kept");
     let deleted = counter_id("deleted");

@@ -258,3 +258,17 @@ mod verify {
         store.read_history(id).await.unwrap().len()
     }
 }
+
+#[tokio::test]
+async fn a_bad_version_is_refused_before_anything_is_written() {
+    let (store, _dir) = temp_store().await;
+    let worker = versioned_worker(&store, "any", Versioning::default()).build();
+    let client = worker.client();
+    let count = || async { client.query(&keel::InstanceQuery::default()).await.unwrap().instances.len() };
+    let before = count().await;
+    for bad in ["x".repeat(keel_core::limits::MAX_NAME_BYTES + 1), String::new(), "  ".into()] {
+        let refused = client.start_with_options(FLOW, &0, version(&bad)).await;
+        assert!(matches!(refused, Err(keel::ClientError::Invalid(_))), "{bad:?}: {refused:?}");
+    }
+    assert_eq!(count().await, before, "nothing was written");
+}
