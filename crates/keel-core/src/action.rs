@@ -5,6 +5,7 @@
 //! becomes one history event whose `event_id` is the action's sequence number.
 
 use crate::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
+use crate::trace::TraceContext;
 
 /// A decision of the orchestrator that has side effects outside it.
 #[derive(Clone, Debug, PartialEq)]
@@ -125,11 +126,15 @@ impl Action {
         }
     }
 
-    /// The history event that records this action.
-    pub fn to_history_event(&self, now: Timestamp) -> HistoryEvent {
+    /// The history event that records this action. `trace` is the context the action's
+    /// spans hang under (the orchestration execution's span, see
+    /// [`crate::trace::orchestration_trace`]); it is kept on the events that start
+    /// work elsewhere: activities, sub-orchestrations and entity operations.
+    pub fn to_history_event(&self, now: Timestamp, trace: Option<&TraceContext>) -> HistoryEvent {
+        let trace = trace.cloned();
         let kind = match self {
             Action::ScheduleTask { name, input, .. } => {
-                EventKind::TaskScheduled { name: name.clone(), input: input.clone(), tags: Default::default() }
+                EventKind::TaskScheduled { name: name.clone(), input: input.clone(), tags: Default::default(), trace }
             }
             Action::CreateTimer { fire_at, .. } => EventKind::TimerCreated { fire_at: *fire_at },
             Action::CreateSubOrchestration { name, instance_id, input, .. } => {
@@ -137,6 +142,7 @@ impl Action {
                     name: name.clone(),
                     instance_id: instance_id.clone(),
                     input: input.clone(),
+                    trace,
                 }
             }
             Action::SendEvent { instance_id, name, input, .. } => {
@@ -149,6 +155,7 @@ impl Action {
                     input: input.clone(),
                     scheduled_time: *scheduled_time,
                     target_instance_id: target.clone(),
+                    trace,
                 }
             }
             Action::CallEntity {
@@ -166,6 +173,7 @@ impl Action {
                 parent_instance_id: parent_instance_id.clone(),
                 parent_execution_id: parent_execution_id.clone(),
                 target_instance_id: target.clone(),
+                trace,
             },
             Action::LockEntities { critical_section_id, lock_set, parent_instance_id, .. } => {
                 EventKind::EntityLockRequested {

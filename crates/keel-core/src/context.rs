@@ -365,6 +365,7 @@ pub(crate) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 ///             execution_id: "e1".into(),
 ///             parent: None,
 ///             scheduled_start: None,
+///             trace: None,
 ///         },
 ///     ),
 /// ];
@@ -590,20 +591,25 @@ impl OrchestrationContext {
     }
 
     /// Schedules the first attempt of a call. A sub-orchestration's instance id is fixed
-    /// here, so every attempt (and every call of a fan-out) has its own.
+    /// here, so every attempt (and every call of a fan-out) has its own; an id given
+    /// that [`limits::check_instance_id`] refuses fails the call (`InvalidInput`) and
+    /// creates nothing.
     fn start_call<O, E>(
         &self,
         mut target: CallTarget,
         instance_id: Option<String>,
         input: &impl Serialize,
     ) -> Call<O, E> {
+        let mut input = serialize_input(input);
         if target.sub_orchestration {
+            if let Some(Err(message)) = instance_id.as_deref().map(limits::check_instance_id) {
+                input = Err(FailureDetails::new("InvalidInput", format!("the sub-orchestration's {message}")));
+            }
             target.instance_id = Some(instance_id.unwrap_or_else(|| {
                 let state = self.lock();
                 format!("{}:{}", state.instance_id, state.next_sequence)
             }));
         }
-        let input = serialize_input(input);
         let attempt = self.attempt(&target, &input);
         Call { context: self.clone(), target, input, attempt, _failure: PhantomData }
     }

@@ -282,6 +282,7 @@ mod tests {
         HistoryEvent::new(
             at(),
             EventKind::EntityOperationSignaled {
+                trace: None,
                 request_id: operation.into(),
                 operation: operation.into(),
                 input: None,
@@ -295,6 +296,7 @@ mod tests {
         HistoryEvent::new(
             at(),
             EventKind::EntityOperationCalled {
+                trace: None,
                 request_id: operation.into(),
                 operation: operation.into(),
                 input: None,

@@ -133,6 +133,9 @@ pub enum EventKind {
         /// The execution does not start before this time.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scheduled_start: Option<Timestamp>,
+        /// The trace context the execution's span hangs under (the starting request's, or the parent orchestration's) (W3C `traceparent`), when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<crate::trace::TraceContext>,
     },
     /// Last event of an execution that completed, failed or was terminated.
     ExecutionCompleted {
@@ -164,6 +167,9 @@ pub enum EventKind {
         /// Tags an SDK orchestration gave the task (the protocol's `ScheduleTask.tags`).
         #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         tags: std::collections::BTreeMap<String, String>,
+        /// The trace context the activity's spans hang under (W3C `traceparent`), when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<crate::trace::TraceContext>,
     },
     /// An activity returned.
     TaskCompleted {
@@ -190,6 +196,9 @@ pub enum EventKind {
         /// The child's input, JSON text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
+        /// The trace context the child's span hangs under (W3C `traceparent`), when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<crate::trace::TraceContext>,
     },
     /// A sub-orchestration completed.
     SubOrchestrationInstanceCompleted {
@@ -278,6 +287,9 @@ pub enum EventKind {
         scheduled_time: Option<Timestamp>,
         /// The entity's instance id, `@{name}@{key}`.
         target_instance_id: String,
+        /// The trace context the operation's span hangs under (W3C `traceparent`), when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<crate::trace::TraceContext>,
     },
     /// A two-way operation on an entity from an orchestration, which waits for the
     /// `EntityOperationCompleted` or `EntityOperationFailed` with the same request id.
@@ -295,6 +307,9 @@ pub enum EventKind {
         parent_execution_id: String,
         /// The entity's instance id, `@{name}@{key}`.
         target_instance_id: String,
+        /// The trace context the operation's span hangs under (W3C `traceparent`), when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<crate::trace::TraceContext>,
     },
     /// An entity's answer to a call: the operation returned.
     EntityOperationCompleted {
@@ -566,7 +581,12 @@ mod tests {
         let event = HistoryEvent::with_id(
             3,
             DateTime::from_timestamp_millis(0).unwrap(),
-            EventKind::TaskScheduled { name: "Say".into(), input: Some("\"x\"".into()), tags: Default::default() },
+            EventKind::TaskScheduled {
+                trace: None,
+                name: "Say".into(),
+                input: Some("\"x\"".into()),
+                tags: Default::default(),
+            },
         );
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["kind"]["type"], "TaskScheduled");

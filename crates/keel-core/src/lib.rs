@@ -19,6 +19,7 @@ pub mod history;
 pub mod limits;
 pub mod replay;
 pub mod retry;
+pub mod trace;
 
 pub use action::{Action, Completion};
 pub use context::{OrchestrationContext, OrchestrationError, TaskError};

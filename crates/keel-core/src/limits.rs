@@ -15,6 +15,11 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// guards runaway orchestrations; ours is larger so that a 100,000-activity fan-out fits).
 pub const MAX_ACTIONS_PER_EXECUTION: usize = 1_000_000;
 
+/// Deepest nesting of arrays and objects in a JSON payload a client sends (an input,
+/// event data, a termination output, an entity operation's input): 64 levels. A scalar
+/// is at depth 0, `[1]` at depth 1. (serde_json itself stops at 128.)
+pub const MAX_JSON_DEPTH: usize = 64;
+
 /// How often an orchestration work item or activity may be picked up without being
 /// finished (its worker crashed or panicked each time) before it is failed as poison.
 pub const MAX_DELIVERY_ATTEMPTS: u32 = 10;
@@ -48,6 +53,53 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that the JSON text `json` nests arrays and objects at most [`MAX_JSON_DEPTH`]
+/// levels deep; a JSON string that holds JSON (a payload encoded twice, see
+/// [`crate::history::decode_payload`]) is checked as the JSON it holds too. The text is
+/// scanned, not parsed, so any depth is checked in one pass without recursion; whether it
+/// is JSON at all is for the caller to check.
+pub fn check_json_depth(what: &str, json: &str) -> Result<(), String> {
+    let depth = json_depth(json);
+    let inner = if json.trim_start().starts_with('"') {
+        serde_json::from_str::<String>(json).map_or(0, |inner| json_depth(&inner))
+    } else {
+        0
+    };
+    match depth.max(inner) {
+        depth if depth > MAX_JSON_DEPTH => {
+            Err(format!("{what} nests arrays and objects {depth} levels deep; the limit is {MAX_JSON_DEPTH} levels"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// How deep arrays and objects nest in JSON text (brackets inside strings do not count).
+fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Checks a payload against [`MAX_PAYLOAD_BYTES`].
 pub fn check_payload(what: &str, payload: Option<&str>) -> Result<(), String> {
     match payload {
@@ -71,6 +123,22 @@ mod tests {
         assert!(check_instance_id(".").is_err() && check_instance_id("..").is_err());
         assert!(check_instance_id("a.b").is_ok());
         assert!(check_instance_id(&"x".repeat(MAX_INSTANCE_ID_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn json_nested_beyond_the_limit_is_refused() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        assert_eq!(json_depth("1"), 0);
+        assert_eq!(json_depth(r#"{"a":[1,{"b":[]}],"c":{}}"#), 4);
+        assert_eq!(json_depth(r#"["[[[{{", "\"[[", "\\"]"#), 1, "brackets in strings do not count");
+        assert!(check_json_depth("input", &nested(MAX_JSON_DEPTH)).is_ok());
+        let error = check_json_depth("input", &nested(MAX_JSON_DEPTH + 1)).unwrap_err();
+        assert!(error.contains("65 levels deep") && error.contains("limit is 64"), "{error}");
+        // Far beyond what a recursive parser survives: still one pass, still refused.
+        assert!(check_json_depth("input", &nested(1_000_000)).is_err());
+        let encoded_twice = serde_json::to_string(&nested(MAX_JSON_DEPTH + 1)).unwrap();
+        assert!(check_json_depth("input", &encoded_twice).is_err(), "a JSON string is checked as the JSON it holds");
+        assert!(check_json_depth("input", &serde_json::to_string(&nested(MAX_JSON_DEPTH)).unwrap()).is_ok());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::action::{Action, Completion};
 use crate::context::{lock, Ending, OrchestrationContext, OrchestrationError, State, TaskOutcome};
-use crate::history::{EventKind, FailureDetails, HistoryEvent};
+use crate::history::{EventKind, FailureDetails, HistoryEvent, Timestamp};
 
 /// The boxed future of a running orchestrator: its output is JSON text.
 pub type OrchestratorFuture = Pin<Box<dyn Future<Output = Result<Option<String>, OrchestrationError>> + Send>>;
@@ -115,6 +115,27 @@ pub struct Execution {
     events_applied: u64,
     /// The completion was returned by an episode already.
     completion_reported: bool,
+    /// The trace context of the `ExecutionStarted` event (the parent of the execution's span).
+    started_trace: Option<crate::trace::TraceContext>,
+    /// The context of the execution's own span, which its work hangs under.
+    orchestration_trace: Option<crate::trace::TraceContext>,
+    /// When the `ExecutionStarted` event was recorded.
+    started_at: Option<Timestamp>,
+    /// When each timer that has not fired yet was created, by timer id.
+    timers_created_at: std::collections::BTreeMap<i32, Timestamp>,
+    /// Timers that fired in new (not replayed) events, for the runtime's timer spans.
+    timers_fired: Vec<FiredTimer>,
+}
+
+/// A timer that fired in an episode's new events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FiredTimer {
+    /// The timer's id (its `TimerCreated` event id).
+    pub id: i32,
+    /// When it was created, if this execution saw it created.
+    pub created_at: Option<Timestamp>,
+    /// When it was set to fire.
+    pub fire_at: Timestamp,
 }
 
 impl std::fmt::Debug for Execution {
@@ -143,7 +164,33 @@ impl Execution {
             held_while_suspended: Vec::new(),
             events_applied: 0,
             completion_reported: false,
+            started_trace: None,
+            orchestration_trace: None,
+            started_at: None,
+            timers_created_at: std::collections::BTreeMap::new(),
+            timers_fired: Vec::new(),
         }
+    }
+
+    /// When this execution's `ExecutionStarted` event was recorded.
+    pub fn started_at(&self) -> Option<Timestamp> {
+        self.started_at
+    }
+
+    /// The timers that fired in the new events of the episodes since the last call.
+    pub fn take_fired_timers(&mut self) -> Vec<FiredTimer> {
+        std::mem::take(&mut self.timers_fired)
+    }
+
+    /// The trace context this execution was started under (its `ExecutionStarted`'s).
+    pub fn started_trace(&self) -> Option<&crate::trace::TraceContext> {
+        self.started_trace.as_ref()
+    }
+
+    /// The context of this execution's span (see [`crate::trace::orchestration_trace`]):
+    /// what its activities, timers, sub-orchestrations and entity operations hang under.
+    pub fn orchestration_trace(&self) -> Option<&crate::trace::TraceContext> {
+        self.orchestration_trace.as_ref()
     }
 
     /// How many history events this execution has applied (past and new).
@@ -175,7 +222,7 @@ impl Execution {
         // A finished execution still sends what it decided (activities, events,
         // sub-orchestrations); its timers can no longer matter. A failed or terminated
         // one takes no further action but the release of its entity locks.
-        let actions = match &self.completion {
+        let actions: Vec<Action> = match &self.completion {
             None => pending.collect(),
             Some(Completion::Completed { .. } | Completion::ContinuedAsNew { .. }) => {
                 pending.filter(|action| !matches!(action, Action::CreateTimer { .. })).collect()
@@ -185,6 +232,11 @@ impl Execution {
             }
         };
         self.completion_reported = self.completion.is_some();
+        for action in &actions {
+            if let Action::CreateTimer { id, .. } = action {
+                self.timers_created_at.insert(*id, state.current_time);
+            }
+        }
         EpisodeResult {
             actions,
             completion: if was_completed { None } else { self.completion.clone() },
@@ -226,10 +278,13 @@ impl Execution {
             EventKind::OrchestratorStarted => {
                 lock(&self.state).current_time = event.timestamp;
             }
-            EventKind::ExecutionStarted { name, version, input, execution_id, parent, .. } => {
+            EventKind::ExecutionStarted { name, version, input, execution_id, parent, trace, .. } => {
                 if self.future.is_some() {
                     return; // a duplicate start message: the execution is already running
                 }
+                self.started_trace.clone_from(trace);
+                self.started_at = Some(event.timestamp);
+                self.orchestration_trace = crate::trace::orchestration_trace(&event.kind);
                 {
                     let mut state = lock(&self.state);
                     state.name = name.clone();
@@ -242,8 +297,11 @@ impl Execution {
                 self.future = Some((self.orchestrator)(context));
                 self.poll();
             }
+            EventKind::TimerCreated { .. } => {
+                self.timers_created_at.insert(event.event_id, event.timestamp);
+                self.match_decision(event);
+            }
             EventKind::TaskScheduled { .. }
-            | EventKind::TimerCreated { .. }
             | EventKind::SubOrchestrationInstanceCreated { .. }
             | EventKind::EventSent { .. }
             | EventKind::EntityOperationSignaled { .. }
@@ -283,7 +341,11 @@ impl Execution {
             | EventKind::SubOrchestrationInstanceFailed { task_scheduled_id, failure } => {
                 self.resolve(*task_scheduled_id, TaskOutcome::Failed(failure.clone()));
             }
-            EventKind::TimerFired { timer_id, .. } => {
+            EventKind::TimerFired { timer_id, fire_at } => {
+                let created_at = self.timers_created_at.remove(timer_id);
+                if !lock(&self.state).is_replaying {
+                    self.timers_fired.push(FiredTimer { id: *timer_id, created_at, fire_at: *fire_at });
+                }
                 self.resolve(*timer_id, TaskOutcome::Completed(None));
             }
             EventKind::EventRaised { name, input } => {

@@ -22,6 +22,7 @@ fn started(name: &str, input: &str) -> HistoryEvent {
     HistoryEvent::new(
         at(0),
         EventKind::ExecutionStarted {
+            trace: None,
             name: name.into(),
             version: None,
             input: Some(input.into()),
@@ -36,7 +37,7 @@ fn scheduled(id: i32, name: &str) -> HistoryEvent {
     HistoryEvent::with_id(
         id,
         at(0),
-        EventKind::TaskScheduled { name: name.into(), input: None, tags: Default::default() },
+        EventKind::TaskScheduled { trace: None, name: name.into(), input: None, tags: Default::default() },
     )
 }
 
@@ -417,6 +418,21 @@ fn misused_context_methods_fail_the_orchestration_with_clear_errors() {
                 Ok(())
             }),
         ),
+        (
+            // An instance id the HTTP API could not address is never created.
+            "InvalidInput",
+            orchestrator(|ctx: OrchestrationContext| async move {
+                ctx.call_sub_orchestrator::<()>("Child", Some("a/b"), &()).await?;
+                Ok(())
+            }),
+        ),
+        (
+            "InvalidInput",
+            orchestrator(|ctx: OrchestrationContext| async move {
+                ctx.call_sub_orchestrator::<()>("Child", Some("a\nb"), &()).await?;
+                Ok(())
+            }),
+        ),
     ];
     for (expected, orchestrator) in cases {
         let result = Execution::new("i1", orchestrator).run_episode(&[], &[episode_start(0), started("M", "null")]);
@@ -665,11 +681,11 @@ fn entity_calls_and_locks_resolve_by_request_and_section_ids_and_replay() {
 
     // The same history replayed into a fresh execution gives the same outcome.
     let mut history = vec![episode_start(0), started("Locked", "null")];
-    history.extend(first.actions.iter().map(|action| action.to_history_event(at(0))));
+    history.extend(first.actions.iter().map(|action| action.to_history_event(at(0), None)));
     history.extend([episode_start(1), granted]);
-    history.extend(second.actions.iter().map(|action| action.to_history_event(at(1))));
+    history.extend(second.actions.iter().map(|action| action.to_history_event(at(1), None)));
     history.extend([episode_start(2), call_answer(&request, "40")]);
-    history.extend(third.actions.iter().map(|action| action.to_history_event(at(2))));
+    history.extend(third.actions.iter().map(|action| action.to_history_event(at(2), None)));
     let mut replayed = Execution::new("o", locked_calls());
     let result = replayed.run_episode(&history, &[episode_start(3), call_answer(outside, "2")]);
     assert_eq!(result.completion, Some(Completion::Completed { output: Some("42".into()) }));
@@ -714,6 +730,7 @@ fn a_changed_entity_call_is_non_determinism() {
             0,
             at(0),
             EventKind::EntityOperationCalled {
+                trace: None,
                 request_id: "r".into(),
                 operation: "reset".into(),
                 input: None,
