@@ -38,8 +38,8 @@
 //! call for, `pool` makes and holds the connections, `pipeline` sends
 //! groups of statements in one round trip, `schema` the tables and migrations, `codec`
 //! how values map to columns, `client` and `worker` the two halves of the [`Store`]
-//! contract, `wakeups` the cross-process notifications, `failure` the internal error
-//! type.
+//! contract, `stats` the hub statistics, `wakeups` the cross-process notifications,
+//! `failure` the internal error type.
 
 mod client;
 mod codec;
@@ -48,6 +48,7 @@ mod failure;
 mod pipeline;
 mod pool;
 mod schema;
+mod stats;
 mod tls;
 mod wakeups;
 mod worker;
@@ -58,7 +59,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery,
+    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, HubStats, InstancePage, InstanceQuery,
     InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result,
     Store,
 };
@@ -302,5 +303,9 @@ impl Store for PostgresStore {
 
     async fn next_wakeup(&self, now: Timestamp) -> Result<Option<Timestamp>> {
         Ok(worker::next_wakeup(&self.connection().await?, now).await?)
+    }
+
+    async fn hub_stats(&self, now: Timestamp) -> Result<HubStats> {
+        Ok(stats::hub_stats(&self.connection().await?, now).await?)
     }
 }

@@ -92,6 +92,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE instances ADD COLUMN tags TEXT;
     "#,
+    // 3: the W3C trace context an activity's span hangs under (NULL: none).
+    r#"
+    ALTER TABLE activities ADD COLUMN trace_parent TEXT;
+    ALTER TABLE activities ADD COLUMN trace_state TEXT;
+    "#,
 ];
 
 /// Brings the hub in `schema` to [`SCHEMA_VERSION`], creating it if needed.

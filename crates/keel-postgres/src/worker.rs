@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, Timestamp};
+use keel_core::trace::TraceContext;
 use keel_store::{
     ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, Message, OrchestrationItem,
     OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
@@ -166,10 +167,11 @@ const DELETE_HISTORIES: &str = "DELETE FROM history WHERE instance_id = ANY($1)"
 const APPEND_HISTORY: &str =
     "INSERT INTO history (instance_id, seq, event) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])";
 
-const INSERT_ACTIVITIES: &str = "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at) \
-     SELECT instance_id, execution_id, task_id, name, input, $6 \
-     FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[]) \
-         AS scheduled (instance_id, execution_id, task_id, name, input)";
+const INSERT_ACTIVITIES: &str = "INSERT INTO activities \
+         (instance_id, execution_id, task_id, name, input, trace_parent, trace_state, visible_at) \
+     SELECT instance_id, execution_id, task_id, name, input, trace_parent, trace_state, $8 \
+     FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[]) \
+         AS scheduled (instance_id, execution_id, task_id, name, input, trace_parent, trace_state)";
 
 /// One row if one of the instances has a visible message.
 const ANY_VISIBLE_MESSAGE: &str = "SELECT 1 FROM messages WHERE instance_id = ANY($1) AND visible_at <= $2 LIMIT 1";
@@ -422,6 +424,8 @@ struct ActivityColumns {
     task_ids: Vec<i32>,
     names: Vec<String>,
     inputs: Vec<Option<String>>,
+    trace_parents: Vec<Option<String>>,
+    trace_states: Vec<Option<String>>,
 }
 
 impl ActivityColumns {
@@ -432,6 +436,8 @@ impl ActivityColumns {
             self.task_ids.push(activity.task_id);
             self.names.push(activity.name.clone());
             self.inputs.push(activity.input.clone());
+            self.trace_parents.push(activity.trace.as_ref().map(|trace| trace.trace_parent.clone()));
+            self.trace_states.push(activity.trace.as_ref().and_then(|trace| trace.trace_state.clone()));
         }
     }
 
@@ -440,18 +446,25 @@ impl ActivityColumns {
     }
 
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        vec![&self.instance_ids, &self.execution_ids, &self.task_ids, &self.names, &self.inputs]
+        vec![
+            &self.instance_ids,
+            &self.execution_ids,
+            &self.task_ids,
+            &self.names,
+            &self.inputs,
+            &self.trace_parents,
+            &self.trace_states,
+        ]
     }
 }
 
-/// Releases the lease and delays the instance's messages to `$3`; announces the work
-/// (at its new time) to the hub's listeners. No row when the lease was lost.
+/// Releases the lease and keeps the instance from being fetched before `$3` (the
+/// instance waits, not its messages: one that arrives meanwhile must not be delivered
+/// ahead of those given back); announces the work (at its new time) to the hub's
+/// listeners. No row when the lease was lost.
 const ABANDON_ORCHESTRATION: &str = "WITH released AS ( \
-         UPDATE instances SET lock_token = NULL, locked_until = NULL, lock_count = greatest(lock_count - 1, 0) \
+         UPDATE instances SET lock_token = NULL, locked_until = $3, lock_count = greatest(lock_count - 1, 0) \
          WHERE instance_id = $1 AND lock_token = $2 RETURNING instance_id \
-     ), delayed AS ( \
-         UPDATE messages SET visible_at = $3 \
-         WHERE instance_id IN (SELECT instance_id FROM released) AND visible_at < $3 \
      ) \
      SELECT instance_id, pg_notify($4, 'o') FROM released";
 
@@ -476,7 +489,7 @@ const LEASE_ACTIVITIES: &str = "WITH chosen AS MATERIALIZED ( \
      ) \
      UPDATE activities SET lock_token = $3, visible_at = $4, attempts = attempts + 1 \
      FROM chosen WHERE activities.id = chosen.id \
-     RETURNING activities.id, instance_id, execution_id, task_id, name, input, attempts";
+     RETURNING activities.id, instance_id, execution_id, task_id, name, input, attempts, trace_parent, trace_state";
 
 pub(crate) async fn fetch_activity_items(
     connection: &PooledConnection,
@@ -499,6 +512,10 @@ pub(crate) async fn fetch_activity_items(
                 name: row.try_get(4)?,
                 input: row.try_get(5)?,
                 delivery_attempts: count("activities.attempts", row.try_get(6)?)?,
+                trace: row
+                    .try_get::<_, Option<String>>(7)?
+                    .map(|trace_parent| Ok::<_, Failure>(TraceContext { trace_parent, trace_state: row.try_get(8)? }))
+                    .transpose()?,
             })
         })
         .collect::<Result<Vec<_>, Failure>>()?;

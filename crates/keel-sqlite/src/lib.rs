@@ -18,14 +18,15 @@
 //!
 //! Code map: `database` owns the connections and runs blocking work off the async
 //! threads, `schema` the tables and migrations, `codec` how values map to columns,
-//! `client` and `worker` the two halves of the [`Store`] contract, `failure` the
-//! internal error type.
+//! `client` and `worker` the two halves of the [`Store`] contract, `stats` the hub
+//! statistics, `failure` the internal error type.
 
 mod client;
 mod codec;
 mod database;
 mod failure;
 mod schema;
+mod stats;
 mod worker;
 
 use std::path::Path;
@@ -35,7 +36,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, InstancePage, InstanceQuery,
+    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, HubStats, InstancePage, InstanceQuery,
     InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result,
     Store,
 };
@@ -251,5 +252,9 @@ impl Store for SqliteStore {
 
     async fn next_wakeup(&self, now: Timestamp) -> Result<Option<Timestamp>> {
         self.database.read(move |connection| worker::next_wakeup(connection, now)).await
+    }
+
+    async fn hub_stats(&self, now: Timestamp) -> Result<HubStats> {
+        self.database.read(move |connection| stats::hub_stats(connection, now)).await
     }
 }

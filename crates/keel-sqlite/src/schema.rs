@@ -87,6 +87,16 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE instances ADD COLUMN tags TEXT;
     ",
+    // 3: the W3C trace context an activity's span hangs under (NULL: none).
+    "
+    ALTER TABLE activities ADD COLUMN trace_parent TEXT;
+    ALTER TABLE activities ADD COLUMN trace_state TEXT;
+    ",
+    // 4: instances by status, as the PostgreSQL hub has them: the hub statistics count
+    // them over this index instead of reading every row.
+    "
+    CREATE INDEX instances_by_status ON instances (status);
+    ",
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`], in one transaction.

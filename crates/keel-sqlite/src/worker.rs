@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, Timestamp};
+use keel_core::trace::TraceContext;
 use keel_store::{
     ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, Message, OrchestrationItem,
     OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
@@ -227,8 +228,8 @@ fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestam
     for activity in &commit.activities {
         connection
             .prepare_cached(
-                "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at, trace_parent, \
+                 trace_state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 activity.instance_id,
@@ -237,6 +238,8 @@ fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestam
                 activity.name,
                 activity.input,
                 now_millis,
+                activity.trace.as_ref().map(|trace| &trace.trace_parent),
+                activity.trace.as_ref().and_then(|trace| trace.trace_state.as_ref()),
             ])?;
         wakeups.activity_work = true;
     }
@@ -300,18 +303,17 @@ pub(crate) fn abandon_orchestration_item(
     lock: &OrchestrationLock,
     retry_at: Timestamp,
 ) -> Result<(), Failure> {
+    // The instance, not its messages, waits until `retry_at`: a message that arrives
+    // meanwhile must not be delivered ahead of the ones given back.
     let released = connection
         .prepare_cached(
-            "UPDATE instances SET lock_token = NULL, locked_until = NULL, lock_count = max(lock_count - 1, 0) \
+            "UPDATE instances SET lock_token = NULL, locked_until = ?3, lock_count = max(lock_count - 1, 0) \
              WHERE instance_id = ?1 AND lock_token = ?2",
         )?
-        .execute(params![lock.instance_id, lock.token])?;
+        .execute(params![lock.instance_id, lock.token, millis(retry_at)])?;
     if released == 0 {
         return Err(Failure::Contract(Error::LeaseLost));
     }
-    connection
-        .prepare_cached("UPDATE messages SET visible_at = ?2 WHERE instance_id = ?1 AND visible_at < ?2")?
-        .execute(params![lock.instance_id, millis(retry_at)])?;
     Ok(())
 }
 
@@ -347,9 +349,11 @@ pub(crate) fn fetch_activity_items(
         let item = connection
             .prepare_cached(
                 "UPDATE activities SET lock_token = ?2, visible_at = ?3, attempts = attempts + 1 \
-                 WHERE id = ?1 RETURNING instance_id, execution_id, task_id, name, input, attempts",
+                 WHERE id = ?1 RETURNING instance_id, execution_id, task_id, name, input, attempts, trace_parent, trace_state",
             )?
             .query_row(params![id, token, lease_end], |row| {
+                let trace_parent: Option<String> = row.get(6)?;
+                let trace_state: Option<String> = row.get(7)?;
                 Ok(ActivityItem {
                     lock: ActivityLock { id, token: token.clone() },
                     instance_id: row.get(0)?,
@@ -358,6 +362,7 @@ pub(crate) fn fetch_activity_items(
                     name: row.get(3)?,
                     input: row.get(4)?,
                     delivery_attempts: row.get(5)?,
+                    trace: trace_parent.map(|trace_parent| TraceContext { trace_parent, trace_state }),
                 })
             })?;
         items.push(item);

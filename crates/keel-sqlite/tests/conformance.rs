@@ -61,6 +61,7 @@ fn at(millis: i64) -> Timestamp {
 
 fn new_instance(instance_id: &str) -> NewInstance {
     NewInstance {
+        trace: None,
         instance_id: instance_id.to_owned(),
         execution_id: format!("{instance_id}-execution"),
         name: "Flow".into(),

@@ -17,8 +17,8 @@ use keel_core::history::{EventKind, FailureDetails, HistoryEvent, ParentInstance
 use keel_core::limits::MAX_PAYLOAD_BYTES;
 
 use crate::{
-    ActivityCompletion, ActivityItem, EntityQuery, EpisodeCommit, Error, InstanceQuery, InstanceRecord, InstanceUpdate,
-    Message, NewActivity, NewInstance, OrchestrationItem, PurgeFilter, Store,
+    ActivityCompletion, ActivityItem, Backlog, EntityQuery, EpisodeCommit, Error, HubStats, InstanceQuery,
+    InstanceRecord, InstanceUpdate, Message, NewActivity, NewInstance, OrchestrationItem, PurgeFilter, Store,
 };
 
 /// The start of simulated time in every check: 2024-01-01T00:00:00Z, in milliseconds
@@ -76,6 +76,7 @@ macro_rules! for_each_check {
             replace_instance_swaps_a_live_instance_atomically,
             replace_instance_refuses_an_instance_that_changed,
             purge_all_empties_the_task_hub,
+            hub_stats_count_instances_entities_and_the_backlog,
         );
     };
 }
@@ -114,6 +115,7 @@ fn new_instance(instance_id: &str, name: &str, created_at: Timestamp) -> NewInst
         scheduled_start: None,
         created_at,
         tags: Default::default(),
+        trace: None,
     }
 }
 
@@ -132,6 +134,7 @@ fn activity(instance: &InstanceRecord, task_id: i32, name: &str) -> NewActivity 
         task_id,
         name: name.to_owned(),
         input: Some(format!("\"input of task {task_id}\"")),
+        trace: None,
     }
 }
 
@@ -523,6 +526,11 @@ pub async fn commit_applies_everything_at_once(store: &dyn Store) {
         visible_at: timer_at,
     };
     let to_b = message_to("b", event_raised("from-a", "2", secs(2)), secs(2));
+    let trace = keel_core::trace::TraceContext::parse(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        Some("vendor=value"),
+    )
+    .expect("a valid trace context");
     let mut commit = first_episode(a, secs(2), RuntimeStatus::Running);
     commit.history.extend([
         HistoryEvent::with_id(
@@ -532,13 +540,14 @@ pub async fn commit_applies_everything_at_once(store: &dyn Store) {
                 name: "Greet".into(),
                 input: Some("\"x\"".into()),
                 tags: [("team".to_string(), "payments".to_string())].into(),
+                trace: Some(trace.clone()),
             },
         ),
         HistoryEvent::with_id(1, secs(2), EventKind::TimerCreated { fire_at: timer_at }),
     ]);
     commit.state =
         Some(InstanceUpdate { custom_status: Some("\"step 1\"".into()), ..state(&a.instance, RuntimeStatus::Running) });
-    commit.activities = vec![activity(&a.instance, 0, "Greet")];
+    commit.activities = vec![NewActivity { trace: Some(trace.clone()), ..activity(&a.instance, 0, "Greet") }];
     commit.messages = vec![timer.clone(), to_b.clone()];
     let written_history = commit.history.clone();
     commit_ok(store, commit, secs(2)).await;
@@ -560,6 +569,7 @@ pub async fn commit_applies_everything_at_once(store: &dyn Store) {
     );
     assert_eq!(greet.input.as_deref(), Some("\"input of task 0\""));
     assert_eq!(greet.delivery_attempts, 1);
+    assert_eq!(greet.trace.as_ref(), Some(&trace), "the activity keeps its trace context");
 
     let items = store.fetch_orchestration_items(FETCH_ALL, LEASE, secs(2)).await.expect("fetch");
     assert_eq!(items.len(), 2, "a (late message) and b (message from a)");
@@ -718,19 +728,26 @@ pub async fn activity_leases_expire_renew_and_abandon(store: &dyn Store) {
     assert_no_activity_work(store, secs(1000), "both items are done").await;
 }
 
-/// An abandoned orchestration item is unlocked and its messages come back at the retry
-/// time, without counting the abandoned delivery; a commit resets the delivery count.
+/// An abandoned orchestration item is unlocked and comes back at the retry time with its
+/// messages and any that arrived meanwhile, in arrival order, without counting the
+/// abandoned delivery; a commit resets the delivery count.
 pub async fn abandoned_orchestrations_come_back(store: &dyn Store) {
     store.create_instance(new_instance("a", "Flow", secs(0))).await.expect("create_instance");
     let first = fetch_only(store, "a", secs(0)).await;
     store.abandon_orchestration_item(&first.lock, secs(10)).await.expect("abandon");
     assert_no_orchestration_work(store, secs(0), "the messages wait until the retry time").await;
     assert_eq!(store.next_wakeup(secs(0)).await.expect("next_wakeup"), Some(secs(10)));
+    // A message that arrives meanwhile waits with them: it is never delivered ahead of
+    // the messages given back (a resume overtaking its suspend, an event its start).
+    let late = message_to("a", event_raised("late", "1", secs(1)), secs(1));
+    store.enqueue_message(late.clone(), false).await.expect("enqueue_message");
+    assert_no_orchestration_work(store, secs(5), "the instance, not only its old messages, waits").await;
 
     let second = fetch_only(store, "a", secs(10)).await;
     assert_eq!(second.delivery_attempts, 1, "the abandoned delivery was given back");
-    assert_eq!(second.messages.len(), 1);
-    assert_eq!(second.messages[0].id, first.messages[0].id, "the same message");
+    assert_eq!(second.messages.len(), 2, "the given-back message and the late one");
+    assert_eq!(second.messages[0].id, first.messages[0].id, "the same message, first");
+    assert_eq!(second.messages[1].message, late, "then the one that arrived meanwhile");
     let result = store.abandon_orchestration_item(&first.lock, secs(10)).await;
     assert!(matches!(result, Err(Error::LeaseLost)), "abandon with a stale lock: {result:?}");
 
@@ -1096,6 +1113,7 @@ fn entity_signal(entity: &str, operation: &str, timestamp: Timestamp) -> History
             input: Some("1".to_owned()),
             scheduled_time: None,
             target_instance_id: entity.to_owned(),
+            trace: None,
         },
     )
 }
@@ -1294,4 +1312,96 @@ pub async fn purge_all_empties_the_task_hub(store: &dyn Store) {
     let results = store.commit_episodes(vec![commit], secs(1)).await.expect("commit_episodes");
     assert!(results[0].is_err(), "a lease on a purged instance commits nothing");
     assert_eq!(store.purge_all().await.expect("purge_all"), 0);
+}
+
+async fn stats(store: &dyn Store, now: Timestamp) -> HubStats {
+    store.hub_stats(now).await.expect("hub_stats")
+}
+
+fn backlog(ready_orchestrations: u64, ready_activities: u64, pending_timers: u64) -> Backlog {
+    Backlog { ready_orchestrations, ready_activities, pending_timers }
+}
+
+/// `hub_stats`: instances by status (entities apart), and the backlog exactly as the
+/// fetches see it at `now`: ready instances (once each, entities included, not while
+/// locked), ready activity items (not while leased), messages due later.
+pub async fn hub_stats_count_instances_entities_and_the_backlog(store: &dyn Store) {
+    assert_eq!(stats(store, secs(0)).await, HubStats::default(), "an empty task hub");
+
+    start(store, "done", secs(0), RuntimeStatus::Completed).await;
+    start(store, "failed", secs(0), RuntimeStatus::Failed).await;
+    start(store, "suspended", secs(0), RuntimeStatus::Suspended).await;
+    store.create_instance(new_instance("running", "Flow", secs(0))).await.expect("create_instance");
+    let item = fetch_only(store, "running", secs(0)).await;
+    let mut commit = first_episode(&item, secs(0), RuntimeStatus::Running);
+    commit.activities = vec![activity(&item.instance, 1, "First"), activity(&item.instance, 2, "Second")];
+    commit.messages = vec![Message {
+        instance_id: "running".into(),
+        execution_id: Some(item.instance.execution_id.clone()),
+        event: HistoryEvent::new(secs(60), EventKind::TimerFired { timer_id: 3, fire_at: secs(60) }),
+        visible_at: secs(60),
+    }];
+    commit_ok(store, commit, secs(0)).await;
+    store.create_instance(new_instance("pending", "Flow", secs(1))).await.expect("create_instance");
+    let scheduled = NewInstance { scheduled_start: Some(secs(100)), ..new_instance("scheduled", "Flow", secs(1)) };
+    store.create_instance(scheduled).await.expect("create_instance");
+    for n in 0..2 {
+        let signal = message_to("@counter@a", entity_signal("@counter@a", &format!("add{n}"), secs(1)), secs(1));
+        store.enqueue_message(signal, false).await.expect("signal");
+    }
+
+    let now = stats(store, secs(1)).await;
+    let counted: Vec<(RuntimeStatus, u64)> = now.instances.iter().filter(|(_, count)| *count > 0).collect();
+    assert_eq!(
+        counted,
+        [
+            (RuntimeStatus::Running, 1),
+            (RuntimeStatus::Completed, 1),
+            (RuntimeStatus::Failed, 1),
+            (RuntimeStatus::Pending, 2),
+            (RuntimeStatus::Suspended, 1),
+        ],
+        "orchestration instances by status; the entity is not one"
+    );
+    let listed = store.query_instances(&InstanceQuery::default()).await.expect("query_instances").instances.len();
+    assert_eq!(now.instances.total(), listed as u64, "as many as the instance query lists");
+    assert_eq!(now.entities, 1, "one entity, with two messages");
+    assert_eq!(
+        now.backlog,
+        backlog(2, 2, 2),
+        "ready: 'pending' and the entity (once); both activities; due later: the timer and the scheduled start"
+    );
+
+    let locked = store.fetch_orchestration_items(FETCH_ALL, LEASE, secs(1)).await.expect("fetch_orchestration_items");
+    assert_eq!(locked.len(), 2, "the two ready instances");
+    let leased = store.fetch_activity_items(1, LEASE, secs(1)).await.expect("fetch_activity_items");
+    assert_eq!(leased.len(), 1);
+    assert_eq!(stats(store, secs(1)).await.backlog, backlog(0, 1, 2), "locked and leased work is not waiting");
+    assert_eq!(stats(store, secs(40)).await.backlog, backlog(2, 2, 2), "the lock and the lease ran out");
+    assert_eq!(stats(store, secs(60)).await.backlog, backlog(3, 2, 1), "the timer is due: 'running' is ready");
+    assert_eq!(stats(store, secs(100)).await.backlog, backlog(4, 2, 0), "the scheduled start is due");
+
+    for item in &locked {
+        commit_ok(store, consume_all(item), secs(2)).await;
+    }
+    let completions = leased
+        .iter()
+        .chain(&store.fetch_activity_items(FETCH_ALL, LEASE, secs(2)).await.expect("fetch_activity_items"))
+        .map(|item| ActivityCompletion { lock: item.lock.clone(), result: task_completed(item, secs(70)) })
+        .collect();
+    for result in store.complete_activities(completions).await.expect("complete_activities") {
+        result.expect("a current lease completes");
+    }
+    assert_eq!(
+        stats(store, secs(2)).await.backlog,
+        backlog(0, 0, 4),
+        "the results wait in the inbox until 70 s, with the timer and the start"
+    );
+    let items = store.fetch_orchestration_items(FETCH_ALL, LEASE, secs(100)).await.expect("fetch_orchestration_items");
+    for item in &items {
+        commit_ok(store, consume_all(item), secs(100)).await;
+    }
+    let drained = stats(store, secs(100)).await;
+    assert_eq!(drained.backlog, Backlog::default(), "nothing waits once every message is consumed");
+    assert_eq!((drained.instances.total(), drained.entities), (6, 1), "consuming messages keeps the rows");
 }

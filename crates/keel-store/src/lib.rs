@@ -116,6 +116,8 @@ pub struct NewInstance {
     /// The instance's tags (the Durable Task protocol's orchestration tags), kept as
     /// given for its whole life, continue-as-new included.
     pub tags: BTreeMap<String, String>,
+    /// The trace context its execution's span hangs under (kept in its `ExecutionStarted`).
+    pub trace: Option<keel_core::trace::TraceContext>,
 }
 
 impl NewInstance {
@@ -143,6 +145,7 @@ impl NewInstance {
                 execution_id: self.execution_id.clone(),
                 parent: self.parent.clone(),
                 scheduled_start: self.scheduled_start,
+                trace: self.trace.clone(),
             },
         )
     }
@@ -282,6 +285,8 @@ pub struct NewActivity {
     pub name: String,
     /// The activity's input, JSON text.
     pub input: Option<String>,
+    /// The trace context the activity's span hangs under.
+    pub trace: Option<keel_core::trace::TraceContext>,
 }
 
 /// Everything one episode of one instance decided, committed atomically.
@@ -347,6 +352,8 @@ pub struct ActivityItem {
     pub input: Option<String>,
     /// How many times the item was leased, this time included.
     pub delivery_attempts: u32,
+    /// The trace context the activity's span hangs under.
+    pub trace: Option<keel_core::trace::TraceContext>,
 }
 
 /// The outcome of an activity: the item is deleted and `result` (a `TaskCompleted` or
@@ -413,6 +420,78 @@ pub struct EntityQuery {
     pub page_size: usize,
     /// Opaque token from the previous page.
     pub continuation: Option<String>,
+}
+
+/// How many orchestration instances a task hub holds in each status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceCounts {
+    /// Indexed like [`RuntimeStatus::ALL`].
+    counts: [u64; RuntimeStatus::ALL.len()],
+}
+
+impl InstanceCounts {
+    fn index(status: RuntimeStatus) -> usize {
+        RuntimeStatus::ALL.iter().position(|each| *each == status).expect("ALL holds every status")
+    }
+
+    /// How many instances are in `status`.
+    pub fn get(&self, status: RuntimeStatus) -> u64 {
+        self.counts[Self::index(status)]
+    }
+
+    /// Counts `count` more instances in `status`.
+    pub fn add(&mut self, status: RuntimeStatus, count: u64) {
+        self.counts[Self::index(status)] += count;
+    }
+
+    /// Counts `count` fewer instances in `status` (never below zero).
+    pub(crate) fn subtract(&mut self, status: RuntimeStatus, count: u64) {
+        let counted = &mut self.counts[Self::index(status)];
+        *counted = counted.saturating_sub(count);
+    }
+
+    /// Every status with its count, in the order of [`RuntimeStatus::ALL`].
+    pub fn iter(&self) -> impl Iterator<Item = (RuntimeStatus, u64)> + '_ {
+        RuntimeStatus::ALL.into_iter().zip(self.counts.iter().copied())
+    }
+
+    /// All instances, whatever their status.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// The work waiting in a task hub at one moment ([`Store::hub_stats`]). Work that a
+/// worker holds (a live lease, including work the gRPC server holds for an SDK worker)
+/// is in none of these numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Instances, entities included, that [`Store::fetch_orchestration_items`] would
+    /// lock at `now`: at least one inbox message visible (`visible_at <= now`) and not
+    /// locked past `now` (by a live lease, or by a give-back until a retry time).
+    /// Counted once per instance, however many messages wait.
+    pub ready_orchestrations: u64,
+    /// Activity items that [`Store::fetch_activity_items`] would lease at `now`: new or
+    /// given back and due, or whose lease ran out.
+    pub ready_activities: u64,
+    /// Inbox messages that become visible after `now`: durable timers, scheduled
+    /// starts, delayed entity signals. Counted per message, timers that nobody waits
+    /// for any more included (of an instance that finished, or a timeout that was
+    /// beaten): they are delivered and dropped when due. (Work given back until a
+    /// later time, an instance or an activity item, is in none of the three numbers
+    /// until then.)
+    pub pending_timers: u64,
+}
+
+/// A task hub's numbers at one moment ([`Store::hub_stats`]): one consistent snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Orchestration instances by status; entities are not counted here.
+    pub instances: InstanceCounts,
+    /// Entities: rows with an entity id (`@name@key`), whatever they hold.
+    pub entities: u64,
+    /// The work waiting for a worker.
+    pub backlog: Backlog,
 }
 
 /// The name of the entity an instance id names, if it is an entity id.
@@ -514,8 +593,10 @@ pub trait Store: Send + Sync + 'static {
     /// whose lock is stale fails with [`Error::LeaseLost`] without affecting the others.
     async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>>;
 
-    /// Gives an instance back without committing; its messages become visible again at
-    /// `retry_at`. The delivery is given back too: it does not count toward
+    /// Gives an instance back without committing: no worker fetches it before
+    /// `retry_at`, when it comes back with its messages and any that arrived meanwhile,
+    /// in arrival order (the instance waits, not its messages, so a later message never
+    /// overtakes an earlier one). The delivery is given back too: it does not count toward
     /// [`OrchestrationItem::delivery_attempts`] (only deliveries whose lease ran out do,
     /// since only those can mean the item killed its worker).
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()>;
@@ -540,4 +621,12 @@ pub trait Store: Send + Sync + 'static {
     /// The earliest time after `now` at which an inbox message or activity item becomes
     /// visible or a lease expires: when idle dispatchers should look again.
     async fn next_wakeup(&self, now: Timestamp) -> Result<Option<Timestamp>>;
+
+    // ---- observability ----
+
+    /// The task hub's numbers at `now` ([`HubStats`]: instances by status, entities, the
+    /// backlog as [`Backlog`] defines it), read in one snapshot. Meant for dashboards
+    /// and metric scrapes every few seconds: it counts over indexes and reads no
+    /// history.
+    async fn hub_stats(&self, now: Timestamp) -> Result<HubStats>;
 }

@@ -10,7 +10,7 @@ use keel_core::history::{RuntimeStatus, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::Error;
+use crate::{Error, HubStats};
 
 /// The error for data in the task hub that this code cannot decode.
 pub fn corrupt(what: impl std::fmt::Display) -> Error {
@@ -59,6 +59,62 @@ pub fn tags_from_json(text: Option<&str>) -> Result<std::collections::BTreeMap<S
     text.map(|text| from_json("instances.tags", text)).transpose().map(Option::unwrap_or_default)
 }
 
+/// The statement that reads [`HubStats`] (see [`crate::Store::hub_stats`]), in SQL that
+/// SQLite and PostgreSQL both run, with `now` (stored milliseconds) as the placeholder
+/// `now_parameter` (`?1`, `$1`). One statement, so one snapshot. Each row is `(what,
+/// status, count)` for [`hub_stats_from_rows`]: instance rows by status, entity rows
+/// by status (ids from `@` up to, not including, `A`: those that start with `@`), then
+/// the three backlog numbers, each as the fetches choose work (messages visible at
+/// `now` of instances not locked past `now`; activity items visible at `now`, a lease
+/// keeping an item invisible until it ends) or as the next wake-up does (messages
+/// visible after `now`).
+pub fn hub_stats_statement(now_parameter: &str) -> String {
+    let now = now_parameter;
+    format!(
+        "SELECT 'instances' AS what, status, count(*) AS n FROM instances GROUP BY status \
+         UNION ALL \
+         SELECT 'entities', status, count(*) FROM instances \
+             WHERE instance_id >= '@' AND instance_id < 'A' GROUP BY status \
+         UNION ALL \
+         SELECT 'ready_orchestrations', NULL, count(DISTINCT m.instance_id) FROM messages m \
+             JOIN instances i ON i.instance_id = m.instance_id \
+             WHERE m.visible_at <= {now} AND (i.locked_until IS NULL OR i.locked_until <= {now}) \
+         UNION ALL \
+         SELECT 'ready_activities', NULL, count(*) FROM activities WHERE visible_at <= {now} \
+         UNION ALL \
+         SELECT 'pending_timers', NULL, count(*) FROM messages WHERE visible_at > {now}"
+    )
+}
+
+/// Folds the rows of [`hub_stats_statement`] into [`HubStats`]: orchestration
+/// instances are the instance rows less the entity rows, status by status.
+pub fn hub_stats_from_rows<S: AsRef<str>>(
+    rows: impl IntoIterator<Item = (S, Option<S>, i64)>,
+) -> Result<HubStats, Error> {
+    let mut stats = HubStats::default();
+    let mut entities = crate::InstanceCounts::default();
+    for (what, status, count) in rows {
+        let count = u64::try_from(count).map_err(|_| corrupt(format!("a negative count {count}")))?;
+        let status = || match &status {
+            Some(status) => status_from_text(status.as_ref()),
+            None => Err(corrupt("a count by status without a status")),
+        };
+        match what.as_ref() {
+            "instances" => stats.instances.add(status()?, count),
+            "entities" => entities.add(status()?, count),
+            "ready_orchestrations" => stats.backlog.ready_orchestrations = count,
+            "ready_activities" => stats.backlog.ready_activities = count,
+            "pending_timers" => stats.backlog.pending_timers = count,
+            other => return Err(corrupt(format!("an unknown hub statistic '{other}'"))),
+        }
+    }
+    for (status, count) in entities.iter() {
+        stats.instances.subtract(status, count);
+        stats.entities += count;
+    }
+    Ok(stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +139,25 @@ mod tests {
         assert!(error.to_string().contains("activities.input"), "{error}");
         assert!(!error.is_retryable());
         assert!(status_from_text("Sleeping").is_err());
+    }
+
+    #[test]
+    fn hub_stats_leave_entities_out_of_the_instance_counts() {
+        let rows = [
+            ("instances", Some("Running"), 5),
+            ("instances", Some("Completed"), 2),
+            ("entities", Some("Running"), 3),
+            ("ready_orchestrations", None, 4),
+            ("ready_activities", None, 1),
+            ("pending_timers", None, 7),
+        ];
+        let stats = hub_stats_from_rows(rows).unwrap();
+        assert_eq!(stats.instances.get(RuntimeStatus::Running), 2);
+        assert_eq!(stats.instances.get(RuntimeStatus::Completed), 2);
+        assert_eq!((stats.instances.total(), stats.entities), (4, 3));
+        let backlog = crate::Backlog { ready_orchestrations: 4, ready_activities: 1, pending_timers: 7 };
+        assert_eq!(stats.backlog, backlog);
+        assert!(hub_stats_from_rows([("instances", None, 1)]).is_err(), "a count by status names it");
+        assert!(hub_stats_from_rows([("sideways", None, 1)]).is_err());
     }
 }
