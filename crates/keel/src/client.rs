@@ -115,6 +115,9 @@ pub struct StartOptions {
     /// that it was terminated, the entity locks it holds are released); an existing
     /// instance whose status is not listed is refused (`AlreadyExists`).
     pub replaceable: Option<Vec<RuntimeStatus>>,
+    /// The trace context of the request that starts the instance (W3C `traceparent`):
+    /// the instance's spans join that trace (see [`crate::telemetry`]).
+    pub trace: Option<keel_core::trace::TraceContext>,
 }
 
 /// How often a replacing start reads an instance that keeps changing under it again.
@@ -428,16 +431,19 @@ impl Client {
         }
         refuse_entity_id(&instance_id)?;
         let created_at = self.clock.now();
+        let version = options.version.or_else(|| self.default_version.clone());
+        let trace = crate::telemetry::start_instance_span(name, &instance_id, version.as_deref(), options.trace);
         let instance = NewInstance {
             instance_id: instance_id.clone(),
             execution_id: uuid::Uuid::new_v4().simple().to_string(),
             name: name.to_string(),
-            version: options.version.or_else(|| self.default_version.clone()),
+            version,
             input,
             parent: None,
             scheduled_start: options.scheduled_start,
             created_at,
             tags: options.tags,
+            trace,
         };
         match &options.replaceable {
             None => self.store.create_instance(instance).await?,
@@ -670,6 +676,19 @@ impl Client {
         input: Option<String>,
         scheduled_time: Option<Timestamp>,
     ) -> Result<()> {
+        self.signal_entity_traced(entity, operation, input, scheduled_time, None).await
+    }
+
+    /// [`Client::signal_entity_raw`] from a request that carried the W3C trace context
+    /// `trace`: the operation's span joins that trace.
+    pub async fn signal_entity_traced(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: Option<String>,
+        scheduled_time: Option<Timestamp>,
+        trace: Option<keel_core::trace::TraceContext>,
+    ) -> Result<()> {
         self.check_entity_name(&entity.name)?;
         limits::check_name("operation", operation).map_err(ClientError::Invalid)?;
         if let Some(input) = &input {
@@ -684,6 +703,7 @@ impl Client {
             input,
             scheduled_time,
             target_instance_id: target.clone(),
+            trace,
         };
         let visible_at = scheduled_time.unwrap_or(now).max(now);
         let message =
@@ -796,7 +816,9 @@ fn refuse_if_terminal(status: &InstanceStatus, action: &'static str) -> Result<(
     Ok(())
 }
 
+/// Checks that a payload from a client is JSON within [`limits::MAX_JSON_DEPTH`].
 fn check_json(what: &str, text: &str) -> Result<()> {
+    limits::check_json_depth(&format!("the {what}"), text).map_err(ClientError::Invalid)?;
     serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(|_| ())
         .map_err(|error| ClientError::Invalid(format!("the {what} is not valid JSON: {error}")))

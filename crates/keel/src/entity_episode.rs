@@ -166,6 +166,7 @@ impl EntityEpisode {
                                 input,
                                 scheduled_time,
                                 target_instance_id: target,
+                                trace: None,
                             },
                         ),
                         visible_at: scheduled_time.unwrap_or(now).max(now),
@@ -182,6 +183,7 @@ impl EntityEpisode {
                         scheduled_start,
                         created_at: now,
                         tags: Default::default(),
+                        trace: None,
                     };
                     match start.check() {
                         Ok(()) if !keel_core::entity::is_entity_instance_id(&start.instance_id) => {

@@ -6,9 +6,12 @@
 //! execution's end becomes the instance's status (and a message to its parent). The
 //! store then commits it all in one transaction.
 
+use std::collections::BTreeMap;
+
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_core::limits;
 use keel_core::replay::{rewind_history, EpisodeResult, Execution};
+use keel_core::trace::TraceContext;
 use keel_core::{Action, Completion};
 use keel_store::{EpisodeCommit, InstanceRecord, InstanceUpdate, Message, NewActivity, NewInstance, OrchestrationItem};
 
@@ -23,9 +26,62 @@ pub const NOT_REGISTERED_ERROR_TYPE: &str = "OrchestratorNotRegistered";
 /// What to do with a fetched orchestration item.
 pub(crate) enum Plan {
     /// Commit this; keep the execution (if any) for the next episode.
-    Commit { commit: Box<EpisodeCommit>, execution: Option<Box<Execution>>, history_len: u64 },
+    Commit {
+        commit: Box<EpisodeCommit>,
+        execution: Option<Box<Execution>>,
+        history_len: u64,
+        /// What the episode's spans need, emitted once the commit is durable.
+        spans: Box<EpisodeSpans>,
+    },
     /// Nothing can run yet (a scheduled start is not due); give it back until then.
     Abandon { retry_at: Timestamp },
+}
+
+/// What the spans of a planned episode need: the execution is gone once it ends.
+#[derive(Debug, Default)]
+pub(crate) struct EpisodeSpans {
+    /// The context of the execution's span (the parent of the episode's span).
+    pub(crate) execution: Option<TraceContext>,
+    /// Executions that ended in this episode (more than one after a continue-as-new).
+    pub(crate) ended: Vec<EndedExecution>,
+    /// Timers that fired in this episode.
+    pub(crate) timers: Vec<keel_core::replay::FiredTimer>,
+}
+
+/// An execution that ended: its span runs from its start to now.
+#[derive(Debug)]
+pub(crate) struct EndedExecution {
+    pub(crate) execution_id: String,
+    /// The context its `ExecutionStarted` carried: the parent of its span.
+    pub(crate) started_trace: Option<TraceContext>,
+    pub(crate) started_at: Option<Timestamp>,
+    pub(crate) status: RuntimeStatus,
+    pub(crate) failure: Option<FailureDetails>,
+}
+
+impl EpisodeSpans {
+    /// Collects what `execution` did in the episode that just ran on it.
+    fn observe(&mut self, execution: &mut Execution) {
+        if self.execution.is_none() {
+            self.execution = execution.orchestration_trace().cloned();
+        }
+        self.timers.extend(execution.take_fired_timers());
+    }
+
+    /// Records that `execution` (with id `execution_id`) ended with `completion`.
+    fn ended(&mut self, execution: &Execution, execution_id: &str, completion: &Completion) {
+        let failure = match completion {
+            Completion::Failed { failure } => Some(failure.clone()),
+            _ => None,
+        };
+        self.ended.push(EndedExecution {
+            execution_id: execution_id.to_string(),
+            started_trace: execution.started_trace().cloned(),
+            started_at: execution.started_at(),
+            status: completion.status(),
+            failure,
+        });
+    }
 }
 
 /// The execution to run an episode on, with the history it has not seen yet.
@@ -112,7 +168,7 @@ fn intake(item: &OrchestrationItem, now: Timestamp, history: Option<&[HistoryEve
         }
     }
     let settle = |commit: EpisodeCommit, history_len: u64| {
-        Intake::Settled(Plan::Commit { commit: Box::new(commit), execution: None, history_len })
+        Intake::Settled(Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans: Box::default() })
     };
 
     if let Some(reason) = rewind {
@@ -283,7 +339,7 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
         commit.history.push(completion.to_history_event(now));
         finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
         let history_len = instance.history_len + commit.history.len() as u64;
-        return Plan::Commit { commit: Box::new(commit), execution: None, history_len };
+        return Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans: Box::default() };
     };
     let mut execution =
         resume.execution.unwrap_or_else(|| Box::new(Execution::new(&instance.instance_id, orchestrator.clone())));
@@ -319,6 +375,9 @@ pub struct RemoteOutcome {
     pub completion: Option<Completion>,
     /// The custom status after the episode, JSON text.
     pub custom_status: Option<String>,
+    /// Trace contexts the worker gave its actions (by action id; the protocol's
+    /// `parentTraceContext`); the others hang under the execution's span.
+    pub traces: BTreeMap<i32, TraceContext>,
 }
 
 /// What to do with an item whose orchestrator runs elsewhere.
@@ -373,12 +432,14 @@ impl RemoteEpisode {
     pub fn complete(self, outcome: RemoteOutcome, now: Timestamp) -> EpisodeCommit {
         let RemoteEpisode { instance, past_events, new_events, mut commit, .. } = self;
         let execution_id = instance.execution_id.clone();
-        let RemoteOutcome { mut actions, completion, custom_status } = outcome;
+        let RemoteOutcome { mut actions, completion, custom_status, traces } = outcome;
         if completion.is_some() {
             let unlocks = unlocks_at_the_end(&instance.instance_id, &past_events, &new_events, &actions, now);
             actions.extend(unlocks);
         }
-        record_actions(&mut commit, &instance, &execution_id, &actions, now);
+        let execution_trace = keel_core::trace::history_trace(past_events.iter().chain(&new_events));
+        let action_traces = ActionTraces { execution: execution_trace.as_ref(), given: &traces };
+        record_actions(&mut commit, &instance, &execution_id, &actions, &action_traces, now);
         match completion {
             None => {
                 let suspended =
@@ -399,7 +460,13 @@ impl RemoteEpisode {
             }
             Some(Completion::ContinuedAsNew { input, carryover_events, version }) => {
                 let version = version.or_else(|| instance.version.clone());
-                start_next_execution(&mut commit, &instance, input, version, carryover_events, custom_status, now);
+                let next = NextExecution {
+                    input,
+                    version,
+                    carryover_events,
+                    trace: keel_core::trace::started_trace(past_events.iter().chain(&new_events)),
+                };
+                start_next_execution(&mut commit, &instance, next, custom_status, now);
             }
             Some(mut completion) => {
                 check_output_size(&mut completion);
@@ -411,18 +478,28 @@ impl RemoteEpisode {
     }
 }
 
+/// What the next execution of a continue-as-new starts with.
+struct NextExecution {
+    input: Option<String>,
+    version: Option<String>,
+    /// Events the previous execution carried over (unprocessed external events).
+    carryover_events: Vec<HistoryEvent>,
+    /// The trace context the previous execution was started under; the next one's span
+    /// hangs under it too.
+    trace: Option<TraceContext>,
+}
+
 /// Ends the execution by continuing as new: a fresh, empty history and a start message
 /// for the next execution (of `version`), which starts in its own episode (on a worker
 /// that may run that version).
 fn start_next_execution(
     commit: &mut EpisodeCommit,
     instance: &InstanceRecord,
-    input: Option<String>,
-    version: Option<String>,
-    carryover_events: Vec<HistoryEvent>,
+    next: NextExecution,
     custom_status: Option<String>,
     now: Timestamp,
 ) {
+    let NextExecution { input, version, carryover_events, trace } = next;
     let next_execution_id = uuid::Uuid::new_v4().simple().to_string();
     commit.replace_history = Some(next_execution_id.clone());
     commit.history = Vec::new();
@@ -435,6 +512,7 @@ fn start_next_execution(
             execution_id: next_execution_id.clone(),
             parent: instance.parent.clone(),
             scheduled_start: None,
+            trace,
         },
     );
     for event in std::iter::once(start).chain(carryover_events) {
@@ -466,7 +544,7 @@ fn unlocks_at_the_end(
     actions: &[Action],
     now: Timestamp,
 ) -> Vec<Action> {
-    let decided: Vec<HistoryEvent> = actions.iter().map(|action| action.to_history_event(now)).collect();
+    let decided: Vec<HistoryEvent> = actions.iter().map(|action| action.to_history_event(now, None)).collect();
     let held = keel_core::entity::unreleased_locks(past.iter().chain(new).chain(&decided));
     let mut next_id =
         past.iter().chain(new).map(|event| event.event_id).chain(actions.iter().map(Action::id)).max().unwrap_or(0);
@@ -502,8 +580,11 @@ fn apply_result(
 ) -> Plan {
     let mut execution_id = instance.execution_id.clone();
     let mut input = instance.input.clone();
+    let mut spans = Box::<EpisodeSpans>::default();
     for _ in 0..MAX_CONTINUE_AS_NEW_PER_EPISODE {
-        record_actions(&mut commit, instance, &execution_id, &result.actions, now);
+        spans.observe(&mut execution);
+        let action_traces = ActionTraces { execution: execution.orchestration_trace(), given: &NO_GIVEN_TRACES };
+        record_actions(&mut commit, instance, &execution_id, &result.actions, &action_traces, now);
         match result.completion.take() {
             None => {
                 let history_len = base_len + commit.history.len() as u64;
@@ -516,28 +597,37 @@ fn apply_result(
                     failure: None,
                     custom_status: result.custom_status,
                 });
-                return Plan::Commit { commit: Box::new(commit), execution: Some(execution), history_len };
+                return Plan::Commit { commit: Box::new(commit), execution: Some(execution), history_len, spans };
             }
             Some(Completion::ContinuedAsNew { input: next_input, carryover_events, version: Some(version) })
                 if Some(&version) != instance.version.as_ref() =>
             {
                 // Another version's code may have to run elsewhere: the next execution
                 // starts in its own episode, like a remote one.
-                start_next_execution(
-                    &mut commit,
-                    instance,
-                    next_input,
-                    Some(version),
-                    carryover_events,
-                    result.custom_status,
-                    now,
+                spans.ended(
+                    &execution,
+                    &execution_id,
+                    &Completion::ContinuedAsNew { input: None, carryover_events: Vec::new(), version: None },
                 );
-                return Plan::Commit { commit: Box::new(commit), execution: None, history_len: 0 };
+                let next = NextExecution {
+                    input: next_input,
+                    version: Some(version),
+                    carryover_events,
+                    trace: execution.started_trace().cloned(),
+                };
+                start_next_execution(&mut commit, instance, next, result.custom_status, now);
+                return Plan::Commit { commit: Box::new(commit), execution: None, history_len: 0, spans };
             }
             Some(Completion::ContinuedAsNew { input: next_input, carryover_events, .. }) => {
                 // A new execution with a fresh history starts right away.
+                spans.ended(
+                    &execution,
+                    &execution_id,
+                    &Completion::ContinuedAsNew { input: None, carryover_events: Vec::new(), version: None },
+                );
                 execution_id = uuid::Uuid::new_v4().simple().to_string();
                 input = next_input;
+                let trace = execution.started_trace().cloned();
                 let mut history = vec![
                     HistoryEvent::new(now, EventKind::OrchestratorStarted),
                     HistoryEvent::new(
@@ -549,6 +639,7 @@ fn apply_result(
                             execution_id: execution_id.clone(),
                             parent: instance.parent.clone(),
                             scheduled_start: None,
+                            trace,
                         },
                     ),
                 ];
@@ -568,7 +659,8 @@ fn apply_result(
                 commit.history.push(completion.to_history_event(now));
                 let history_len = base_len + commit.history.len() as u64;
                 finish(&mut commit, instance, input, result.custom_status, &completion, now);
-                return Plan::Commit { commit: Box::new(commit), execution: None, history_len };
+                spans.ended(&execution, &execution_id, &completion);
+                return Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans };
             }
         }
     }
@@ -584,7 +676,8 @@ fn apply_result(
     commit.history.push(completion.to_history_event(now));
     let history_len = base_len + commit.history.len() as u64;
     finish(&mut commit, instance, input, None, &completion, now);
-    Plan::Commit { commit: Box::new(commit), execution: None, history_len }
+    spans.ended(&execution, &execution_id, &completion);
+    Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans }
 }
 
 /// Turns actions into history events and work: activity items, timer messages,
@@ -594,10 +687,12 @@ fn record_actions(
     instance: &InstanceRecord,
     execution_id: &str,
     actions: &[Action],
+    traces: &ActionTraces<'_>,
     now: Timestamp,
 ) {
     for action in actions {
-        commit.history.push(action.to_history_event(now));
+        let trace = traces.of(action.id());
+        commit.history.push(action.to_history_event(now, trace));
         match action {
             Action::ScheduleTask { id, name, input } => commit.activities.push(NewActivity {
                 instance_id: instance.instance_id.clone(),
@@ -605,6 +700,7 @@ fn record_actions(
                 task_id: *id,
                 name: name.clone(),
                 input: input.clone(),
+                trace: trace.cloned(),
             }),
             Action::CreateTimer { id, fire_at } => commit.messages.push(Message {
                 instance_id: instance.instance_id.clone(),
@@ -628,6 +724,7 @@ fn record_actions(
                 scheduled_start: None,
                 created_at: now,
                 tags: Default::default(),
+                trace: trace.cloned(),
             }),
             Action::SendEvent { instance_id, name, input, .. } => commit.messages.push(Message {
                 instance_id: instance_id.clone(),
@@ -636,25 +733,48 @@ fn record_actions(
                 visible_at: now,
             }),
             Action::SignalEntity { target, scheduled_time, .. } => {
-                commit.messages.push(entity_message(target, action, scheduled_time.unwrap_or(now).max(now), now));
+                let visible_at = scheduled_time.unwrap_or(now).max(now);
+                commit.messages.push(entity_message(target, action, trace, visible_at, now));
             }
             Action::CallEntity { target, .. } | Action::UnlockEntity { target, .. } => {
-                commit.messages.push(entity_message(target, action, now, now));
+                commit.messages.push(entity_message(target, action, trace, now, now));
             }
             Action::LockEntities { lock_set, .. } => {
                 // The request starts at the first entity of the sorted set.
                 if let Some(first) = lock_set.first() {
-                    commit.messages.push(entity_message(first, action, now, now));
+                    commit.messages.push(entity_message(first, action, trace, now, now));
                 }
             }
         }
     }
 }
 
+/// The trace contexts an episode's actions hang under: the execution's span, unless a
+/// remote worker gave an action a context of its own (an SDK's client span).
+struct ActionTraces<'a> {
+    execution: Option<&'a TraceContext>,
+    given: &'a BTreeMap<i32, TraceContext>,
+}
+
+/// No action has a context of its own.
+static NO_GIVEN_TRACES: BTreeMap<i32, TraceContext> = BTreeMap::new();
+
+impl ActionTraces<'_> {
+    fn of(&self, action_id: i32) -> Option<&TraceContext> {
+        self.given.get(&action_id).or(self.execution)
+    }
+}
+
 /// The message that carries an entity action to its entity: the same event the
 /// orchestration's history records.
-fn entity_message(target: &str, action: &Action, visible_at: Timestamp, now: Timestamp) -> Message {
-    let HistoryEvent { kind, .. } = action.to_history_event(now);
+fn entity_message(
+    target: &str,
+    action: &Action,
+    trace: Option<&TraceContext>,
+    visible_at: Timestamp,
+    now: Timestamp,
+) -> Message {
+    let HistoryEvent { kind, .. } = action.to_history_event(now, trace);
     Message { instance_id: target.to_string(), execution_id: None, event: HistoryEvent::new(now, kind), visible_at }
 }
 
@@ -760,7 +880,12 @@ fn plan_rewind(
     let mut commit = empty_commit(item);
     let Some(orchestrator) = registry.orchestrator(&instance.name, instance.version.as_deref()) else {
         // Nothing to rewind with on this worker: leave the instance as it is.
-        return Plan::Commit { commit: Box::new(commit), execution: None, history_len: instance.history_len };
+        return Plan::Commit {
+            commit: Box::new(commit),
+            execution: None,
+            history_len: instance.history_len,
+            spans: Box::default(),
+        };
     };
     let past = rewind_history(&history);
     let new_events = vec![
@@ -795,6 +920,7 @@ mod tests {
             HistoryEvent::new(
                 at(0),
                 EventKind::ExecutionStarted {
+                    trace: None,
                     name: "O".into(),
                     version: None,
                     input: None,
@@ -854,8 +980,12 @@ mod tests {
             parent_instance_id: "o".into(),
         };
         let completed = Some(Completion::Completed { output: None });
-        let outcome =
-            RemoteOutcome { actions: vec![released.clone()], completion: completed.clone(), custom_status: None };
+        let outcome = RemoteOutcome {
+            actions: vec![released.clone()],
+            completion: completed.clone(),
+            custom_status: None,
+            traces: Default::default(),
+        };
         let commit = episode.clone().complete(outcome, at(2));
         let unlocked: Vec<(&str, i32)> = commit
             .history
@@ -880,8 +1010,10 @@ mod tests {
                 parent_instance_id: "o".into(),
             },
         ];
-        let commit =
-            episode.complete(RemoteOutcome { actions: all, completion: completed, custom_status: None }, at(2));
+        let commit = episode.complete(
+            RemoteOutcome { actions: all, completion: completed, custom_status: None, traces: Default::default() },
+            at(2),
+        );
         assert_eq!(commit.messages.len(), 2);
     }
 
@@ -908,6 +1040,7 @@ mod tests {
         let start = HistoryEvent::new(
             at(1),
             EventKind::ExecutionStarted {
+                trace: None,
                 name: "Collect".into(),
                 version: None,
                 input: None,

@@ -49,6 +49,7 @@ pub mod episode;
 pub mod metrics;
 pub mod registry;
 pub mod store;
+pub mod telemetry;
 pub mod testing;
 pub mod verify;
 pub mod versioning;

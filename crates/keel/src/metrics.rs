@@ -20,16 +20,33 @@
 //! - `keel_lease_takeovers_total{kind}`: deliveries of orchestration work or activity
 //!   items with a delivery count above one (an earlier lease ran out);
 //! - `keel_poison_items_total{kind}`: items failed as poison;
+//! - `keel_episodes_committed_total`: orchestration episodes and entity batches this
+//!   worker committed (episodes of SDK workers are committed by the gRPC server and not
+//!   counted here);
 //! - `keel_sdk_workers_connected` (gauge): remote (SDK) workers connected now, read
 //!   at scrape time from [`RemoteWorkers::connected_workers`]; absent when the worker
 //!   has no remote workers or they do not say.
 //!
-//! The backlog (ready orchestration work, ready activities, pending timers) is not
-//! exported yet: the [`Store`](keel_store::Store) has no cheap count of it.
+//! The task hub's gauges are read at scrape time too, from
+//! [`Store::hub_stats`](keel_store::Store::hub_stats), which the caller passes to
+//! [`Metrics::encode`] (they are left out when it has none, e.g. the store failed):
+//! - `keel_backlog_orchestrations`: instances and entities with messages a worker could
+//!   fetch now ([`Backlog::ready_orchestrations`]);
+//! - `keel_backlog_activities`: activity items a worker could lease now
+//!   ([`Backlog::ready_activities`]);
+//! - `keel_backlog_timers`: messages due later: timers, scheduled starts, delayed
+//!   signals ([`Backlog::pending_timers`]);
+//! - `keel_instances{status}`: orchestration instances by status (every status but
+//!   `Canceled`, which Keel never sets), and `keel_entities`.
+//!
+//! [`Metrics::totals`] gives the running totals the hub overview takes its throughput
+//! from, and [`Metrics::remote_workers`] the connected SDK workers.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::history::{RuntimeStatus, Timestamp};
+pub use keel_store::{Backlog, HubStats, InstanceCounts};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -56,6 +73,43 @@ struct ActivityLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+/// A remote (SDK) worker connected now, as [`RemoteWorkers::workers`] describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteWorker {
+    /// Unique among the workers of this process while it runs.
+    pub id: String,
+    /// The worker's address, when the transport knows it.
+    pub peer: Option<std::net::SocketAddr>,
+    /// When it connected.
+    pub connected_at: Timestamp,
+    /// The orchestrators it was given episodes of so far, sorted. The Durable Task
+    /// protocol does not announce a worker's functions, so this grows with its work.
+    pub orchestrators: Vec<String>,
+    /// The activities it was given so far, sorted.
+    pub activities: Vec<String>,
+    /// The entities (by name) it was given batches of so far, sorted.
+    pub entities: Vec<String>,
+}
+
+/// Running totals of a worker's counters since it started ([`Metrics::totals`]): the
+/// sums over every label of the counters of the same names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// `keel_instances_started_total`.
+    pub instances_started: u64,
+    /// `keel_instances_{completed,failed,terminated}_total` together.
+    pub instances_finished: u64,
+    /// `keel_activity_executions_total`, every outcome.
+    pub activity_executions: u64,
+    /// `keel_episodes_committed_total`.
+    pub episodes_committed: u64,
 }
 
 /// How an activity execution ended, as a label value.
@@ -118,7 +172,12 @@ pub struct Metrics {
     commit_duration: Histogram,
     lease_takeovers: Family<KindLabel, Counter>,
     poison_items: Family<KindLabel, Counter>,
+    episodes: Counter,
     sdk_workers: Gauge,
+    /// Unlabelled sums for [`Metrics::totals`].
+    started_total: Counter,
+    finished_total: Counter,
+    activities_total: Counter,
     remote: Option<Arc<dyn RemoteWorkers>>,
 }
 
@@ -144,7 +203,11 @@ impl Metrics {
             commit_duration: seconds_histogram(),
             lease_takeovers: Family::default(),
             poison_items: Family::default(),
+            episodes: Counter::default(),
             sdk_workers: Gauge::default(),
+            started_total: Counter::default(),
+            finished_total: Counter::default(),
+            activities_total: Counter::default(),
             remote: None,
         };
         registry.register(
@@ -181,6 +244,11 @@ impl Metrics {
             metrics.lease_takeovers.clone(),
         );
         registry.register("poison_items", "Work items failed as poison", metrics.poison_items.clone());
+        registry.register(
+            "episodes_committed",
+            "Orchestration episodes and entity batches committed",
+            metrics.episodes.clone(),
+        );
         if remote.as_ref().is_some_and(|remote| remote.connected_workers().is_some()) {
             registry.register(
                 "sdk_workers_connected",
@@ -192,14 +260,38 @@ impl Metrics {
     }
 
     /// Every metric in the OpenMetrics text format ([`CONTENT_TYPE`]), which
-    /// Prometheus scrapes.
-    pub fn encode(&self) -> String {
+    /// Prometheus scrapes, with the task hub's gauges from `hub` (read by the caller
+    /// with [`Store::hub_stats`](keel_store::Store::hub_stats) just before; `None`
+    /// leaves them out).
+    pub fn encode(&self, hub: Option<&HubStats>) -> String {
+        use prometheus_client::encoding::text;
+
         if let Some(connected) = self.remote.as_ref().and_then(|remote| remote.connected_workers()) {
-            self.sdk_workers.set(i64::try_from(connected).unwrap_or(i64::MAX));
+            self.sdk_workers.set(gauge_value(connected as u64));
         }
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        let mut out = String::new();
+        text::encode_registry(&mut out, &self.registry).expect("writing to a String cannot fail");
+        if let Some(hub) = hub {
+            text::encode_registry(&mut out, &hub_registry(hub)).expect("writing to a String cannot fail");
+        }
+        text::encode_eof(&mut out).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The running totals since the worker started.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            instances_started: self.started_total.get(),
+            instances_finished: self.finished_total.get(),
+            activity_executions: self.activities_total.get(),
+            episodes_committed: self.episodes.get(),
+        }
+    }
+
+    /// The remote (SDK) workers connected now ([`RemoteWorkers::workers`]); empty
+    /// without remote workers.
+    pub fn remote_workers(&self) -> Vec<RemoteWorker> {
+        self.remote.as_ref().map(|remote| remote.workers()).unwrap_or_default()
     }
 
     fn orchestrator(name: &str) -> OrchestratorLabel {
@@ -209,11 +301,11 @@ impl Metrics {
     /// An instance of `orchestrator` started.
     pub fn instance_started(&self, orchestrator: &str) {
         self.started.get_or_create(&Self::orchestrator(orchestrator)).inc();
+        self.started_total.inc();
     }
 
     /// An instance of `orchestrator` reached `status`; non-terminal statuses are ignored.
-    pub fn instance_finished(&self, orchestrator: &str, status: keel_core::history::RuntimeStatus) {
-        use keel_core::history::RuntimeStatus;
+    pub fn instance_finished(&self, orchestrator: &str, status: RuntimeStatus) {
         let family = match status {
             RuntimeStatus::Completed => &self.completed,
             RuntimeStatus::Failed => &self.failed,
@@ -221,6 +313,7 @@ impl Metrics {
             _ => return,
         };
         family.get_or_create(&Self::orchestrator(orchestrator)).inc();
+        self.finished_total.inc();
     }
 
     /// An execution of `activity` ended with `outcome` after `elapsed`.
@@ -228,6 +321,7 @@ impl Metrics {
         let labels = ActivityLabels { activity: activity.to_string(), outcome: outcome.label() };
         self.activity_executions.get_or_create(&labels).inc();
         self.activity_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.activities_total.inc();
     }
 
     /// An episode took `elapsed` to plan.
@@ -235,9 +329,11 @@ impl Metrics {
         self.episode_duration.observe(elapsed.as_secs_f64());
     }
 
-    /// A `commit_episodes` call took `elapsed`.
-    pub fn episodes_committed(&self, elapsed: Duration) {
+    /// A `commit_episodes` call took `elapsed` and committed `committed` episodes (the
+    /// others lost their lease, or the call failed).
+    pub fn episodes_committed(&self, elapsed: Duration, committed: usize) {
         self.commit_duration.observe(elapsed.as_secs_f64());
+        self.episodes.inc_by(committed as u64);
     }
 
     /// Work of `kind` was delivered again after an earlier lease ran out.
@@ -249,6 +345,38 @@ impl Metrics {
     pub fn poison_item(&self, kind: WorkKind) {
         self.poison_items.get_or_create(&KindLabel { kind: kind.label() }).inc();
     }
+}
+
+/// A count as a gauge's value.
+fn gauge_value(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// The task hub's gauges, set from `hub`, in a registry of their own.
+fn hub_registry(hub: &HubStats) -> Registry {
+    let mut registry = Registry::with_prefix("keel");
+    let Backlog { ready_orchestrations, ready_activities, pending_timers } = hub.backlog;
+    for (name, help, value) in [
+        (
+            "backlog_orchestrations",
+            "Instances and entities with messages a worker could fetch now",
+            ready_orchestrations,
+        ),
+        ("backlog_activities", "Activity items a worker could lease now", ready_activities),
+        ("backlog_timers", "Messages due later: timers, scheduled starts, delayed signals", pending_timers),
+        ("entities", "Entities in the task hub", hub.entities),
+    ] {
+        let gauge: Gauge = Gauge::default();
+        gauge.set(gauge_value(value));
+        registry.register(name, help, gauge);
+    }
+    let instances = Family::<StatusLabel, Gauge>::default();
+    // Keel never sets Canceled (a DTFx status kept for the protocol's numbers).
+    for (status, count) in hub.instances.iter().filter(|(status, _)| *status != RuntimeStatus::Canceled) {
+        instances.get_or_create(&StatusLabel { status: status.as_str() }).set(gauge_value(count));
+    }
+    registry.register("instances", "Orchestration instances in the task hub by status", instances);
+    registry
 }
 
 #[cfg(test)]
@@ -276,14 +404,50 @@ mod tests {
     }
 
     #[test]
+    fn the_hub_gauges_come_from_the_stats_given_and_totals_sum_the_labels() {
+        let metrics = Metrics::new(None);
+        let mut hub = HubStats::default();
+        hub.instances.add(RuntimeStatus::Running, 4);
+        hub.entities = 2;
+        hub.backlog = Backlog { ready_orchestrations: 3, ready_activities: 5, pending_timers: 7 };
+        let text = metrics.encode(Some(&hub));
+        for line in [
+            "keel_backlog_orchestrations 3",
+            "keel_backlog_activities 5",
+            "keel_backlog_timers 7",
+            "keel_entities 2",
+            "keel_instances{status=\"Running\"} 4",
+            "keel_instances{status=\"Pending\"} 0",
+        ] {
+            assert!(text.lines().any(|got| got == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("Canceled"), "a status Keel never sets is left out");
+        assert_eq!(text.lines().filter(|line| *line == "# EOF").count(), 1, "one end, last");
+        assert_eq!(text.lines().last(), Some("# EOF"));
+        assert!(!metrics.encode(None).contains("keel_backlog"), "no hub stats, no hub gauges");
+
+        metrics.instance_started("A");
+        metrics.instance_started("B");
+        metrics.instance_finished("A", RuntimeStatus::Failed);
+        metrics.instance_finished("B", RuntimeStatus::Suspended);
+        metrics.activity_executed("X", ActivityOutcome::Failed, Duration::ZERO);
+        metrics.episodes_committed(Duration::ZERO, 3);
+        let totals =
+            Totals { instances_started: 2, instances_finished: 1, activity_executions: 1, episodes_committed: 3 };
+        assert_eq!(metrics.totals(), totals);
+        assert!(metrics.encode(None).lines().any(|line| line == "keel_episodes_committed_total 3"));
+        assert!(metrics.remote_workers().is_empty(), "no remote workers");
+    }
+
+    #[test]
     fn the_text_has_the_recorded_values_under_keel_names() {
         let metrics = Metrics::new(Some(Arc::new(TwoWorkers)));
         metrics.instance_started("Greet");
-        metrics.instance_finished("Greet", keel_core::history::RuntimeStatus::Completed);
-        metrics.instance_finished("Greet", keel_core::history::RuntimeStatus::Running);
+        metrics.instance_finished("Greet", RuntimeStatus::Completed);
+        metrics.instance_finished("Greet", RuntimeStatus::Running);
         metrics.activity_executed("SayHello", ActivityOutcome::Completed, Duration::from_millis(3));
         metrics.lease_taken_over(WorkKind::Activity);
-        let text = metrics.encode();
+        let text = metrics.encode(None);
         for line in [
             "keel_instances_started_total{orchestrator=\"Greet\"} 1",
             "keel_instances_completed_total{orchestrator=\"Greet\"} 1",
@@ -295,6 +459,6 @@ mod tests {
         ] {
             assert!(text.lines().any(|got| got == line), "{line} in\n{text}");
         }
-        assert!(!Metrics::new(None).encode().contains("sdk_workers"), "no gauge without remote workers");
+        assert!(!Metrics::new(None).encode(None).contains("sdk_workers"), "no gauge without remote workers");
     }
 }

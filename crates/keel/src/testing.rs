@@ -154,6 +154,7 @@ impl<O: DeserializeOwned> OrchestrationTest<O> {
             execution_id: "test-execution".into(),
             parent: None,
             scheduled_start: None,
+            trace: None,
         };
         test.episode(vec![HistoryEvent::new(now, started)]);
         test

@@ -5,22 +5,28 @@
 //! (on an execution kept in memory from the previous episode when its history has not
 //! changed since, else on a fresh replay) and commits the whole batch. The activity
 //! dispatcher leases activity items, runs each in its own task under a concurrency
-//! limit, renews leases of long-running ones, and commits results in batches. Both
-//! sleep when idle, woken by the store's notifications, by the next timer due, or by a
-//! slow fallback poll that finds work written by other processes.
+//! limit, and commits results in batches. A heartbeat task renews every lease the
+//! worker holds (the batch in progress, the activities until their results are
+//! recorded), so leases can be short and a dead worker's work is taken over within
+//! one lease. Both dispatchers sleep when idle, woken by the store's notifications, by
+//! the next timer due, or by a fallback poll (`idle_poll`) that finds work written by
+//! other processes and work whose lease ran out.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use keel_core::failure::Failure;
 use keel_core::handle::{Activity, Orchestration};
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent};
 use keel_core::limits;
 use keel_core::replay::Execution;
-use keel_store::{ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, Store};
+use keel_store::{
+    ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, OrchestrationLock,
+    Store,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -35,6 +41,7 @@ use crate::entity_episode::{prepare_entity, EntityEpisode, EntityIntake};
 use crate::episode::{self, Plan, RemoteEpisode, RemoteIntake, Resume};
 use crate::metrics::{ActivityOutcome, WorkKind as MetricKind};
 use crate::registry::Registry;
+use crate::telemetry;
 use crate::versioning::{VersionFailure, Versioning, VERSION_MISMATCH_ERROR_TYPE};
 
 /// Workers outside this process (connected over the Durable Task gRPC protocol) that
@@ -50,6 +57,11 @@ pub trait RemoteWorkers: Send + Sync + 'static {
     /// and the gauge is left out).
     fn connected_workers(&self) -> Option<usize> {
         None
+    }
+    /// The remote workers connected now, for the hub overview (empty: none, or they do
+    /// not say).
+    fn workers(&self) -> Vec<crate::metrics::RemoteWorker> {
+        Vec::new()
     }
 }
 
@@ -67,12 +79,18 @@ pub struct WorkerOptions {
     pub max_concurrent_orchestrations: usize,
     /// Most activities running at once.
     pub max_concurrent_activities: usize,
-    /// How long an instance stays locked to this worker per episode.
+    /// How long an instance stays locked to this worker per episode; renewed while the
+    /// episode's batch is in progress (see [`WorkerOptions::activity_lease`]).
     pub orchestration_lease: Duration,
-    /// How long an activity item stays leased; renewed while the activity runs.
+    /// How long an activity item stays leased. The worker's heartbeat renews the leases
+    /// it holds every third of the shorter lease (those held for a sixth of a lease or
+    /// more), while the activity runs and until its result is recorded, so the work of
+    /// a worker that died is taken over at most one lease after the death. Both leases
+    /// are 10 s by default: renewed every 3.3 s.
     pub activity_lease: Duration,
     /// How often an idle dispatcher looks for work that no notification announced
-    /// (work written by another process).
+    /// (work written by another process, and work whose lease ran out because its
+    /// worker died: failover takes up to a lease plus this). 500 ms by default.
     pub idle_poll: Duration,
     /// Most executions kept in memory between episodes.
     pub execution_cache_size: usize,
@@ -85,8 +103,8 @@ impl Default for WorkerOptions {
         WorkerOptions {
             max_concurrent_orchestrations: 500,
             max_concurrent_activities: 500,
-            orchestration_lease: Duration::from_secs(30),
-            activity_lease: Duration::from_secs(60),
+            orchestration_lease: Duration::from_secs(10),
+            activity_lease: Duration::from_secs(10),
             idle_poll: Duration::from_millis(500),
             execution_cache_size: 10_000,
             versioning: Versioning::default(),
@@ -174,6 +192,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Replaces the clock the worker and its clients read the time from (the system
+    /// clock by default): a test or a simulation drives time with its own.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> WorkerBuilder {
+        self.clock = clock;
+        self
+    }
+
     /// Hands the orchestrators and activities not registered here to remote workers
     /// instead of failing them.
     pub fn remote_workers(mut self, remote: Arc<dyn RemoteWorkers>) -> WorkerBuilder {
@@ -182,10 +207,11 @@ impl WorkerBuilder {
     }
 
     /// The configured worker; it takes no work until [`Worker::start`]. Panics if
-    /// either concurrency limit of the options is zero.
+    /// either concurrency limit or either lease of the options is zero.
     pub fn build(self) -> Worker {
         assert!(self.options.max_concurrent_orchestrations > 0);
         assert!(self.options.max_concurrent_activities > 0);
+        assert!(!self.options.orchestration_lease.is_zero() && !self.options.activity_lease.is_zero());
         Worker {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -298,30 +324,35 @@ impl Worker {
         crate::verify::verify_export(&self.shared.registry, export)
     }
 
-    /// Starts the dispatchers on the current tokio runtime.
+    /// Starts the dispatchers and the heartbeat that renews their leases on the current
+    /// tokio runtime.
     pub fn start(self) -> WorkerHandle {
         let (shutdown_sender, shutdown) = watch::channel(false);
         let in_flight = Arc::new(InFlight::default());
-        let orchestrations = tokio::spawn(run_orchestrations(self.shared.clone(), shutdown.clone()));
+        let orchestrations = tokio::spawn(run_orchestrations(self.shared.clone(), shutdown.clone(), in_flight.clone()));
         let activities = tokio::spawn(run_activities(self.shared.clone(), shutdown, in_flight.clone()));
+        let heartbeat = tokio::spawn(heartbeat(self.shared.clone(), in_flight.clone()));
         WorkerHandle {
             client: self.client(),
             shared: self.shared,
             shutdown: shutdown_sender,
             orchestrations,
             activities,
+            heartbeat,
             in_flight,
         }
     }
 }
 
-/// A running worker.
+/// A running worker. [`WorkerHandle::shutdown`] stops it; dropping the handle instead
+/// detaches it (it runs until the runtime stops).
 pub struct WorkerHandle {
     client: Client,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     orchestrations: tokio::task::JoinHandle<()>,
     activities: tokio::task::JoinHandle<()>,
+    heartbeat: tokio::task::JoinHandle<()>,
     in_flight: Arc<InFlight>,
 }
 
@@ -352,19 +383,39 @@ impl WorkerHandle {
                 }
             }
         }
+        // Kept to the end: activities that run on until the deadline keep their leases.
+        self.heartbeat.abort();
     }
 }
 
-/// Activity items this worker holds, so that shutdown can give them back.
+/// The leases this worker holds, for the [`heartbeat`] to renew: the activity items it
+/// runs, until their results are recorded (shutdown gives back those left), and the
+/// instances of the orchestration batch in progress, until its commit.
 #[derive(Default)]
 struct InFlight {
-    locks: Mutex<HashMap<i64, ActivityLock>>,
+    locks: Mutex<HashMap<i64, Held<ActivityLock>>>,
+    batch: Mutex<Vec<Held<OrchestrationLock>>>,
     changed: Notify,
 }
 
+/// A lease and when it was taken or last renewed; `None` once it was lost (another
+/// worker has the work), so that it is not renewed again.
+struct Held<L> {
+    lock: L,
+    renewed_at: Option<keel_core::Timestamp>,
+}
+
+impl<L: Clone> Held<L> {
+    /// The lock, if a sixth of `lease` has passed since the lease was taken or renewed.
+    fn due(&self, now: keel_core::Timestamp, lease: Duration) -> Option<L> {
+        let age = (now - self.renewed_at?).to_std().ok()?;
+        (age >= lease / 6).then(|| self.lock.clone())
+    }
+}
+
 impl InFlight {
-    fn add(&self, lock: ActivityLock) {
-        self.locks.lock().expect("in-flight lock").insert(lock.id, lock);
+    fn add(&self, lock: ActivityLock, leased_at: keel_core::Timestamp) {
+        self.locks.lock().expect("in-flight lock").insert(lock.id, Held { lock, renewed_at: Some(leased_at) });
     }
 
     fn remove(&self, id: i64) {
@@ -373,7 +424,40 @@ impl InFlight {
     }
 
     fn take_all(&self) -> Vec<ActivityLock> {
-        self.locks.lock().expect("in-flight lock").drain().map(|(_, lock)| lock).collect()
+        self.locks.lock().expect("in-flight lock").drain().map(|(_, held)| held.lock).collect()
+    }
+
+    /// Holds the instances of a batch leased at `leased_at` until the guard drops.
+    fn hold_batch(&self, items: &[OrchestrationItem], leased_at: keel_core::Timestamp) -> HeldBatch<'_> {
+        let held = items.iter().map(|item| Held { lock: item.lock.clone(), renewed_at: Some(leased_at) });
+        *self.batch.lock().expect("in-flight lock") = held.collect();
+        HeldBatch(self)
+    }
+
+    /// The activity leases due for renewal at `now`.
+    fn due_activities(&self, now: keel_core::Timestamp, lease: Duration) -> Vec<ActivityLock> {
+        self.locks.lock().expect("in-flight lock").values().filter_map(|held| held.due(now, lease)).collect()
+    }
+
+    /// The instance leases due for renewal at `now`.
+    fn due_orchestrations(&self, now: keel_core::Timestamp, lease: Duration) -> Vec<OrchestrationLock> {
+        self.batch.lock().expect("in-flight lock").iter().filter_map(|held| held.due(now, lease)).collect()
+    }
+
+    /// Records a renewal of an activity lease at `at` (`None`: the lease was lost);
+    /// false if the item is no longer held (its result was recorded meanwhile).
+    fn activity_renewed(&self, lock: &ActivityLock, at: Option<keel_core::Timestamp>) -> bool {
+        let mut locks = self.locks.lock().expect("in-flight lock");
+        let held = locks.get_mut(&lock.id);
+        held.map(|held| held.renewed_at = at).is_some()
+    }
+
+    /// Records a renewal of an instance lease at `at` (`None`: the lease was lost).
+    fn orchestration_renewed(&self, lock: &OrchestrationLock, at: Option<keel_core::Timestamp>) {
+        let mut batch = self.batch.lock().expect("in-flight lock");
+        if let Some(held) = batch.iter_mut().find(|held| held.lock == *lock) {
+            held.renewed_at = at;
+        }
     }
 
     async fn drained(&self) {
@@ -387,6 +471,66 @@ impl InFlight {
     }
 }
 
+/// The orchestration batch in progress; its instances are no longer held once it drops.
+struct HeldBatch<'a>(&'a InFlight);
+
+impl Drop for HeldBatch<'_> {
+    fn drop(&mut self) {
+        self.0.batch.lock().expect("in-flight lock").clear();
+    }
+}
+
+/// Most lease renewals the heartbeat has in progress at once.
+const RENEWALS_AT_ONCE: usize = 16;
+
+/// Renews the leases the worker holds ([`InFlight`]) until shutdown aborts it: it beats
+/// every third of the shorter lease and renews each lease held for a sixth of its
+/// length or more. So a lease held for long is renewed every third of a lease, and
+/// always has at least half of it left; work shorter than a sixth of a lease costs no
+/// renewal. Work that takes longer than a lease (a long activity, a slow batch, an
+/// entity operation that blocks, a result waiting for its commit) keeps its lease, and
+/// the work of a worker that died is free at most one lease after its last renewal. It
+/// runs in a task of its own, so an activity that awaits for long does not delay it.
+async fn heartbeat(shared: Arc<Shared>, in_flight: Arc<InFlight>) {
+    let (store, options, in_flight) = (shared.store.as_ref(), &shared.options, in_flight.as_ref());
+    let beat = (options.orchestration_lease.min(options.activity_lease) / 3).max(Duration::from_millis(1));
+    let mut beats = tokio::time::interval(beat);
+    beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        beats.tick().await;
+        let now = shared.clock.now();
+        let activities = in_flight.due_activities(now, options.activity_lease);
+        futures_util::stream::iter(activities)
+            .for_each_concurrent(RENEWALS_AT_ONCE, |lock| async move {
+                match store.renew_activity_lease(&lock, options.activity_lease, now).await {
+                    Ok(()) => {
+                        in_flight.activity_renewed(&lock, Some(now));
+                    }
+                    Err(keel_store::Error::LeaseLost) => {
+                        if in_flight.activity_renewed(&lock, None) {
+                            tracing::warn!("an activity lost its lease: another worker may run it too");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "renewing an activity lease failed; trying again"),
+                }
+            })
+            .await;
+        let orchestrations = in_flight.due_orchestrations(now, options.orchestration_lease);
+        futures_util::stream::iter(orchestrations)
+            .for_each_concurrent(RENEWALS_AT_ONCE, |lock| async move {
+                match store.renew_orchestration_lease(&lock, options.orchestration_lease, now).await {
+                    Ok(()) => in_flight.orchestration_renewed(&lock, Some(now)),
+                    // Given back, or settled by a remote worker: no longer this batch's.
+                    Err(keel_store::Error::LeaseLost) => in_flight.orchestration_renewed(&lock, None),
+                    Err(error) => {
+                        tracing::warn!(instance_id = %lock.instance_id, %error, "renewing an instance lease failed; trying again");
+                    }
+                }
+            })
+            .await;
+    }
+}
+
 /// Which dispatcher waits for work.
 #[derive(Clone, Copy)]
 enum WorkKind {
@@ -397,6 +541,15 @@ enum WorkKind {
 /// Sleeps until new work may be there: a notification, the next due time known in
 /// this process, the fallback poll, or shutdown. When the fallback poll fires, the
 /// store is asked when its next message is due (timers written by other processes).
+/// Returns when [`WorkerHandle::shutdown`] is called. A dropped handle detaches the
+/// worker: it runs on until the runtime stops, so this never returns then (a closed
+/// channel must not wake the dispatchers in a loop).
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn wait_for_work(shared: &Shared, kind: WorkKind, shutdown: &mut watch::Receiver<bool>) {
     let notifications = shared.store.notifications();
     let now = shared.clock.now();
@@ -417,7 +570,7 @@ async fn wait_for_work(shared: &Shared, kind: WorkKind, shutdown: &mut watch::Re
     let timed_out = tokio::select! {
         _ = notify.notified() => false,
         _ = tokio::time::sleep(sleep_for) => sleep_for == shared.options.idle_poll,
-        _ = shutdown.changed() => false,
+        _ = shutdown_requested(shutdown) => false,
     };
     if timed_out {
         let now = shared.clock.now();
@@ -489,7 +642,7 @@ impl ExecutionCache {
     }
 }
 
-async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, in_flight: Arc<InFlight>) {
     let store = shared.store.as_ref();
     let mut cache = ExecutionCache::new(shared.options.execution_cache_size);
     // Set when this worker gave instances back for workers of another version.
@@ -519,10 +672,12 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             wait_for_work(&shared, WorkKind::Orchestrations, &mut shutdown).await;
             continue;
         }
+        let _held = in_flight.hold_batch(&items, fetched_at);
         let now = shared.clock.now().max(fetched_at);
         let mut commits = Vec::with_capacity(items.len());
         let mut keep = Vec::with_capacity(items.len());
         let mut counted = Vec::with_capacity(items.len());
+        let mut traced = Vec::with_capacity(items.len());
         let mut rejected = false;
         for item in items {
             if item.delivery_attempts > 1 {
@@ -532,13 +687,15 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             let span = tracing::info_span!(
                 "episode",
                 instance_id = %item.instance.instance_id,
-                function = %item.instance.name
+                function = %item.instance.name,
+                trace_id = tracing::field::Empty
             );
             async {
                 if keel_core::entity::is_entity_instance_id(&item.instance.instance_id) {
                     if let Some(commit) = run_entity(&shared, &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
                         counted.push(None);
+                        traced.push(None);
                         commits.push(commit);
                     }
                     return;
@@ -549,6 +706,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
                         counted.push(Counted::of(&item.instance.name, &commit));
+                        traced.push(None);
                         commits.push(commit);
                     }
                     return;
@@ -566,6 +724,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     if let Some(commit) = refuse_version(store, versioning, &item, now).await {
                         keep.push((item.instance.instance_id.clone(), None));
                         counted.push(Counted::of(&item.instance.name, &commit));
+                        traced.push(None);
                         commits.push(commit);
                     }
                     return;
@@ -582,11 +741,15 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     },
                 };
                 let planning = std::time::Instant::now();
+                let episode_started = std::time::SystemTime::now();
                 let planned =
                     std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, &item, resume, now)));
                 shared.metrics.episode_planned(planning.elapsed());
                 match planned {
-                    Ok(Plan::Commit { commit, execution, history_len }) => {
+                    Ok(Plan::Commit { commit, execution, history_len, spans }) => {
+                        if let Some(trace) = &spans.execution {
+                            tracing::Span::current().record("trace_id", trace.trace_id());
+                        }
                         let execution_id =
                             commit.replace_history.clone().unwrap_or_else(|| item.instance.execution_id.clone());
                         keep.push((
@@ -594,6 +757,12 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                             execution.map(|execution| CachedExecution { execution, execution_id, history_len }),
                         ));
                         counted.push(Counted::of(&item.instance.name, &commit));
+                        traced.push(telemetry::is_enabled().then(|| Traced {
+                            instance_id: item.instance.instance_id.clone(),
+                            name: item.instance.name.clone(),
+                            spans,
+                            started: episode_started,
+                        }));
                         commits.push(*commit);
                     }
                     Ok(Plan::Abandon { retry_at }) => {
@@ -618,12 +787,18 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         let due: Vec<keel_core::Timestamp> = commits.iter().flat_map(|commit| commit.due_times(now)).collect();
         let committing = std::time::Instant::now();
         let committed = store.commit_episodes(commits, now).await;
-        shared.metrics.episodes_committed(committing.elapsed());
+        let succeeded = committed.as_ref().map_or(0, |results| results.iter().filter(|result| result.is_ok()).count());
+        shared.metrics.episodes_committed(committing.elapsed(), succeeded);
         match committed {
             Ok(results) => {
                 for (result, counted) in results.iter().zip(&counted) {
                     if let (Ok(()), Some(counted)) = (result, counted) {
                         counted.record(&shared.metrics);
+                    }
+                }
+                for (result, traced) in results.iter().zip(&traced) {
+                    if let (Ok(()), Some(traced)) = (result, traced) {
+                        traced.emit();
                     }
                 }
                 for at in due {
@@ -644,6 +819,20 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 tokio::time::sleep(STORE_ERROR_BACKOFF).await;
             }
         }
+    }
+}
+
+/// The spans of a committed in-process episode (emitted once it is durable).
+struct Traced {
+    instance_id: String,
+    name: String,
+    spans: Box<episode::EpisodeSpans>,
+    started: std::time::SystemTime,
+}
+
+impl Traced {
+    fn emit(&self) {
+        telemetry::emit_episode_spans(&self.instance_id, &self.name, &self.spans, self.started);
     }
 }
 
@@ -762,7 +951,13 @@ async fn run_entity(
     if let Some(entity) = shared.registry.entity(&episode.id.name) {
         let span = tracing::info_span!("entity batch", entity = %episode.id, operations = episode.operations.len());
         let _entered = span.enter();
-        let outcome = crate::entity::run_batch(entity, &episode.id, episode.state.clone(), &episode.operations, now);
+        let started = std::time::SystemTime::now();
+        let outcome = run_blocking(|| {
+            crate::entity::run_batch(entity, &episode.id, episode.state.clone(), &episode.operations, now)
+        });
+        if telemetry::is_enabled() {
+            telemetry::emit_entity_spans(&episode, &outcome, started);
+        }
         return Some(episode.complete(outcome, now));
     }
     let Some(remote) = shared.remote.as_ref() else {
@@ -779,6 +974,17 @@ async fn run_entity(
         }
     }
     None
+}
+
+/// Runs synchronous user code that may block its thread for long (an entity batch). On
+/// a multi-threaded runtime the thread's other tasks move to another thread meanwhile
+/// (`block_in_place`): a task woken just before stays stranded otherwise, and the
+/// heartbeat among them would let the worker's leases run out.
+fn run_blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 async fn read_past(store: &dyn Store, item: &OrchestrationItem) -> keel_store::Result<Vec<HistoryEvent>> {
@@ -828,11 +1034,12 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         if free == 0 {
             tokio::select! {
                 _ = slots.acquire() => {}
-                _ = shutdown.changed() => {}
+                _ = shutdown_requested(&mut shutdown) => {}
             }
             continue;
         }
-        let items = match store.fetch_activity_items(free, shared.options.activity_lease, shared.clock.now()).await {
+        let fetched_at = shared.clock.now();
+        let items = match store.fetch_activity_items(free, shared.options.activity_lease, fetched_at).await {
             Ok(items) => items,
             Err(error) => {
                 tracing::warn!(%error, "fetching activity work failed");
@@ -859,7 +1066,7 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                 continue;
             }
             let permit = slots.clone().try_acquire_owned().expect("fetched no more items than free slots");
-            in_flight.add(item.lock.clone());
+            in_flight.add(item.lock.clone(), fetched_at);
             let shared = shared.clone();
             let done = done.clone();
             running.spawn(async move {
@@ -867,8 +1074,12 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                     "activity",
                     instance_id = %item.instance_id,
                     function = %item.name,
-                    task_id = item.task_id
+                    task_id = item.task_id,
+                    trace_id = tracing::field::Empty
                 );
+                if let Some(trace) = &item.trace {
+                    span.record("trace_id", trace.trace_id());
+                }
                 let completion = run_activity(&shared, item).instrument(span).await;
                 let _ = done.send((completion, permit));
             });
@@ -914,6 +1125,7 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
         delivery_attempt: item.delivery_attempts,
     };
     let started = std::time::Instant::now();
+    let started_at = std::time::SystemTime::now();
     let mut counted_as = None;
     let outcome = if item.delivery_attempts > limits::MAX_DELIVERY_ATTEMPTS {
         counted_as = Some(ActivityOutcome::Poison);
@@ -935,7 +1147,7 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
                     format!("no activity named '{}' is registered on this worker", item.name),
                 )
             }),
-            Some(activity) => run_with_lease_renewal(shared, &item.lock, activity, context, item.input.clone()).await,
+            Some(activity) => run_caught(activity, context, item.input.clone()).await,
         }
     };
     let kind = match outcome {
@@ -953,6 +1165,13 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
         _ => ActivityOutcome::Failed,
     });
     shared.metrics.activity_executed(&item.name, outcome, started.elapsed());
+    if telemetry::is_enabled() {
+        let failure = match &kind {
+            EventKind::TaskFailed { failure, .. } => Some(failure),
+            _ => None,
+        };
+        telemetry::emit_activity_span(&item, started_at, failure);
+    }
     let now = shared.clock.now();
     ActivityCompletion {
         lock: item.lock,
@@ -965,31 +1184,18 @@ async fn run_activity(shared: &Shared, item: ActivityItem) -> ActivityCompletion
     }
 }
 
-async fn run_with_lease_renewal(
-    shared: &Shared,
-    lock: &ActivityLock,
+/// Runs an activity's code to its outcome, a panic caught as a failure. (Its lease is
+/// the [`heartbeat`]'s to renew.)
+async fn run_caught(
     activity: &ErasedActivity,
     context: ActivityContext,
     input: Option<String>,
 ) -> Result<Option<String>, FailureDetails> {
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| activity(context, input)));
-    let mut running = match started {
-        Ok(future) => AssertUnwindSafe(future).catch_unwind(),
-        Err(panic) => return Err(panic_failure(panic.as_ref())),
-    };
-    let renew_every = shared.options.activity_lease / 3;
-    loop {
-        tokio::select! {
-            outcome = &mut running => {
-                return outcome.unwrap_or_else(|panic| Err(panic_failure(panic.as_ref())));
-            }
-            _ = tokio::time::sleep(renew_every) => {
-                let now = shared.clock.now();
-                if let Err(error) = shared.store.renew_activity_lease(lock, shared.options.activity_lease, now).await {
-                    tracing::warn!(%error, "renewing an activity lease failed");
-                }
-            }
+    match std::panic::catch_unwind(AssertUnwindSafe(|| activity(context, input))) {
+        Ok(future) => {
+            AssertUnwindSafe(future).catch_unwind().await.unwrap_or_else(|panic| Err(panic_failure(panic.as_ref())))
         }
+        Err(panic) => Err(panic_failure(panic.as_ref())),
     }
 }
 

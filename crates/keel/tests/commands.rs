@@ -66,3 +66,32 @@ async fn a_resume_accepted_before_its_suspend_was_applied_still_takes_effect() {
     assert_eq!(resumes, 2, "the redundant resume left no trace");
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+const SLOW_FAN_OUT: keel::Orchestration<u32, u32> = keel::Orchestration::new("SlowFanOut");
+const NAP: keel::Activity<u32, u32, keel::Never> = keel::Activity::new("Nap");
+
+/// A dropped handle detaches the worker: it goes on running its instances (here with
+/// every activity slot taken, where the dispatcher waits for a slot or for shutdown —
+/// the closed shutdown channel of a dropped handle must not end or busy-wake it).
+#[tokio::test(flavor = "current_thread")]
+async fn a_worker_whose_handle_was_dropped_keeps_working() {
+    let (store, _dir) = common::temp_store().await;
+    let worker = common::worker(&store)
+        .options(keel::WorkerOptions { max_concurrent_activities: 1, ..common::test_options() })
+        .orchestration(SLOW_FAN_OUT, |ctx: keel::OrchestrationContext, n: u32| async move {
+            let naps: Vec<_> = (0..n).map(|i| ctx.call(NAP, &i)).collect();
+            let slept = futures_util::future::try_join_all(naps).await?;
+            Ok(slept.into_iter().sum::<u32>())
+        })
+        .activity(NAP, |_ctx: keel::ActivityContext, i: u32| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            Ok(i)
+        })
+        .build();
+    let client = worker.client();
+    drop(worker.start());
+    let instance = client.start(SLOW_FAN_OUT, &4).await.expect("start");
+    let outcome = tokio::time::timeout(common::WAIT, instance.wait(common::WAIT)).await;
+    let outcome = outcome.expect("the detached worker finished the instance").expect("wait");
+    assert_eq!(outcome, keel::Outcome::Completed(6));
+}

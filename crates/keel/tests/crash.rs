@@ -5,13 +5,13 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use keel::{
     Activity, ActivityContext, Client, EventKind, InstanceQuery, Never, Orchestration, OrchestrationContext,
     OrchestrationError, RuntimeStatus, StartOptions, WorkerOptions,
 };
+use keel_testkit::process::ChildTest;
 
 /// Set in the child process: the path of the task hub to work on.
 const CHILD_HUB_ENV: &str = "KEEL_CRASH_TEST_HUB";
@@ -70,14 +70,6 @@ fn crash_child_worker() {
     });
 }
 
-fn spawn_child(path: &str) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args(["--exact", "crash_child_worker", "--ignored", "--nocapture"])
-        .env(CHILD_HUB_ENV, path)
-        .spawn()
-        .expect("the child starts")
-}
-
 async fn completed_count(client: &Client) -> usize {
     let query = InstanceQuery { statuses: vec![RuntimeStatus::Completed], page_size: 1000, ..InstanceQuery::default() };
     client.query(&query).await.expect("query").instances.len()
@@ -104,15 +96,14 @@ async fn a_worker_killed_mid_flight_loses_nothing() {
         expected.push((id, sum, FAN_OUT_WIDTH));
     }
 
-    let mut child = spawn_child(&path);
+    let mut child = ChildTest::start("crash_child_worker", &[(CHILD_HUB_ENV, &path)]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while completed_count(&client).await < 10 {
         assert!(tokio::time::Instant::now() < deadline, "the child worker made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "the child worker exited early");
+        assert!(child.is_running(), "the child worker exited early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-    child.wait().unwrap();
+    child.kill();
     let done_at_kill = completed_count(&client).await;
     assert!(done_at_kill < expected.len(), "the kill came after everything was done; the test proves nothing");
 

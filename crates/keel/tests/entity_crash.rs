@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use keel::{Client, EntityContext, EntityError, EntityId, WorkerOptions};
+use keel_testkit::process::ChildTest;
 
 /// Set in the child process: the path of the task hub to work on.
 const CHILD_HUB_ENV: &str = "KEEL_ENTITY_CRASH_TEST_HUB";
@@ -42,14 +42,6 @@ fn entity_crash_child_worker() {
     });
 }
 
-fn spawn_child(path: &str) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
-        .args(["--exact", "entity_crash_child_worker", "--ignored", "--nocapture"])
-        .env(CHILD_HUB_ENV, path)
-        .spawn()
-        .expect("the child starts")
-}
-
 fn entity(n: u32) -> EntityId {
     EntityId::new("Log", &format!("e{n}")).unwrap()
 }
@@ -76,7 +68,7 @@ async fn entity_operations_survive_a_killed_worker() {
     let store = keel::store::open(&format!("sqlite://{path}")).await.unwrap();
     let client = Client::new(store.clone());
 
-    let mut child = spawn_child(&path);
+    let mut child = ChildTest::start("entity_crash_child_worker", &[(CHILD_HUB_ENV, &path)]);
     // Half the signals go out while the child works; it is killed with batches in
     // flight, and the other half is sent while no worker runs.
     let total = (ENTITIES * SIGNALS_PER_ENTITY) as usize;
@@ -94,11 +86,10 @@ async fn entity_operations_survive_a_killed_worker() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while total_applied(&client).await < 20 {
         assert!(tokio::time::Instant::now() < deadline, "the child worker made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "the child worker exited early");
+        assert!(child.is_running(), "the child worker exited early");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-    child.wait().unwrap();
+    child.kill();
     let applied_at_kill = total_applied(&client).await;
     send(SIGNALS_PER_ENTITY / 2..SIGNALS_PER_ENTITY).await;
     assert!(applied_at_kill < total, "the kill came after everything was done; the test proves nothing");

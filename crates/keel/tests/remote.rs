@@ -57,6 +57,7 @@ impl RemoteWorkers for FakeRemote {
                 actions: result.actions,
                 completion: result.completion,
                 custom_status: result.custom_status,
+                traces: Default::default(),
             };
             let commit = episode.complete(outcome, chrono::Utc::now());
             let results = store.commit_episodes(vec![commit], chrono::Utc::now()).await.expect("commit");
