@@ -18,6 +18,7 @@ use keel::{
     EntityId, EntityMetadata, EventKind, FailureDetails, HistoryEvent, InstanceStatus, RuntimeStatus, Timestamp,
 };
 use keel_core::history::ParentInstance;
+use keel_core::trace::TraceContext;
 use keel_core::{limits, Action, Completion};
 use keel_store::ActivityItem;
 
@@ -143,11 +144,28 @@ fn instance_ref(instance_id: &str, execution_id: Option<&str>) -> proto::Orchest
     }
 }
 
+/// A trace context as the protocol has it (the deprecated `spanID` is filled too, for
+/// older SDKs).
+#[allow(deprecated)] // the SDKs still read spanID alongside traceParent
+pub fn trace_to_proto(trace: &TraceContext) -> proto::TraceContext {
+    proto::TraceContext {
+        trace_parent: trace.trace_parent.clone(),
+        span_id: trace.span_id().to_string(),
+        trace_state: trace.trace_state.clone(),
+    }
+}
+
+/// A protocol trace context; `None` when it is missing or not valid W3C trace context
+/// (ignored, as W3C says to ignore an invalid `traceparent`: tracing never fails work).
+pub fn trace_from_proto(trace: &proto::TraceContext) -> Option<TraceContext> {
+    TraceContext::parse(&trace.trace_parent, trace.trace_state.as_deref()).ok()
+}
+
 /// A history event as the protocol has it. `instance_id` is the instance the history
 /// belongs to (the protocol's `ExecutionStarted` names it, Keel's does not).
 pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::HistoryEvent {
     let kind = match &event.kind {
-        EventKind::ExecutionStarted { name, version, input, execution_id, parent, scheduled_start } => {
+        EventKind::ExecutionStarted { name, version, input, execution_id, parent, scheduled_start, trace } => {
             EventType::ExecutionStarted(proto::ExecutionStartedEvent {
                 name: name.clone(),
                 version: version.clone(),
@@ -160,6 +178,8 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
                     orchestration_instance: Some(instance_ref(&parent.instance_id, Some(&parent.execution_id))),
                 }),
                 scheduled_start_timestamp: scheduled_start.map(timestamp_to_proto),
+                parent_trace_context: trace.as_ref().map(trace_to_proto),
+                orchestration_span_id: trace.as_ref().map(|_| keel_core::trace::orchestration_span_id(execution_id)),
                 ..Default::default()
             })
         }
@@ -174,10 +194,11 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
             input: reason_to_wire(reason.as_deref()),
             recurse: false,
         }),
-        EventKind::TaskScheduled { name, input, tags } => EventType::TaskScheduled(proto::TaskScheduledEvent {
+        EventKind::TaskScheduled { name, input, tags, trace } => EventType::TaskScheduled(proto::TaskScheduledEvent {
             name: name.clone(),
             input: input.clone(),
             tags: tags.clone().into_iter().collect(),
+            parent_trace_context: trace.as_ref().map(trace_to_proto),
             ..Default::default()
         }),
         EventKind::TaskCompleted { task_scheduled_id, result } => EventType::TaskCompleted(proto::TaskCompletedEvent {
@@ -188,11 +209,12 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
             task_scheduled_id: *task_scheduled_id,
             failure_details: Some(failure_to_proto(failure)),
         }),
-        EventKind::SubOrchestrationInstanceCreated { name, instance_id, input } => {
+        EventKind::SubOrchestrationInstanceCreated { name, instance_id, input, trace } => {
             EventType::SubOrchestrationInstanceCreated(proto::SubOrchestrationInstanceCreatedEvent {
                 instance_id: instance_id.clone(),
                 name: name.clone(),
                 input: input.clone(),
+                parent_trace_context: trace.as_ref().map(trace_to_proto),
                 ..Default::default()
             })
         }
@@ -236,15 +258,15 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
         EventKind::ExecutionRewound { reason } => {
             EventType::ExecutionRewound(proto::ExecutionRewoundEvent { reason: reason.clone(), ..Default::default() })
         }
-        EventKind::EntityOperationSignaled { request_id, operation, input, scheduled_time, target_instance_id } => {
-            EventType::EntityOperationSignaled(proto::EntityOperationSignaledEvent {
-                request_id: request_id.clone(),
-                operation: operation.clone(),
-                scheduled_time: scheduled_time.map(timestamp_to_proto),
-                input: input.clone(),
-                target_instance_id: Some(target_instance_id.clone()),
-            })
-        }
+        EventKind::EntityOperationSignaled {
+            request_id, operation, input, scheduled_time, target_instance_id, ..
+        } => EventType::EntityOperationSignaled(proto::EntityOperationSignaledEvent {
+            request_id: request_id.clone(),
+            operation: operation.clone(),
+            scheduled_time: scheduled_time.map(timestamp_to_proto),
+            input: input.clone(),
+            target_instance_id: Some(target_instance_id.clone()),
+        }),
         EventKind::EntityOperationCalled {
             request_id,
             operation,
@@ -252,6 +274,7 @@ pub fn event_to_proto(instance_id: &str, event: &HistoryEvent) -> proto::History
             parent_instance_id,
             parent_execution_id,
             target_instance_id,
+            ..
         } => EventType::EntityOperationCalled(proto::EntityOperationCalledEvent {
             request_id: request_id.clone(),
             operation: operation.clone(),
@@ -334,6 +357,7 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
                 }
             }),
             scheduled_start: optional_timestamp(started.scheduled_start_timestamp.as_ref(), "scheduledStartTimestamp")?,
+            trace: started.parent_trace_context.as_ref().and_then(trace_from_proto),
         },
         Some(EventType::ExecutionCompleted(completed)) => EventKind::ExecutionCompleted {
             status: status_from_proto(completed.orchestration_status)?,
@@ -347,6 +371,7 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
             name: scheduled.name.clone(),
             input: payload(scheduled.input.clone()),
             tags: scheduled.tags.clone().into_iter().collect(),
+            trace: scheduled.parent_trace_context.as_ref().and_then(trace_from_proto),
         },
         Some(EventType::TaskCompleted(completed)) => EventKind::TaskCompleted {
             task_scheduled_id: completed.task_scheduled_id,
@@ -360,6 +385,7 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
             name: created.name.clone(),
             instance_id: created.instance_id.clone(),
             input: payload(created.input.clone()),
+            trace: created.parent_trace_context.as_ref().and_then(trace_from_proto),
         },
         Some(EventType::SubOrchestrationInstanceCompleted(completed)) => EventKind::SubOrchestrationInstanceCompleted {
             task_scheduled_id: completed.task_scheduled_id,
@@ -403,6 +429,7 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
             input: payload(signaled.input.clone()),
             scheduled_time: optional_timestamp(signaled.scheduled_time.as_ref(), "the signal's scheduledTime")?,
             target_instance_id: signaled.target_instance_id.clone().unwrap_or_default(),
+            trace: None,
         },
         Some(EventType::EntityOperationCalled(called)) => EventKind::EntityOperationCalled {
             request_id: called.request_id.clone(),
@@ -411,6 +438,7 @@ pub fn event_from_proto(event: &proto::HistoryEvent, now: Timestamp) -> Result<H
             parent_instance_id: called.parent_instance_id.clone().unwrap_or_default(),
             parent_execution_id: called.parent_execution_id.clone().unwrap_or_default(),
             target_instance_id: called.target_instance_id.clone().unwrap_or_default(),
+            trace: None,
         },
         Some(EventType::EntityOperationCompleted(completed)) => EventKind::EntityOperationCompleted {
             request_id: completed.request_id.clone(),
@@ -485,11 +513,23 @@ pub fn orchestrator_request(episode: &RemoteEpisode) -> proto::OrchestratorReque
         tag_execution_started(&mut events, &episode.instance.tags);
         events
     };
+    // The execution's span: its id derived from the execution id, its start the
+    // execution's, so the SDK emits it under the right id whichever episode ends it.
+    let started = episode
+        .past_events
+        .iter()
+        .chain(&episode.new_events)
+        .find(|event| matches!(event.kind, EventKind::ExecutionStarted { trace: Some(_), .. }));
+    let orchestration_trace_context = started.map(|event| proto::OrchestrationTraceContext {
+        span_id: Some(keel_core::trace::orchestration_span_id(&episode.instance.execution_id)),
+        span_start_time: Some(timestamp_to_proto(event.timestamp)),
+    });
     proto::OrchestratorRequest {
         instance_id: instance_id.clone(),
         execution_id: Some(episode.instance.execution_id.clone()),
         past_events: convert(&episode.past_events),
         new_events: convert(&episode.new_events),
+        orchestration_trace_context,
         ..Default::default()
     }
 }
@@ -501,6 +541,7 @@ pub fn activity_request(item: &ActivityItem) -> proto::ActivityRequest {
         input: item.input.clone(),
         orchestration_instance: Some(instance_ref(&item.instance_id, Some(&item.execution_id))),
         task_id: item.task_id,
+        parent_trace_context: item.trace.as_ref().map(trace_to_proto),
         ..Default::default()
     }
 }
@@ -666,6 +707,7 @@ pub fn outcome_from_response(
     let mut terminations = Vec::new();
     let mut completion = None;
     let mut refusal: Option<FailureDetails> = None;
+    let mut traces = std::collections::BTreeMap::new();
     for action in &response.actions {
         let id = action.id;
         let Some(kind) = action.orchestrator_action_type.as_ref() else {
@@ -676,6 +718,9 @@ pub fn outcome_from_response(
                 limits::check_name("activity", &task.name).map_err(Error::InvalidArgument)?;
                 let input = payload(task.input.clone());
                 refusal = refusal.or_else(|| payload_failure_of("the activity input", input.as_deref()));
+                if let Some(trace) = task.parent_trace_context.as_ref().and_then(trace_from_proto) {
+                    traces.insert(id, trace);
+                }
                 actions.push(Action::ScheduleTask { id, name: task.name.clone(), input });
             }
             OrchestratorActionType::CreateSubOrchestration(sub) => {
@@ -691,6 +736,9 @@ pub fn outcome_from_response(
                 limits::check_instance_id(&instance_id).map_err(Error::InvalidArgument)?;
                 let input = payload(sub.input.clone());
                 refusal = refusal.or_else(|| payload_failure_of("the sub-orchestration input", input.as_deref()));
+                if let Some(trace) = sub.parent_trace_context.as_ref().and_then(trace_from_proto) {
+                    traces.insert(id, trace);
+                }
                 actions.push(Action::CreateSubOrchestration { id, name: sub.name.clone(), instance_id, input });
             }
             OrchestratorActionType::CreateTimer(timer) => {
@@ -754,7 +802,7 @@ pub fn outcome_from_response(
     if let Some(failure) = refusal {
         completion = Some(Completion::Failed { failure });
     }
-    Ok((RemoteOutcome { actions, completion, custom_status }, terminations))
+    Ok((RemoteOutcome { actions, completion, custom_status, traces }, terminations))
 }
 
 /// Error type of an orchestration that named an entity id Keel does not accept (the
@@ -924,6 +972,7 @@ mod tests {
         let kinds = vec![
             EventKind::OrchestratorStarted,
             EventKind::ExecutionStarted {
+                trace: None,
                 name: "Orch".into(),
                 version: Some("1.0".into()),
                 input: Some("\"in\"".into()),
@@ -937,13 +986,19 @@ mod tests {
                 scheduled_start: Some(at(5_000)),
             },
             EventKind::TaskScheduled {
+                trace: None,
                 name: "A".into(),
                 input: Some("1".into()),
                 tags: [("team".to_string(), "payments".to_string())].into(),
             },
             EventKind::TaskCompleted { task_scheduled_id: 1, result: Some("2".into()) },
             EventKind::TaskFailed { task_scheduled_id: 1, failure: failure.clone() },
-            EventKind::SubOrchestrationInstanceCreated { name: "S".into(), instance_id: "c".into(), input: None },
+            EventKind::SubOrchestrationInstanceCreated {
+                trace: None,
+                name: "S".into(),
+                instance_id: "c".into(),
+                input: None,
+            },
             EventKind::SubOrchestrationInstanceCompleted { task_scheduled_id: 2, result: None },
             EventKind::SubOrchestrationInstanceFailed { task_scheduled_id: 2, failure },
             EventKind::TimerCreated { fire_at: at(9_000) },
@@ -956,6 +1011,7 @@ mod tests {
             EventKind::ExecutionRewound { reason: Some("again".into()) },
             EventKind::ContinueAsNew { input: Some("7".into()) },
             EventKind::EntityOperationSignaled {
+                trace: None,
                 request_id: "r1".into(),
                 operation: "add".into(),
                 input: Some("5".into()),
@@ -963,6 +1019,7 @@ mod tests {
                 target_instance_id: "@counter@k".into(),
             },
             EventKind::EntityOperationCalled {
+                trace: None,
                 request_id: "r2".into(),
                 operation: "get".into(),
                 input: None,
@@ -1178,7 +1235,7 @@ mod tests {
         );
         assert_eq!(outcome.completion, None);
         // The echo in history is the action, as the SDK replays it.
-        let echo = event_to_proto("i", &outcome.actions[1].to_history_event(at(0)));
+        let echo = event_to_proto("i", &outcome.actions[1].to_history_event(at(0), None));
         assert_eq!(echo.event_id, 2);
         let Some(EventType::EntityOperationCalled(called)) = echo.event_type else { panic!() };
         assert_eq!((called.request_id.as_str(), called.parent_execution_id.as_deref()), ("r2", Some("e")));
@@ -1254,6 +1311,7 @@ mod tests {
     fn two_operations() -> Box<EntityEpisode> {
         entity_episode(&[
             EventKind::EntityOperationSignaled {
+                trace: None,
                 request_id: "r1".into(),
                 operation: "add".into(),
                 input: Some("2".into()),
@@ -1261,6 +1319,7 @@ mod tests {
                 target_instance_id: "@counter@k1".into(),
             },
             EventKind::EntityOperationCalled {
+                trace: None,
                 request_id: "r2".into(),
                 operation: "get".into(),
                 input: None,

@@ -4,9 +4,10 @@
 //! stream, round-robin, within the concurrency each worker asked for and the work-item
 //! filters it set.
 //!
-//! A handed-out item is *in flight* under a completion token that is unique per
-//! dispatch (a per-process nonce and a counter, so tokens of a previous server process
-//! never match). It stays in flight until the worker completes or abandons it; when its
+//! A handed-out item is *in flight* under a completion token of its own: 128 random
+//! bits (32 hex digits), new for every dispatch, so that no worker can guess the token
+//! of an item handed to another, and tokens of a previous server process never match.
+//! It stays in flight until the worker completes or abandons it; when its
 //! stream drops, it goes back to the task hub at once. Items that no stream can take
 //! wait here in order (they stay locked in the store; their leases are renewed by the
 //! server), so that an orchestration started before any worker connects simply waits
@@ -15,8 +16,14 @@
 //!
 //! Nothing here touches the store: what must be written (give-backs, poisoned
 //! activities) becomes a [`Job`] that the server carries out.
+//!
+//! Each stream also remembers its peer address, when it connected and the names of
+//! the orchestrators, activities and entities it was given work of (the protocol has a
+//! worker announce none of its functions): [`keel::RemoteWorkers::workers`], for the
+//! hub overview.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +43,10 @@ use crate::proto::work_item::Request;
 /// Most items waiting for a worker; beyond that, offers are refused (the in-process
 /// worker gives them back to the store and offers them again later).
 pub const MAX_WAITING_ITEMS: usize = 10_000;
+
+/// Most names of each kind (orchestrators, activities, entities) a stream remembers
+/// having been given work of; later names are not listed.
+pub const MAX_NAMES_PER_WORKER: usize = 1_000;
 
 /// Orchestrator work items larger than this go without their past events to workers
 /// that stream histories (the gRPC default message limit is 4 MiB).
@@ -75,6 +86,15 @@ impl Work {
             Work::Entity(episode) => Request::EntityRequestV2(convert::entity_request(episode)),
         };
         proto::WorkItem { request: Some(request), completion_token: token }
+    }
+
+    /// The name of the function the work is for.
+    fn name(&self) -> &str {
+        match self {
+            Work::Orchestration(episode) => &episode.instance.name,
+            Work::Activity(item) => &item.name,
+            Work::Entity(episode) => &episode.id.name,
+        }
     }
 
     /// True if `other` is a newer delivery of the same work (the store handed it out
@@ -148,6 +168,12 @@ impl Filters {
 
 struct Stream {
     id: u64,
+    peer: Option<SocketAddr>,
+    connected_at: keel::Timestamp,
+    /// The names of the functions it was given work of, by kind.
+    orchestrators_given: BTreeSet<String>,
+    activities_given: BTreeSet<String>,
+    entities_given: BTreeSet<String>,
     sender: mpsc::UnboundedSender<proto::WorkItem>,
     filters: Filters,
     /// The worker fetches large histories itself (`WORKER_CAPABILITY_HISTORY_STREAMING`).
@@ -175,6 +201,29 @@ impl Stream {
             || self.entities < self.max_entities
     }
 
+    /// Remembers that it was given work of `work`'s function.
+    fn given(&mut self, work: &Work) {
+        let names = match work {
+            Work::Orchestration(_) => &mut self.orchestrators_given,
+            Work::Activity(_) => &mut self.activities_given,
+            Work::Entity(_) => &mut self.entities_given,
+        };
+        if names.len() < MAX_NAMES_PER_WORKER && !names.contains(work.name()) {
+            names.insert(work.name().to_string());
+        }
+    }
+
+    fn describe(&self) -> keel::metrics::RemoteWorker {
+        keel::metrics::RemoteWorker {
+            id: self.id.to_string(),
+            peer: self.peer,
+            connected_at: self.connected_at,
+            orchestrators: self.orchestrators_given.iter().cloned().collect(),
+            activities: self.activities_given.iter().cloned().collect(),
+            entities: self.entities_given.iter().cloned().collect(),
+        }
+    }
+
     fn count(&mut self, work: &Work, delta: isize) {
         let counter = match work {
             Work::Orchestration(_) => &mut self.orchestrations,
@@ -195,7 +244,6 @@ struct State {
     streams: Vec<Stream>,
     cursor: usize,
     next_stream_id: u64,
-    next_token: u64,
     waiting: VecDeque<Work>,
     in_flight: HashMap<String, InFlight>,
 }
@@ -205,7 +253,6 @@ struct State {
 pub struct GrpcRemoteWorkers {
     state: Mutex<State>,
     closed: AtomicBool,
-    nonce: String,
     jobs: mpsc::UnboundedSender<Job>,
     job_receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
 }
@@ -221,13 +268,20 @@ impl std::fmt::Debug for GrpcRemoteWorkers {
     }
 }
 
+/// A new completion token: 128 bits from the operating system's random source, as 32
+/// lowercase hex digits.
+fn new_token() -> String {
+    let mut bits = [0u8; 16];
+    getrandom::fill(&mut bits).expect("the operating system's random source is readable");
+    bits.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 impl GrpcRemoteWorkers {
     pub fn new() -> Arc<GrpcRemoteWorkers> {
         let (jobs, job_receiver) = mpsc::unbounded_channel();
         Arc::new(GrpcRemoteWorkers {
             state: Mutex::new(State::default()),
             closed: AtomicBool::new(false),
-            nonce: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             jobs,
             job_receiver: Mutex::new(Some(job_receiver)),
         })
@@ -248,10 +302,11 @@ impl GrpcRemoteWorkers {
         (state.in_flight.len(), state.waiting.len())
     }
 
-    /// Registers a `GetWorkItems` stream; the receiver gets its work items.
+    /// Registers a `GetWorkItems` stream from `peer`; the receiver gets its work items.
     pub(crate) fn connect(
         self: &Arc<Self>,
         request: &proto::GetWorkItemsRequest,
+        peer: Option<SocketAddr>,
     ) -> (u64, mpsc::UnboundedReceiver<proto::WorkItem>) {
         let (sender, receiver) = mpsc::unbounded_channel();
         // 0 (or less) is "no limit": the Python SDK never sets the entity limit.
@@ -262,6 +317,11 @@ impl GrpcRemoteWorkers {
         if !self.closed.load(Ordering::SeqCst) {
             state.streams.push(Stream {
                 id,
+                peer,
+                connected_at: crate::now(),
+                orchestrators_given: BTreeSet::new(),
+                activities_given: BTreeSet::new(),
+                entities_given: BTreeSet::new(),
                 sender,
                 filters: Filters { filters: request.work_item_filters.clone() },
                 streams_history: request.capabilities.contains(&(proto::WorkerCapability::HistoryStreaming as i32)),
@@ -274,7 +334,7 @@ impl GrpcRemoteWorkers {
             });
             self.pump(&mut state);
         }
-        tracing::info!(stream = id, workers = state.streams.len(), "a remote worker connected");
+        tracing::info!(stream = id, ?peer, workers = state.streams.len(), "a remote worker connected");
         (id, receiver)
     }
 
@@ -406,13 +466,13 @@ impl GrpcRemoteWorkers {
             if !stream.filters.accepts(&work) || !stream.has_room_for(&work) {
                 continue;
             }
-            state.next_token += 1;
-            let token = format!("{}.{}", self.nonce, state.next_token);
+            let token = new_token();
             if stream.sender.send(work.to_work_item(token.clone(), stream.streams_history)).is_err() {
                 continue; // the stream is going away; its guard forgets it
             }
             let stream = &mut state.streams[index];
             stream.count(&work, 1);
+            stream.given(&work);
             let stream = stream.id;
             state.cursor = index + 1;
             state.in_flight.insert(token, InFlight { stream, work });
@@ -495,6 +555,10 @@ impl RemoteWorkers for GrpcRemoteWorkers {
     fn connected_workers(&self) -> Option<usize> {
         Some(GrpcRemoteWorkers::connected_workers(self))
     }
+
+    fn workers(&self) -> Vec<keel::metrics::RemoteWorker> {
+        self.lock().streams.iter().map(Stream::describe).collect()
+    }
 }
 
 /// The response stream of one `GetWorkItems` call: the items dispatched to it, and a
@@ -511,9 +575,10 @@ impl WorkItemStream {
     pub(crate) fn open(
         remote: Arc<GrpcRemoteWorkers>,
         request: &proto::GetWorkItemsRequest,
+        peer: Option<SocketAddr>,
         ping_interval: Duration,
     ) -> WorkItemStream {
-        let (id, items) = remote.connect(request);
+        let (id, items) = remote.connect(request, peer);
         let mut ping = tokio::time::interval(ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         WorkItemStream { items, ping, remote, id }
@@ -580,6 +645,7 @@ mod tests {
         let start = HistoryEvent::new(
             now(),
             EventKind::ExecutionStarted {
+                trace: None,
                 name: name.into(),
                 version: None,
                 input: None,
@@ -613,6 +679,7 @@ mod tests {
 
     fn activity(id: i64, name: &str, attempts: u32) -> Box<ActivityItem> {
         Box::new(ActivityItem {
+            trace: None,
             lock: ActivityLock { id, token: format!("t{id}") },
             instance_id: "i".into(),
             execution_id: "e".into(),
@@ -628,6 +695,7 @@ mod tests {
         item.messages[0].message.event = HistoryEvent::new(
             now(),
             EventKind::EntityOperationSignaled {
+                trace: None,
                 request_id: "r".into(),
                 operation: "add".into(),
                 input: Some("1".into()),
@@ -658,8 +726,8 @@ mod tests {
         let remote = GrpcRemoteWorkers::new();
         remote.offer_orchestration(episode("a", "Orch", "l1")).unwrap();
         assert_eq!(remote.load(), (0, 1), "no worker yet: the episode waits");
-        let (_, mut first) = remote.connect(&request(0));
-        let (_, mut second) = remote.connect(&request(0));
+        let (_, mut first) = remote.connect(&request(0), None);
+        let (_, mut second) = remote.connect(&request(0), None);
         assert_eq!(tokens(&mut first).len(), 1, "the waiting episode goes to the first worker");
         for i in 0..4 {
             remote.offer_activity(activity(i, "Act", 1)).unwrap();
@@ -674,9 +742,38 @@ mod tests {
     }
 
     #[test]
+    fn each_worker_lists_its_peer_and_the_functions_it_was_given() {
+        let remote = GrpcRemoteWorkers::new();
+        assert!(remote.workers().is_empty(), "no worker yet");
+        let peer: SocketAddr = "127.0.0.1:50123".parse().unwrap();
+        let (first, _first_items) = remote.connect(&request(0), Some(peer));
+        let (_, _second_items) = remote.connect(&request(0), None);
+        remote.offer_orchestration(episode("a", "Orch", "l1")).unwrap();
+        remote.offer_activity(activity(1, "Act", 1)).unwrap();
+        remote.offer_orchestration(episode("b", "Orch", "l2")).unwrap();
+        remote.offer_entity(entity("@counter@a", "l3")).unwrap();
+        let workers = remote.workers();
+        assert_eq!(workers.len(), 2);
+        // Round-robin: the first worker got both episodes, the second the activity and the batch.
+        let (listed, other) = (&workers[0], &workers[1]);
+        assert_eq!((listed.id.clone(), listed.peer), (first.to_string(), Some(peer)));
+        assert_eq!(listed.orchestrators, ["Orch"], "each name once");
+        assert!(listed.activities.is_empty() && listed.entities.is_empty());
+        assert_eq!(other.peer, None);
+        assert!(other.orchestrators.is_empty());
+        assert_eq!(
+            (other.activities.as_slice(), other.entities.as_slice()),
+            (&["Act".to_string()][..], &["counter".to_string()][..])
+        );
+        assert!(other.connected_at >= listed.connected_at);
+        remote.disconnect(first);
+        assert_eq!(remote.workers().len(), 1, "a stream that ended is not listed");
+    }
+
+    #[test]
     fn a_stream_gets_no_more_than_it_asked_for() {
         let remote = GrpcRemoteWorkers::new();
-        let (_, mut stream) = remote.connect(&request(1));
+        let (_, mut stream) = remote.connect(&request(1), None);
         remote.offer_activity(activity(1, "Act", 1)).unwrap();
         remote.offer_activity(activity(2, "Act", 1)).unwrap();
         let sent = tokens(&mut stream);
@@ -697,7 +794,7 @@ mod tests {
             activities: vec![],
             entities: vec![],
         });
-        let (_, mut stream) = remote.connect(&only_b);
+        let (_, mut stream) = remote.connect(&only_b, None);
         remote.offer_orchestration(episode("1", "A", "l")).unwrap();
         remote.offer_activity(activity(1, "Act", 1)).unwrap();
         assert!(tokens(&mut stream).is_empty());
@@ -714,7 +811,7 @@ mod tests {
         remote.offer_orchestration(episode("x", "Orch", "old-lease")).unwrap();
         remote.offer_orchestration(episode("x", "Orch", "new-lease")).unwrap();
         assert_eq!(remote.load(), (0, 1));
-        let stream = WorkItemStream::open(remote.clone(), &request(0), Duration::from_secs(30));
+        let stream = WorkItemStream::open(remote.clone(), &request(0), None, Duration::from_secs(30));
         assert_eq!(remote.load(), (1, 0));
         drop(stream);
         assert_eq!(remote.connected_workers(), 0);
@@ -737,15 +834,15 @@ mod tests {
             activities: vec![],
             entities: vec![proto::EntityFilter { name: "counter".into() }],
         });
-        let (_, mut orchestrations_only) = remote.connect(&proto::GetWorkItemsRequest {
-            work_item_filters: Some(proto::WorkItemFilters::default()),
-            ..request(0)
-        });
+        let (_, mut orchestrations_only) = remote.connect(
+            &proto::GetWorkItemsRequest { work_item_filters: Some(proto::WorkItemFilters::default()), ..request(0) },
+            None,
+        );
         remote.offer_entity(entity("@account@a", "l1")).unwrap();
         assert_eq!(remote.load(), (0, 1), "nobody hosts accounts: the batch waits");
         assert_eq!(remote.held_locks().1.len(), 1, "its instance lease is renewed meanwhile");
         // maxConcurrentEntityWorkItems = 0 (the Python SDK's) is no limit.
-        let stream = WorkItemStream::open(remote.clone(), &counters_only, Duration::from_secs(30));
+        let stream = WorkItemStream::open(remote.clone(), &counters_only, None, Duration::from_secs(30));
         remote.offer_entity(entity("@counter@a", "l2")).unwrap();
         remote.offer_entity(entity("@counter@b", "l3")).unwrap();
         assert!(tokens(&mut orchestrations_only).is_empty());
@@ -755,7 +852,7 @@ mod tests {
             let Some(Job::GiveBack { work: Work::Entity(episode), .. }) = jobs.recv().await else { panic!() };
             assert!(episode.id.name == "counter");
         }
-        let (_, mut any) = remote.connect(&request(0));
+        let (_, mut any) = remote.connect(&request(0), None);
         let sent: Vec<proto::WorkItem> = std::iter::from_fn(|| any.try_recv().ok()).collect();
         let Some(Request::EntityRequestV2(batch)) = &sent[0].request else { panic!("{sent:?}") };
         assert_eq!(batch.instance_id, "@account@a");
@@ -767,7 +864,7 @@ mod tests {
     async fn streams_ping_and_end_when_the_dispatcher_closes() {
         use futures_util::StreamExt;
         let remote = GrpcRemoteWorkers::new();
-        let mut stream = WorkItemStream::open(remote.clone(), &request(0), Duration::from_millis(10));
+        let mut stream = WorkItemStream::open(remote.clone(), &request(0), None, Duration::from_millis(10));
         for _ in 0..2 {
             let item = stream.next().await.unwrap().unwrap();
             assert!(matches!(item.request, Some(Request::HealthPing(_))));

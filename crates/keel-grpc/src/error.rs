@@ -29,9 +29,6 @@ pub enum Error {
     Unauthenticated,
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// The gRPC server itself failed (listening, serving).
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 impl From<Error> for tonic::Status {
@@ -56,7 +53,6 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated => Code::Unauthenticated,
             Error::ShuttingDown => Code::Unavailable,
-            Error::Transport(_) => Code::Internal,
         };
         if code == Code::Internal {
             tracing::error!(%error, "gRPC request failed");

@@ -9,7 +9,9 @@
 //!   entity it does not host to the workers connected over `GetWorkItems`; their
 //!   decisions are committed like those of Rust functions, so both kinds share one task
 //!   hub.
-//! - [`serve`]: the server, with an optional API key (`authorization: Bearer <key>`).
+//! - [`serve`]: the server, with an optional API key (`authorization: Bearer <key>`)
+//!   and bounds against slow and idle clients ([`Options`]: a connection limit, an idle
+//!   timeout, a deadline on request messages, keep-alive pings).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +30,8 @@
 //! ```
 
 mod auth;
+mod codec;
+mod connections;
 mod convert;
 mod dispatch;
 mod error;
@@ -37,6 +41,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{stream, StreamExt};
 use keel_store::Store;
 use tokio::sync::watch;
 
@@ -57,12 +62,18 @@ pub const DEFAULT_PORT: u16 = 4001;
 /// orchestrator work item. (The Python SDK itself receives at most 4 MiB.)
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// How long work held for a remote worker (an activity item, an instance's episode)
-/// stays leased; renewed while held.
-const HELD_WORK_LEASE: Duration = Duration::from_secs(60);
+/// How long work held for a remote worker (an activity item, an instance's episode or
+/// entity batch, waiting for a worker or in flight) stays leased; renewed while held.
+/// The worker's default lease: should this process die, another host on the task hub
+/// takes the work over within it.
+const HELD_WORK_LEASE: Duration = Duration::from_secs(10);
 
-/// How often the leases of held work are renewed.
-const HELD_WORK_RENEW_EVERY: Duration = Duration::from_secs(10);
+/// How often the leases of held work are renewed: under a third of the lease, so that
+/// one late or failed renewal does not lose it.
+const HELD_WORK_RENEW_EVERY: Duration = Duration::from_secs(3);
+
+/// Most renewals of held work in progress at once.
+const RENEWALS_AT_ONCE: usize = 16;
 
 /// Settings of the gRPC server.
 #[derive(Clone, Debug)]
@@ -75,11 +86,54 @@ pub struct Options {
     /// Serve over TLS with this certificate (needs the `tls` feature); the SDKs connect
     /// with their secure-channel option (`secure_channel=True` in Python).
     pub tls: Option<TlsIdentity>,
+    /// How long a connection may stay open with no call in progress, counted from its
+    /// start (so it also bounds the TLS handshake and the HTTP/2 preface) or from the end
+    /// of its last call; then it is closed with a GOAWAY (clients reconnect for their
+    /// next call). Calls in progress, `GetWorkItems` streams included, keep their
+    /// connection. Default [`Options::DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// The most connections served at once; beyond it the server accepts no more until
+    /// one closes (new ones wait in the listen backlog). Default
+    /// [`Options::DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// How long a call's request message may take to arrive, from the call's start;
+    /// then the call fails with DEADLINE_EXCEEDED. Default
+    /// [`Options::DEFAULT_MESSAGE_TIMEOUT`].
+    pub message_timeout: Duration,
+    /// How often the server pings a connection (HTTP/2 PING), and how long it waits for
+    /// the answer before it closes the connection: a peer gone without closing its
+    /// connection is found within their sum. Defaults
+    /// [`Options::DEFAULT_KEEPALIVE_INTERVAL`] and [`Options::DEFAULT_KEEPALIVE_TIMEOUT`].
+    pub keepalive_interval: Duration,
+    /// See [`Options::keepalive_interval`].
+    pub keepalive_timeout: Duration,
+}
+
+impl Options {
+    /// The default of [`Options::idle_timeout`]: 30 s.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default of [`Options::max_connections`]: 1,000.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+    /// The default of [`Options::message_timeout`]: 30 s.
+    pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default of [`Options::keepalive_interval`]: 30 s.
+    pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// The default of [`Options::keepalive_timeout`]: 20 s.
+    pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { api_key: None, health_ping_interval: Duration::from_secs(30), tls: None }
+        Options {
+            api_key: None,
+            health_ping_interval: Duration::from_secs(30),
+            tls: None,
+            idle_timeout: Options::DEFAULT_IDLE_TIMEOUT,
+            max_connections: Options::DEFAULT_MAX_CONNECTIONS,
+            message_timeout: Options::DEFAULT_MESSAGE_TIMEOUT,
+            keepalive_interval: Options::DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: Options::DEFAULT_KEEPALIVE_TIMEOUT,
+        }
     }
 }
 
@@ -96,15 +150,13 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
-/// The server builder, over TLS when `tls` is set.
-fn server_builder(tls: Option<&TlsIdentity>) -> Result<tonic::transport::Server, Error> {
-    let builder = tonic::transport::Server::builder();
-    let Some(tls) = tls else { return Ok(builder) };
+/// The TLS acceptor of `tls`, if set.
+fn tls_acceptor(tls: Option<&TlsIdentity>) -> Result<Option<connections::TlsAcceptor>, Error> {
+    let Some(tls) = tls else { return Ok(None) };
     #[cfg(feature = "tls")]
     {
-        let identity = tonic::transport::Identity::from_pem(&tls.certificate_pem, &tls.key_pem);
-        builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        connections::tls_acceptor(tls)
+            .map(Some)
             .map_err(|error| Error::InvalidArgument(format!("the TLS certificate or key is not usable: {error}")))
     }
     #[cfg(not(feature = "tls"))]
@@ -118,9 +170,10 @@ fn server_builder(tls: Option<&TlsIdentity>) -> Result<tonic::transport::Server,
 /// `shutdown` resolves. `remote` must be the dispatcher the task hub's worker was built
 /// with (`WorkerBuilder::remote_workers`), and can be served only once.
 ///
-/// At shutdown the work streams end with OK (the SDK workers reconnect, to this
-/// server's successor), long polls end with UNAVAILABLE, and every item held for remote
-/// workers goes back to the task hub at once.
+/// Connections are limited, idle ones closed and slow request messages cut as
+/// `options` says (see [`Options`]). At shutdown the work streams end with OK (the SDK
+/// workers reconnect, to this server's successor), long polls end with UNAVAILABLE, and
+/// every item held for remote workers goes back to the task hub at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Store>,
@@ -128,7 +181,7 @@ pub async fn serve(
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let mut builder = server_builder(options.tls.as_ref())?;
+    let tls = tls_acceptor(options.tls.as_ref())?;
     let jobs = remote
         .take_jobs()
         .ok_or_else(|| Error::FailedPrecondition("this GrpcRemoteWorkers is already being served".into()))?;
@@ -145,7 +198,13 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service = tonic::service::interceptor::InterceptedService::new(server, auth::ApiKey::new(options.api_key));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let limits = connections::Limits {
+        idle_timeout: options.idle_timeout,
+        max_connections: options.max_connections,
+        message_timeout: options.message_timeout,
+        keepalive_interval: options.keepalive_interval,
+        keepalive_timeout: options.keepalive_timeout,
+    };
     let signal = {
         let remote = remote.clone();
         async move {
@@ -157,7 +216,7 @@ pub async fn serve(
             let _ = stop.send(true);
         }
     };
-    let served = builder.add_service(service).serve_with_incoming_shutdown(incoming, signal).await;
+    connections::serve(listener, tonic::service::Routes::new(service).prepare(), limits, tls, signal).await;
     // Every stream is gone: what they held is queued as jobs. Carry those out now.
     let mut jobs =
         keeper.await.map_err(|error| Error::FailedPrecondition(format!("the store keeper failed: {error}")))?;
@@ -167,7 +226,7 @@ pub async fn serve(
     while let Ok(job) = jobs.try_recv() {
         run_job(store.as_ref(), job).await;
     }
-    served.map_err(Error::from)
+    Ok(())
 }
 
 /// Carries out the dispatcher's store jobs and renews the leases of the activities it
@@ -189,21 +248,26 @@ async fn keep_store(
             _ = renew.tick() => {
                 let now = now();
                 let (activities, orchestrations) = remote.held_locks();
-                for lock in activities {
-                    if let Err(error) = store.renew_activity_lease(&lock, HELD_WORK_LEASE, now).await {
-                        tracing::debug!(%error, "an activity held for a remote worker lost its lease");
-                        if matches!(error, keel_store::Error::LeaseLost) {
-                            remote.forget_activity(&lock);
+                let (store, remote) = (store.as_ref(), remote.as_ref());
+                stream::iter(activities)
+                    .for_each_concurrent(RENEWALS_AT_ONCE, |lock| async move {
+                        if let Err(error) = store.renew_activity_lease(&lock, HELD_WORK_LEASE, now).await {
+                            tracing::debug!(%error, "an activity held for a remote worker lost its lease");
+                            if matches!(error, keel_store::Error::LeaseLost) {
+                                remote.forget_activity(&lock);
+                            }
                         }
-                    }
-                }
+                    })
+                    .await;
                 // An episode held for a worker keeps its instance locked, so that waiting
                 // for a worker is not mistaken for a crashed worker (poison).
-                for lock in orchestrations {
-                    if let Err(error) = store.renew_orchestration_lease(&lock, HELD_WORK_LEASE, now).await {
-                        tracing::debug!(instance_id = %lock.instance_id, %error, "an episode held for a remote worker lost its lease");
-                    }
-                }
+                stream::iter(orchestrations)
+                    .for_each_concurrent(RENEWALS_AT_ONCE, |lock| async move {
+                        if let Err(error) = store.renew_orchestration_lease(&lock, HELD_WORK_LEASE, now).await {
+                            tracing::debug!(instance_id = %lock.instance_id, %error, "an episode held for a remote worker lost its lease");
+                        }
+                    })
+                    .await;
             }
             _ = stopped(&mut stopping) => return jobs,
         }

@@ -171,6 +171,7 @@ impl Sidecar {
             // Without a policy, any existing instance is refused (as the SDKs' own test
             // backend does).
             replaceable: Some(reuse_policy(request.orchestration_id_reuse_policy.as_ref())?),
+            trace: request.parent_trace_context.as_ref().and_then(convert::trace_from_proto),
         };
         let instance_id = self.client.start_raw(&request.name, payload(request.input), options).await?;
         Ok(proto::CreateInstanceResponse { instance_id })
@@ -671,7 +672,8 @@ impl Sidecar {
         let scheduled_time =
             request.scheduled_time.as_ref().map(|at| timestamp_from_proto(at, "scheduledTime")).transpose()?;
         // Keel makes its own request id: a signal answers nobody, so the SDK's is not needed.
-        self.client.signal_entity_raw(&id, &request.name, payload(request.input), scheduled_time).await?;
+        let trace = request.parent_trace_context.as_ref().and_then(convert::trace_from_proto);
+        self.client.signal_entity_traced(&id, &request.name, payload(request.input), scheduled_time, trace).await?;
         Ok(proto::SignalEntityResponse {})
     }
 
@@ -899,7 +901,8 @@ impl TaskHubSidecarService for Sidecar {
         &self,
         request: Request<proto::GetWorkItemsRequest>,
     ) -> Result<Response<BoxStream<proto::WorkItem>>, Status> {
-        let stream = WorkItemStream::open(self.remote.clone(), request.get_ref(), self.ping_interval);
+        let stream =
+            WorkItemStream::open(self.remote.clone(), request.get_ref(), request.remote_addr(), self.ping_interval);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -48,7 +48,7 @@ impl Hub {
         let options = Options {
             api_key: api_key.map(str::to_string),
             health_ping_interval: Duration::from_millis(200),
-            tls: None,
+            ..Options::default()
         };
         let server = tokio::spawn(keel_grpc::serve(listener, store, remote, options, async {
             let _ = stopped.await;
@@ -254,6 +254,42 @@ async fn work_on_a_dropped_stream_goes_to_the_next_worker() {
     assert_eq!(late.code(), tonic::Code::NotFound, "the dropped stream's token is void");
     hub.client.complete_orchestrator_task(complete(&again.completion_token)).await.unwrap();
     assert_eq!(hub.wait_for_completion(&instance_id).await.output.as_deref(), Some("2"));
+    hub.stop().await;
+}
+
+/// Issue 14, defect 5: a worker that goes away holding a step (its stream dropped, as
+/// when its process is killed) gives the step back without counting it toward poison:
+/// far more drops than the poison threshold, and the instance still completes.
+#[tokio::test]
+async fn workers_that_drop_their_stream_holding_a_step_never_make_it_poison() {
+    let mut hub = Hub::start(None).await;
+    let instance_id = hub.start_instance("Remote", "1").await;
+    let drops = 3 * keel_core::limits::MAX_DELIVERY_ATTEMPTS;
+    for _ in 0..drops {
+        let mut stream = hub.work_items().await;
+        let held = next_work(&mut stream).await;
+        assert_eq!(orchestrator_request(&held).instance_id, instance_id, "the same step, given back each time");
+        drop(stream);
+    }
+    let mut last = hub.work_items().await;
+    let item = next_work(&mut last).await;
+    let response = proto::OrchestratorResponse {
+        instance_id: instance_id.clone(),
+        actions: vec![action(
+            1,
+            OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                orchestration_status: proto::OrchestrationStatus::Completed as i32,
+                result: Some("\"survived\"".into()),
+                ..Default::default()
+            }),
+        )],
+        completion_token: item.completion_token.clone(),
+        ..Default::default()
+    };
+    hub.client.complete_orchestrator_task(response).await.unwrap();
+    let state = hub.wait_for_completion(&instance_id).await;
+    assert_eq!(state.orchestration_status, proto::OrchestrationStatus::Completed as i32, "{state:?}");
+    assert_eq!(state.output.as_deref(), Some("\"survived\""));
     hub.stop().await;
 }
 
@@ -581,5 +617,259 @@ async fn histories_over_the_message_limit_are_streamed_to_workers_that_ask() {
     let state = hub.wait_for_completion(&instance_id).await;
     assert_eq!(state.output.as_deref(), Some("6"));
     drop(stream);
+    hub.stop().await;
+}
+
+/// A codec that sends and receives raw bytes, to put what is not a protobuf message
+/// into a gRPC frame.
+#[derive(Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buffer: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buffer, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buffer: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let length = prost::bytes::Buf::remaining(buffer);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(buffer, length).to_vec()))
+    }
+}
+
+/// Every RPC of the protocol definition: its name, and whether it answers with a stream.
+fn rpcs() -> Vec<(String, bool)> {
+    let proto = include_str!("../proto/orchestrator_service.proto");
+    proto
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim().strip_prefix("rpc ")?;
+            let name = line.split('(').next()?.trim().to_string();
+            Some((name, line.contains("returns (stream ")))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_a_protobuf_message_is_invalid_argument_on_every_rpc() {
+    let hub = Hub::start(None).await;
+    let channel = Channel::from_shared(hub.address.clone()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let rpcs = rpcs();
+    assert!(rpcs.len() > 20, "the RPCs are read from the .proto file: {rpcs:?}");
+    // Eleven bytes with the continuation bit set: a field key that is not a varint,
+    // whatever the message.
+    let garbage = vec![0xff; 11];
+    for (rpc, streams) in rpcs {
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::try_from(format!("/TaskHubSidecarService/{rpc}")).unwrap();
+        let request = tonic::Request::new(garbage.clone());
+        let status = if streams {
+            match grpc.server_streaming(request, path, RawBytes).await {
+                Ok(response) => response.into_inner().message().await.expect_err("a stream of a garbage request"),
+                Err(status) => status,
+            }
+        } else {
+            grpc.unary(request, path, RawBytes).await.expect_err("a reply to a garbage request")
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{rpc}: {status:?}");
+    }
+    // Nothing was written.
+    let query = proto::QueryInstancesRequest {
+        query: Some(proto::InstanceQuery { max_instance_count: 10, ..Default::default() }),
+    };
+    let mut client = hub.client.clone();
+    assert!(client.query_instances(query).await.unwrap().into_inner().orchestration_state.is_empty());
+    hub.stop().await;
+}
+
+/// JSON text of `depth` nested arrays around a number.
+fn nested_json(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn json_nested_deeper_than_the_limit_is_invalid_argument_and_writes_nothing() {
+    let mut hub = Hub::start(None).await;
+    let limit = keel_core::limits::MAX_JSON_DEPTH;
+    let too_deep = nested_json(limit + 1);
+    let start = |instance_id: &str, input: &str| proto::CreateInstanceRequest {
+        instance_id: instance_id.into(),
+        name: "Remote".into(),
+        input: Some(input.into()),
+        ..Default::default()
+    };
+    // Twice encoded (a JSON string holding JSON, as the Durable Functions Python client
+    // sends inputs) is checked as the JSON it holds.
+    let encoded_twice = serde_json::to_string(&too_deep).unwrap();
+    for input in [&too_deep, &encoded_twice] {
+        let refused = hub.client.start_instance(start("deep", input)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(&format!("{limit}")), "{refused:?}");
+    }
+    let get = proto::GetInstanceRequest { instance_id: "deep".into(), get_inputs_and_outputs: false };
+    assert!(!hub.client.get_instance(get).await.unwrap().into_inner().exists, "a refused start wrote an instance");
+
+    // At the limit: accepted. Then event data and a termination output beyond it are refused.
+    hub.client.start_instance(start("at-limit", &nested_json(limit))).await.unwrap();
+    let raise =
+        proto::RaiseEventRequest { instance_id: "at-limit".into(), name: "E".into(), input: Some(too_deep.clone()) };
+    assert_eq!(hub.client.raise_event(raise).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let terminate =
+        proto::TerminateRequest { instance_id: "at-limit".into(), output: Some(too_deep.clone()), recursive: false };
+    assert_eq!(hub.client.terminate_instance(terminate).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let signal = proto::SignalEntityRequest {
+        instance_id: "@counter@deep".into(),
+        name: "add".into(),
+        input: Some(too_deep.clone()),
+        ..Default::default()
+    };
+    assert_eq!(hub.client.signal_entity(signal).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    let get = proto::GetInstanceRequest { instance_id: "at-limit".into(), get_inputs_and_outputs: true };
+    let state = hub.client.get_instance(get).await.unwrap().into_inner().orchestration_state.unwrap();
+    assert_eq!(state.orchestration_status, proto::OrchestrationStatus::Pending as i32, "a refused termination applied");
+    // The instance's first episode holds its start only: no event, no termination.
+    let mut stream = hub.work_items().await;
+    let item = next_work(&mut stream).await;
+    let request = orchestrator_request(&item);
+    assert_eq!(request.instance_id, "at-limit");
+    assert_eq!(kinds(&request.new_events), ["OrchestratorStarted", "ExecutionStarted"]);
+    let entities = proto::QueryEntitiesRequest {
+        query: Some(proto::EntityQuery { include_transient: true, ..Default::default() }),
+    };
+    let entities = hub.client.query_entities(entities).await.unwrap().into_inner().entities;
+    assert!(entities.is_empty(), "a refused signal reached an entity: {entities:?}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn instance_ids_with_slashes_or_control_characters_are_refused() {
+    let mut hub = Hub::start(None).await;
+    for instance_id in ["a/b", "/", "a\\b", "a\nb", "a\u{0}b", "a\u{7f}b", "a\u{85}b", ".", ".."] {
+        let request = proto::CreateInstanceRequest {
+            instance_id: instance_id.into(),
+            name: "Remote".into(),
+            input: Some("null".into()),
+            ..Default::default()
+        };
+        let refused = hub.client.start_instance(request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{instance_id:?}: {refused:?}");
+    }
+    let query = proto::QueryInstancesRequest {
+        query: Some(proto::InstanceQuery { max_instance_count: 10, ..Default::default() }),
+    };
+    assert!(hub.client.query_instances(query.clone()).await.unwrap().into_inner().orchestration_state.is_empty());
+
+    // A worker's sub-orchestration under such an id is refused too, and nothing of the
+    // episode is applied.
+    let mut stream = hub.work_items().await;
+    let parent = hub.start_instance("Remote", "null").await;
+    for instance_id in ["a/b", "a\nb"] {
+        let item = next_work(&mut stream).await;
+        let sub = OrchestratorActionType::CreateSubOrchestration(proto::CreateSubOrchestrationAction {
+            instance_id: instance_id.into(),
+            name: "Child".into(),
+            ..Default::default()
+        });
+        let response = proto::OrchestratorResponse {
+            instance_id: parent.clone(),
+            actions: vec![action(1, sub)],
+            completion_token: item.completion_token.clone(),
+            ..Default::default()
+        };
+        let refused = hub.client.complete_orchestrator_task(response).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{instance_id:?}: {refused:?}");
+    }
+    let states = hub.client.query_instances(query).await.unwrap().into_inner().orchestration_state;
+    assert_eq!(states.iter().map(|state| state.instance_id.as_str()).collect::<Vec<_>>(), [parent.as_str()]);
+    hub.stop().await;
+}
+
+/// Tokens a worker might try for another worker's item, knowing its own token: its
+/// neighbours if the token ends in a counter, and its shape with other digits.
+fn forgeries(token: &str) -> Vec<String> {
+    let mut forged = Vec::new();
+    let split = token.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |index| index + 1);
+    let (prefix, digits) = token.split_at(split);
+    if let Ok(counter) = digits.parse::<u64>() {
+        for delta in 1..=8 {
+            forged.push(format!("{prefix}{}", counter + delta));
+            forged.push(format!("{prefix}{}", counter.saturating_sub(delta)));
+        }
+    }
+    let flipped: String = token.chars().map(|c| if c == '0' { '1' } else { '0' }).collect();
+    forged.extend([flipped, String::new(), "0".repeat(token.len()), format!("{token}0")]);
+    forged.retain(|forged| forged != token);
+    forged
+}
+
+#[tokio::test]
+async fn a_forged_completion_token_is_refused_and_changes_nothing() {
+    let mut hub = Hub::start(None).await;
+    let mut honest = hub.work_items().await;
+    let first = hub.start_instance("Remote", "1").await;
+    let honest_item = next_work(&mut honest).await;
+    assert_eq!(orchestrator_request(&honest_item).instance_id, first);
+    // A second worker gets the next item: it knows its own token only.
+    let mut attacker = hub.work_items().await;
+    let second = hub.start_instance("Remote", "2").await;
+    let own = next_work(&mut attacker).await;
+    assert_eq!(orchestrator_request(&own).instance_id, second);
+
+    let complete = |token: &str, output: &str| proto::OrchestratorResponse {
+        instance_id: String::new(), // the attacker does not even need the id
+        actions: vec![action(
+            1,
+            OrchestratorActionType::CompleteOrchestration(proto::CompleteOrchestrationAction {
+                orchestration_status: proto::OrchestrationStatus::Completed as i32,
+                result: Some(output.into()),
+                ..Default::default()
+            }),
+        )],
+        completion_token: token.to_string(),
+        ..Default::default()
+    };
+    for forged in forgeries(&own.completion_token) {
+        let refused = hub.client.complete_orchestrator_task(complete(&forged, "\"forged\"")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound, "forged token {forged:?}: {refused:?}");
+        let abandon = proto::AbandonOrchestrationTaskRequest { completion_token: forged.clone() };
+        let refused = hub.client.abandon_task_orchestrator_work_item(abandon).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound, "forged token {forged:?}: {refused:?}");
+    }
+    for token in [&honest_item.completion_token, &own.completion_token] {
+        assert!(
+            token.len() >= 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
+            "a token is at least 128 bits of hex: {token}"
+        );
+    }
+    // Neither instance moved: both complete with their workers' own answers.
+    hub.client.complete_orchestrator_task(complete(&honest_item.completion_token, "\"honest\"")).await.unwrap();
+    hub.client.complete_orchestrator_task(complete(&own.completion_token, "\"own\"")).await.unwrap();
+    assert_eq!(hub.wait_for_completion(&first).await.output.as_deref(), Some("\"honest\""));
+    assert_eq!(hub.wait_for_completion(&second).await.output.as_deref(), Some("\"own\""));
     hub.stop().await;
 }

@@ -33,8 +33,10 @@ def keel_binary() -> pathlib.Path:
 class KeelServer:
     """One ``keel serve`` process; ``restart`` keeps its task hub and its gRPC port."""
 
-    def __init__(self, directory: pathlib.Path, api_key: str | None = None, tls: tuple | None = None):
+    def __init__(self, directory: pathlib.Path, api_key: str | None = None, tls: tuple | None = None,
+                 env: dict | None = None):
         self.directory = directory
+        self.extra_env = env or {}  # e.g. the OTEL_* settings of the tracing test
         self.tls = tls  # (certificate file, key file): HTTP and gRPC over TLS
         self.store = f"sqlite://{directory / 'hub.db'}"
         self.api_key = api_key
@@ -49,6 +51,7 @@ class KeelServer:
         assert binary.exists(), f"{binary} is missing: build it with `cargo build -p keel-cli`"
         env = {key: value for key, value in os.environ.items() if key not in ("KEEL_API_KEY", "KEEL_STORE")}
         env.setdefault("RUST_LOG", "info")
+        env.update(self.extra_env)
         args = [str(binary), "serve", "--samples", "--port", "0", "--grpc-port", str(self.grpc_port), "--store", self.store]
         if self.api_key:
             args += ["--api-key", self.api_key]
