@@ -140,7 +140,8 @@ async fn signal(
     let input = operation_input(&headers, &body)?;
     let scheduled_time = params.time("scheduledTime")?;
     check_hosted(durable.client(), &entity, &name)?;
-    durable.client().signal_entity_raw(&entity, operation, input, scheduled_time).await?;
+    let trace = durable.trace_context().cloned();
+    durable.client().signal_entity_traced(&entity, operation, input, scheduled_time, trace).await?;
     tracing::info!(entity = %entity, operation, scheduled_time = ?scheduled_time, "entity signalled");
     Ok(StatusCode::ACCEPTED)
 }

@@ -32,6 +32,12 @@ pub enum ApiError {
         /// The host's body limit ([`crate::ApiSettings::max_body_bytes`]).
         limit_bytes: usize,
     },
+    /// The request body did not arrive within the host's body timeout.
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    RequestTimeout {
+        /// The host's body timeout ([`crate::HostConfig::body_timeout`]).
+        timeout_ms: u64,
+    },
     /// An API key is required and the request did not carry the right one.
     #[error("this host requires an API key: send it in the x-functions-key header or the code query parameter")]
     Unauthorized,
@@ -53,6 +59,7 @@ impl ApiError {
             ApiError::Client(ClientError::Timeout { .. }) => "Timeout",
             ApiError::Client(ClientError::Store(_)) | ApiError::Internal(_) => "Internal",
             ApiError::PayloadTooLarge { .. } => "PayloadTooLarge",
+            ApiError::RequestTimeout { .. } => "RequestTimeout",
             ApiError::Unauthorized => "Unauthorized",
         }
     }
@@ -72,6 +79,7 @@ impl ApiError {
             ApiError::Client(ClientError::Store(error)) if error.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Client(ClientError::Store(_)) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
@@ -99,7 +107,14 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(status = status.as_u16(), error = %self, "request refused");
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // What is left of the body is not worth waiting for: the connection goes.
+            response
+                .headers_mut()
+                .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use keel::{Client, WorkerBuilder, WorkerHandle, WorkerOptions};
 
+use crate::overview::Throughput;
 use crate::security::Connection;
 use crate::ApiSettings;
 
@@ -104,6 +105,14 @@ pub struct HostConfig {
     /// one closes (new ones wait in the listen backlog). Default
     /// [`HostConfig::DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// How long a client gets to send a request's body, counted from the end of its
+    /// head: a slower body is cut off with 408 and the connection closed. Default
+    /// [`HostConfig::DEFAULT_BODY_TIMEOUT`].
+    pub body_timeout: Duration,
+    /// How often the overview's throughput is sampled (`GET …/overview`, see
+    /// [`crate::overview`]): the interval of its points. Default
+    /// [`HostConfig::DEFAULT_OVERVIEW_INTERVAL`].
+    pub overview_interval: Duration,
 }
 
 impl HostConfig {
@@ -112,6 +121,11 @@ impl HostConfig {
     /// The default of [`HostConfig::max_connections`]: 1,000 (under a 1,024 open-file
     /// limit, leaves room for the task hub's files and the gRPC server).
     pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+    /// The default of [`HostConfig::body_timeout`]: 30 s (a body of the default 1 MiB
+    /// limit at 35 KB/s).
+    pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default of [`HostConfig::overview_interval`]: 10 s.
+    pub const DEFAULT_OVERVIEW_INTERVAL: Duration = Duration::from_secs(10);
 }
 
 /// A server certificate (chain) and its private key, PEM-encoded.
@@ -139,6 +153,8 @@ impl Default for HostConfig {
             tls: None,
             header_timeout: HostConfig::DEFAULT_HEADER_TIMEOUT,
             max_connections: HostConfig::DEFAULT_MAX_CONNECTIONS,
+            body_timeout: HostConfig::DEFAULT_BODY_TIMEOUT,
+            overview_interval: HostConfig::DEFAULT_OVERVIEW_INTERVAL,
         }
     }
 }
@@ -176,8 +192,8 @@ pub struct Host {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     worker: WorkerHandle,
-    header_timeout: Duration,
-    max_connections: usize,
+    sampler: Sampler,
+    limits: Limits,
     #[cfg(feature = "tls")]
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -203,13 +219,19 @@ impl Host {
             builder = register(builder);
         }
         let worker = builder.build().start();
-        let router = crate::router(worker.client(), config.api, app.routes);
+        let throughput = Throughput::new(config.overview_interval);
+        let sampler = Sampler(tokio::spawn(throughput.clone().sample(worker.client())));
+        let router = crate::router(worker.client(), config.api, app.routes, throughput);
         Ok(Host {
             listener,
             router,
             worker,
-            header_timeout: config.header_timeout,
-            max_connections: config.max_connections.max(1),
+            sampler,
+            limits: Limits {
+                header_timeout: config.header_timeout,
+                max_connections: config.max_connections.max(1),
+                body_timeout: config.body_timeout,
+            },
             #[cfg(feature = "tls")]
             tls,
         })
@@ -228,14 +250,24 @@ impl Host {
     /// Serves until `shutdown` resolves, then stops taking requests and work, giving
     /// open connections and running activities a few seconds to finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), HostError> {
-        let limits = Limits { header_timeout: self.header_timeout, max_connections: self.max_connections };
+        let limits = self.limits;
         #[cfg(feature = "tls")]
         let served = serve_connections(self.listener, self.router, limits, self.tls, shutdown).await;
         #[cfg(not(feature = "tls"))]
         let served = serve_connections(self.listener, self.router, limits, shutdown).await;
+        drop(self.sampler);
         tracing::info!("stopping the worker");
         self.worker.shutdown(SHUTDOWN_GRACE).await;
         served.map_err(HostError::Serve)
+    }
+}
+
+/// The task of [`Throughput::sample`]; it stops when the host is dropped.
+struct Sampler(tokio::task::JoinHandle<()>);
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -244,10 +276,11 @@ impl Host {
 struct Limits {
     header_timeout: Duration,
     max_connections: usize,
+    body_timeout: Duration,
 }
 
 /// The accept loop: hyper serves `router` over HTTP/1.1 on each connection (after the
-/// TLS handshake with `tls`), with the header timeout and at most `max_connections`
+/// TLS handshake with `tls`), with the header and body timeouts and at most `max_connections`
 /// connections at once; each request carries its [`Connection`]. At shutdown the
 /// listener closes and open connections get [`SHUTDOWN_GRACE`] to finish their requests.
 async fn serve_connections(
@@ -262,6 +295,9 @@ async fn serve_connections(
     #[cfg(not(feature = "tls"))]
     let tls: Option<std::convert::Infallible> = None;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // HTTP/1.1 only, served at once: hyper's header timer then runs from the connection's
+    // start, so a client that never sends a byte is cut too. (`serve_connection_with_upgrades`
+    // would first wait for a byte to tell the HTTP version, with no timeout.)
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -287,7 +323,7 @@ async fn serve_connections(
         let connection = Connection { local, tls: tls.is_some() };
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let mut request = request.map(axum::body::Body::new);
+            let mut request = request.map(|body| axum::body::Body::new(TimedBody::new(body, limits.body_timeout)));
             request.extensions_mut().insert(connection);
             let mut router = router.clone();
             tower_service::Service::call(&mut router, request)
@@ -306,13 +342,13 @@ async fn serve_connections(
                     Ok(Err(error)) => return tracing::debug!(%peer, %error, "a TLS handshake failed"),
                     Err(_) => return tracing::debug!(%peer, "a TLS handshake timed out"),
                 };
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
                 if let Err(error) = watcher.watch(connection.into_owned()).await {
                     tracing::debug!(%peer, %error, "an HTTPS connection ended with an error");
                 }
                 return;
             }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%peer, %error, "an HTTP connection ended with an error");
             }
@@ -323,6 +359,54 @@ async fn serve_connections(
         tracing::warn!("some HTTP connections were still open when the host stopped");
     }
     Ok(())
+}
+
+/// The error of a request body that did not arrive within the body timeout; the body
+/// extractor answers it with 408.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {} ms", .0.as_millis())]
+pub(crate) struct BodyTimeout(pub(crate) Duration);
+
+/// A request body that must arrive whole within a deadline, counted from the request's
+/// head; after it, reading fails with [`BodyTimeout`].
+struct TimedBody {
+    body: hyper::body::Incoming,
+    timeout: Duration,
+    expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(body: hyper::body::Incoming, timeout: Duration) -> TimedBody {
+        TimedBody { body, timeout, expiry: Box::pin(tokio::time::sleep(timeout)) }
+    }
+}
+
+impl hyper::body::Body for TimedBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<hyper::body::Bytes>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        match self.expiry.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(self.timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Runs `app` as configured until Ctrl-C or SIGTERM: opens the task hub, starts the

@@ -11,6 +11,9 @@
 //!   an app's own routes use: [`DurableClient`], [`create_check_status_response`],
 //!   [`wait_for_completion_or_create_check_status_response`] (and [`check_wait`], to
 //!   refuse a bad wait before starting anything).
+//! - [`overview`]: `GET …/overview`, the task hub at a glance (instances by status,
+//!   entities, backlog, throughput over the last minutes, connected SDK workers) for
+//!   the dashboard.
 //! - [`dashboard`]: a web page (embedded HTML, JS and CSS) to watch and manage instances.
 //! - [`host`]: [`serve`] an [`App`] — its functions on a worker, its routes next to the
 //!   API — on a task hub, with an optional API key.
@@ -44,6 +47,7 @@ pub mod entities;
 mod error;
 pub mod host;
 pub mod management;
+pub mod overview;
 mod payload;
 mod request;
 mod security;
@@ -97,20 +101,28 @@ impl Default for ApiSettings {
     }
 }
 
-/// What every request handled by the host can reach (a request extension): the client
-/// and the settings.
+/// What every request handled by the host can reach (a request extension): the client,
+/// the settings and the throughput history of the overview.
 #[derive(Clone)]
 pub(crate) struct HostContext {
     pub client: keel::Client,
     pub settings: Arc<ApiSettings>,
+    pub throughput: overview::Throughput,
 }
 
 /// The whole HTTP surface of a host: management API (under [`MANAGEMENT_BASE_PATH`]
-/// and [`management::RPC_BASE_PATH`]), starter, `GET /metrics` ([`keel::metrics`]), the app's own routes (all behind the
-/// API key when one is set) and the dashboard.
-pub fn router(client: keel::Client, settings: ApiSettings, app_routes: axum::Router) -> axum::Router {
-    let context = HostContext { client, settings: Arc::new(settings) };
-    let api = management::routes();
+/// and [`management::RPC_BASE_PATH`], with the [`overview`]), starter, `GET /metrics`
+/// ([`keel::metrics`]), the app's own routes (all behind the API key when one is set)
+/// and the dashboard. The overview's throughput comes from `throughput`, which the
+/// caller keeps sampling ([`overview::Throughput::sample`]).
+pub fn router(
+    client: keel::Client,
+    settings: ApiSettings,
+    app_routes: axum::Router,
+    throughput: overview::Throughput,
+) -> axum::Router {
+    let context = HostContext { client, settings: Arc::new(settings), throughput };
+    let api = management::routes().merge(overview::routes());
     let protected = axum::Router::new()
         .nest(MANAGEMENT_BASE_PATH, api.clone())
         .nest(management::RPC_BASE_PATH, api)

@@ -16,7 +16,7 @@
 //! [`keel::testing::HistoryExport`] (what `keel history ID --json` prints and `keel
 //! verify --history` replays). Status objects carry the instance's `version`, and the
 //! start routes take a `version` query parameter. The entity routes live in
-//! [`crate::entities`].
+//! [`crate::entities`], the hub overview (`GET …/overview`) in [`crate::overview`].
 
 use axum::extract::OriginalUri;
 use axum::http::header::{HeaderValue, LOCATION, RETRY_AFTER};
@@ -69,14 +69,21 @@ pub(crate) fn routes() -> Router {
 }
 
 /// `GET /metrics`: the worker's metrics ([`keel::metrics`]) in the OpenMetrics text
-/// format, which Prometheus scrapes; behind the API key like the management API.
+/// format, which Prometheus scrapes, with the task hub's gauges (backlog, instances by
+/// status) read from the store for the scrape (left out when it cannot be read);
+/// behind the API key like the management API.
 pub(crate) async fn metrics(axum::Extension(context): axum::Extension<crate::HostContext>) -> Response {
-    match context.client.metrics() {
-        Some(metrics) => {
-            ([(axum::http::header::CONTENT_TYPE, keel::metrics::CONTENT_TYPE)], metrics.encode()).into_response()
+    let Some(metrics) = context.client.metrics() else {
+        return ApiError::NotFound("this host has no worker, so no metrics".to_string()).into_response();
+    };
+    let hub = match context.client.store().hub_stats(chrono::Utc::now()).await {
+        Ok(hub) => Some(hub),
+        Err(error) => {
+            tracing::warn!(%error, "reading the task hub's numbers for /metrics failed; its gauges are left out");
+            None
         }
-        None => ApiError::NotFound("this host has no worker, so no metrics".to_string()).into_response(),
-    }
+    };
+    ([(axum::http::header::CONTENT_TYPE, keel::metrics::CONTENT_TYPE)], metrics.encode(hub.as_ref())).into_response()
 }
 
 async fn no_such_route() -> ApiError {

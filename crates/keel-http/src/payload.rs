@@ -201,7 +201,7 @@ pub(crate) fn history_events(history: &[HistoryEvent], view: StatusView) -> Vec<
                 row.insert("Name".into(), json!(name));
                 row.insert("Input".into(), input(task_input));
             }
-            EventKind::SubOrchestrationInstanceCreated { name, instance_id, input: child_input } => {
+            EventKind::SubOrchestrationInstanceCreated { name, instance_id, input: child_input, .. } => {
                 row.insert("Name".into(), json!(name));
                 row.insert("InstanceId".into(), json!(instance_id));
                 row.insert("Input".into(), input(child_input));
@@ -246,6 +246,7 @@ pub(crate) fn history_events(history: &[HistoryEvent], view: StatusView) -> Vec<
                 input: sent,
                 scheduled_time,
                 target_instance_id,
+                ..
             } => {
                 row.insert("RequestId".into(), json!(request_id));
                 row.insert("Operation".into(), json!(operation));
@@ -386,6 +387,7 @@ mod tests {
             HistoryEvent::new(
                 at(0),
                 EventKind::ExecutionStarted {
+                    trace: None,
                     name: "HelloCities".into(),
                     version: None,
                     input: None,
@@ -398,6 +400,7 @@ mod tests {
                 0,
                 at(0),
                 EventKind::TaskScheduled {
+                    trace: None,
                     name: "SayHello".into(),
                     input: Some("\"Tokyo\"".into()),
                     tags: Default::default(),
@@ -412,6 +415,7 @@ mod tests {
                 1,
                 at(1),
                 EventKind::TaskScheduled {
+                    trace: None,
                     name: "SayHello".into(),
                     input: Some("\"Oslo\"".into()),
                     tags: Default::default(),

@@ -16,6 +16,7 @@ use keel::{RuntimeStatus, Timestamp};
 use tracing::Instrument;
 
 use crate::error::{ApiError, ApiResult};
+use crate::host::BodyTimeout;
 use crate::trigger::MAX_WAIT;
 use crate::HostContext;
 
@@ -156,9 +157,10 @@ impl<S: Send + Sync> FromRequest<S> for Body {
         match axum::body::to_bytes(request.into_body(), limit_bytes).await {
             Ok(bytes) => Ok(Body(bytes)),
             Err(error) => {
-                let source = std::error::Error::source(&error);
-                if source.is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+                if cause::<http_body_util::LengthLimitError>(&error).is_some() {
                     Err(ApiError::PayloadTooLarge { limit_bytes })
+                } else if let Some(timeout) = cause::<BodyTimeout>(&error) {
+                    Err(ApiError::RequestTimeout { timeout_ms: timeout.0.as_millis() as u64 })
                 } else {
                     Err(ApiError::BadRequest(format!("the request body could not be read: {error}")))
                 }
@@ -167,8 +169,14 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
+/// The first error of type `E` in `error`'s chain of sources, itself included.
+fn cause<'a, E: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a E> {
+    std::iter::successors(Some(error), |error| error.source()).find_map(|error| error.downcast_ref::<E>())
+}
+
 impl Body {
-    /// The body as JSON text: `None` when empty, 400 when it is not JSON.
+    /// The body as JSON text: `None` when empty, 400 when it is not JSON or nests
+    /// deeper than [`keel_core::limits::MAX_JSON_DEPTH`].
     pub fn json_text(&self, what: &str) -> ApiResult<Option<String>> {
         let text = std::str::from_utf8(&self.0)
             .map_err(|_| ApiError::BadRequest(format!("the {what} is not UTF-8 text")))?
@@ -176,6 +184,7 @@ impl Body {
         if text.is_empty() {
             return Ok(None);
         }
+        keel_core::limits::check_json_depth(&format!("the {what}"), text).map_err(ApiError::BadRequest)?;
         serde_json::from_str::<serde::de::IgnoredAny>(text)
             .map_err(|error| ApiError::BadRequest(format!("the {what} is not valid JSON: {error}")))?;
         Ok(Some(text.to_string()))

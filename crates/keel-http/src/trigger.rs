@@ -119,6 +119,7 @@ impl RequestHead for Parts {
 pub struct DurableClient {
     context: HostContext,
     base_url: String,
+    trace: Option<keel_core::trace::TraceContext>,
 }
 
 impl std::fmt::Debug for DurableClient {
@@ -141,8 +142,20 @@ impl DurableClient {
         let context = request.extensions().get::<HostContext>().cloned().ok_or_else(|| {
             ApiError::Internal("this route is not served by a keel host (no durable client attached)".into())
         })?;
-        let host = request.headers().get(HOST).and_then(|value| value.to_str().ok()).unwrap_or("localhost");
-        Ok(DurableClient { context, base_url: format!("http://{host}") })
+        let headers = request.headers();
+        let host = headers.get(HOST).and_then(|value| value.to_str().ok()).unwrap_or("localhost");
+        // W3C trace context: an invalid `traceparent` is ignored, as the spec says.
+        let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+        let trace = header("traceparent")
+            .and_then(|parent| keel_core::trace::TraceContext::parse(parent, header("tracestate")).ok());
+        Ok(DurableClient { context, base_url: format!("http://{host}"), trace })
+    }
+
+    /// The W3C trace context the request carried (`traceparent`, `tracestate`), if
+    /// valid: give it to [`StartOptions::trace`] so the instance's spans join the
+    /// caller's trace (the built-in start routes do).
+    pub fn trace_context(&self) -> Option<&keel_core::trace::TraceContext> {
+        self.trace.as_ref()
     }
 
     /// `http://` and the host the request was sent to.
@@ -247,7 +260,7 @@ pub(crate) async fn start_orchestration(
     if let Some(id) = &instance_id {
         record_instance(id, Some(name));
     }
-    let options = StartOptions { instance_id, version, ..StartOptions::default() };
+    let options = StartOptions { instance_id, version, trace: durable.trace.clone(), ..StartOptions::default() };
     let client = durable.client();
     // A host with functions of its own refuses names it does not run. One with none
     // (`keel serve` without `--samples`) hands every orchestrator to the SDK workers and
