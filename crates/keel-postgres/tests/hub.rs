@@ -25,6 +25,7 @@ fn at(millis: i64) -> Timestamp {
 
 fn new_instance(instance_id: &str) -> NewInstance {
     NewInstance {
+        trace: None,
         instance_id: instance_id.to_owned(),
         execution_id: format!("{instance_id}-execution"),
         name: "Flow".into(),
@@ -42,6 +43,7 @@ fn signal(entity: &str, sent: Timestamp) -> keel_store::Message {
     let event = keel_core::history::HistoryEvent::new(
         sent,
         keel_core::history::EventKind::EntityOperationSignaled {
+            trace: None,
             request_id: uuid::Uuid::new_v4().to_string(),
             operation: "add".into(),
             input: Some("1".into()),
@@ -188,6 +190,7 @@ async fn writes_wake_other_stores_on_the_hub() {
         history: Vec::new(),
         state: None,
         activities: vec![keel_store::NewActivity {
+            trace: None,
             instance_id: "a".into(),
             execution_id: item.instance.execution_id.clone(),
             task_id: 0,
@@ -259,6 +262,7 @@ async fn competing_fetches_never_share_work() {
         }),
         activities: (0..200)
             .map(|task_id| keel_store::NewActivity {
+                trace: None,
                 instance_id: "fan".into(),
                 execution_id: item.instance.execution_id.clone(),
                 task_id,
@@ -426,6 +430,7 @@ async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
             history: vec![done.messages[0].message.event.clone()],
             state: None,
             activities: vec![keel_store::NewActivity {
+                trace: None,
                 instance_id: "done".into(),
                 execution_id: done.instance.execution_id.clone(),
                 task_id: 7,
@@ -610,6 +615,7 @@ async fn activity_results_to_entities_create_them() {
     let mut commit = consume(&item, None, Vec::new());
     commit.activities = (0..2)
         .map(|task_id| keel_store::NewActivity {
+            trace: None,
             instance_id: "order".into(),
             execution_id: item.instance.execution_id.clone(),
             task_id,

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use keel::{
     OrchestrationError, RuntimeStatus, StartOptions, WorkerOptions,
 };
 use keel_store::Store;
+use keel_testkit::process::ChildTest;
 
 /// Set in a worker process: the task hub's URL.
 const HUB_ENV: &str = "KEEL_FLEET_HUB";
@@ -94,7 +95,8 @@ pub struct ExecutionLog {
 }
 
 impl ExecutionLog {
-    fn open(worker: &str, path: &std::path::Path) -> Arc<ExecutionLog> {
+    /// The log at `path` of the worker named `worker`, appended to.
+    pub fn open(worker: &str, path: &std::path::Path) -> Arc<ExecutionLog> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("the log opens");
         Arc::new(ExecutionLog { worker: worker.to_owned(), file: std::sync::Mutex::new(file) })
     }
@@ -213,7 +215,7 @@ pub struct OperationRun {
 pub struct Fleet {
     hub_url: String,
     log_dir: tempfile::TempDir,
-    workers: BTreeMap<String, Child>,
+    workers: BTreeMap<String, ChildTest>,
 }
 
 impl Fleet {
@@ -237,33 +239,28 @@ impl Fleet {
     }
 
     fn spawn_worker(&mut self, name: &str, build: Option<&str>) {
-        let mut command = Command::new(std::env::current_exe().expect("the test binary"));
+        let mut command = ChildTest::command("fleet_worker");
         command
-            .args(["--exact", "fleet_worker", "--ignored", "--nocapture", "--test-threads", "1"])
             .env(HUB_ENV, &self.hub_url)
             .env(LOG_DIR_ENV, self.log_dir.path())
             .env(NAME_ENV, name)
-            .stdin(Stdio::null())
             .stdout(Stdio::null());
         match build {
             Some(build) => command.env(BUILD_ENV, build),
             None => command.env_remove(BUILD_ENV),
         };
-        let child = command.spawn().expect("the worker process starts");
-        self.workers.insert(name.to_owned(), child);
+        self.workers.insert(name.to_owned(), ChildTest::spawn(command));
     }
 
     /// Kills a worker with SIGKILL: no chance to give anything back.
     pub fn kill(&mut self, name: &str) {
-        let mut child = self.workers.remove(name).expect("a worker of that name");
-        child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-        child.wait().expect("the killed worker is reaped");
+        self.workers.remove(name).expect("a worker of that name").kill();
     }
 
     /// Panics if a worker process has exited (crashed).
     pub fn assert_all_running(&mut self) {
         for (name, child) in &mut self.workers {
-            let status = child.try_wait().expect("try_wait");
+            let status = child.exit_status();
             assert!(status.is_none(), "worker {name} exited: {status:?}");
         }
     }
@@ -313,15 +310,6 @@ impl Fleet {
         std::fs::read_to_string(log_path(self.log_dir.path(), name, kind))
             .map(|log| log.lines().map(|line| line.split(' ').map(str::to_owned).collect()).collect())
             .unwrap_or_default()
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for child in self.workers.values_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
