@@ -35,6 +35,7 @@ use crate::hub::{FreshHub, HubSpec, WorkerProcesses};
 
 mod hub;
 mod scale;
+mod tracing_sink;
 mod verify;
 
 const WAIT: Duration = Duration::from_secs(600);
@@ -47,6 +48,30 @@ struct Args {
     durability: keel_sqlite::Durability,
     /// Worker processes; 0 runs the worker in the bench process.
     workers: usize,
+    /// Whether the runtime emits spans while the scenarios run.
+    tracing: Tracing,
+}
+
+/// `--tracing`: the runtime's OpenTelemetry spans during the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracing {
+    /// No spans (the default): what tracing costs when it is off.
+    Off,
+    /// Every span built and batched by the OpenTelemetry SDK, then dropped by an
+    /// exporter that only counts them: the runtime's and the SDK's cost, no network.
+    Sink,
+    /// Spans exported over OTLP as the OTEL_* environment variables say.
+    Otlp,
+}
+
+impl Tracing {
+    fn label(self) -> &'static str {
+        match self {
+            Tracing::Off => "off",
+            Tracing::Sink => "sink",
+            Tracing::Otlp => "otlp",
+        }
+    }
 }
 
 fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
@@ -54,6 +79,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     let mut store = "sqlite".to_string();
     let mut durability = keel_sqlite::Durability::Process;
     let mut workers = 0;
+    let mut tracing = Tracing::Off;
     let mut args = arguments.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -71,10 +97,18 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
                     other => bail!("unknown durability '{other}': use process or full"),
                 }
             }
+            "--tracing" => {
+                tracing = match value()?.as_str() {
+                    "off" => Tracing::Off,
+                    "sink" => Tracing::Sink,
+                    "otlp" => Tracing::Otlp,
+                    other => bail!("unknown tracing '{other}': use off, sink or otlp"),
+                }
+            }
             "--help" | "-h" => {
                 println!(
                     "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify] \
-                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N]"
+                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp]"
                 );
                 std::process::exit(0);
             }
@@ -110,7 +144,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             "--workers runs the scenarios chain, fanout, throughput and latency"
         );
     }
-    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers })
+    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers, tracing })
 }
 
 /// `length` activities one after the other; the output is `length`.
@@ -320,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let args = parse_args(arguments)?;
+    let spans = tracing_sink::install(args.tracing)?;
     let durability = match args.durability {
         keel_sqlite::Durability::Process => "process",
         keel_sqlite::Durability::Full => "full",
@@ -341,6 +376,10 @@ async fn main() -> anyhow::Result<()> {
                 result["durability"] = json!(durability);
             }
             result["worker_processes"] = json!(args.workers);
+            result["tracing"] = json!(args.tracing.label());
+            if let Some(spans) = &spans {
+                result["spans_so_far"] = json!(spans.count());
+            }
             println!("{result}");
         }
     }

@@ -58,10 +58,32 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = keel_http::HostConfig::DEFAULT_HEADER_TIMEOUT.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout_ms: u64,
-    /// The most HTTP connections served at once; more wait to be accepted.
+    /// The most HTTP connections served at once; more wait to be accepted. With
+    /// --grpc-max-connections, lowered in proportion when the open-file limit cannot
+    /// hold both (a warning says so).
     #[arg(long, default_value_t = keel_http::HostConfig::DEFAULT_MAX_CONNECTIONS,
           value_parser = parse_positive)]
     max_connections: usize,
+    /// How long a client gets to send an HTTP request's body (from the end of its head)
+    /// or a gRPC call's request message (from the call's start), in milliseconds; a
+    /// slower one is cut off (408, DEADLINE_EXCEEDED).
+    #[arg(long, default_value_t = keel_http::HostConfig::DEFAULT_BODY_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_ms: u64,
+    /// How long a gRPC connection may stay open with no call in progress, in
+    /// milliseconds (from its start or its last call's end); then it is closed with a
+    /// GOAWAY and clients reconnect for their next call.
+    #[arg(long, default_value_t = keel_grpc::Options::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    grpc_idle_timeout_ms: u64,
+    /// The most gRPC connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = keel_grpc::Options::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
+    grpc_max_connections: usize,
+    /// The interval of the hub overview's throughput points (GET …/overview), in
+    /// milliseconds: the counters and the backlog are sampled this often.
+    #[arg(long, default_value_t = keel_http::HostConfig::DEFAULT_OVERVIEW_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    overview_interval_ms: u64,
 }
 
 fn parse_positive(value: &str) -> Result<usize, String> {
@@ -70,6 +92,60 @@ fn parse_positive(value: &str) -> Result<usize, String> {
         Ok(value) => Ok(value),
         Err(error) => Err(error.to_string()),
     }
+}
+
+/// Open files the host keeps besides its connections: the task hub's (SQLite's database,
+/// WAL and shared-memory files for each of its connections, or PostgreSQL's sockets),
+/// the listeners, the log, the runtime's own.
+const RESERVED_FILES: u64 = 128;
+
+/// The HTTP and gRPC connection limits the process's open files can hold: its soft
+/// open-file limit is first raised to the hard limit (as Go programs do); if the two
+/// limits together would leave fewer than [`RESERVED_FILES`] files for the rest, both
+/// are lowered in proportion, so that connections never take the files the task hub
+/// needs (a flood then waits in the listen backlogs while idle connections time out).
+fn fit_connections_to_open_files(http: usize, grpc: usize) -> (usize, usize) {
+    let Some(open_files) = raise_open_file_limit() else { return (http, grpc) };
+    let budget = open_files.saturating_sub(RESERVED_FILES).max(2);
+    let wanted = http.saturating_add(grpc) as u64;
+    if wanted <= budget {
+        return (http, grpc);
+    }
+    let fitted_http = ((http as u64 * budget / wanted) as usize).max(1);
+    let fitted_grpc = ((budget as usize).saturating_sub(fitted_http)).max(1);
+    tracing::warn!(
+        open_files,
+        http,
+        grpc,
+        fitted_http,
+        fitted_grpc,
+        "the open-file limit cannot hold the connection limits: serving fewer connections at once"
+    );
+    (fitted_http, fitted_grpc)
+}
+
+/// Raises the soft open-file limit to the hard limit; the limit now in force, if known.
+#[cfg(unix)]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
 }
 
 /// The certificate and key files, read.
@@ -89,12 +165,17 @@ enum LogFormat {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    // Spans go out over OTLP when the standard OTEL_* variables ask for it; dropping
+    // this at the end exports what is still buffered.
+    let telemetry = keel::telemetry::init_from_env()?;
     let tls = tls_files(&args)?;
     // An empty key would let every request in while looking like protection.
     if args.api_key.as_deref().is_some_and(|key| key.trim().is_empty()) {
         anyhow::bail!("the API key is empty: give a key, or leave --api-key (and KEEL_API_KEY) out");
     }
     let api_key = args.api_key;
+    let (http_connections, grpc_connections) =
+        fit_connections_to_open_files(args.max_connections, args.grpc_max_connections);
     let config = HostConfig {
         address: SocketAddr::new(args.host, args.port),
         store_url: args.store.clone(),
@@ -106,7 +187,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         tls: tls.clone().map(|(certificate_pem, key_pem)| keel_http::TlsIdentity { certificate_pem, key_pem }),
         header_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
-        max_connections: args.max_connections,
+        max_connections: http_connections,
+        body_timeout: std::time::Duration::from_millis(args.body_timeout_ms),
+        overview_interval: std::time::Duration::from_millis(args.overview_interval_ms),
         ..HostConfig::default()
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -150,6 +233,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if api_key.is_some() {
         writeln!(stdout, "  API key:         required (x-functions-key header or code= parameter)")?;
     }
+    if telemetry.is_some() {
+        writeln!(stdout, "  traces:          OpenTelemetry, OTLP (OTEL_EXPORTER_OTLP_* settings)")?;
+    }
     stdout.flush()?;
     drop(stdout);
     tracing::info!(%address, %grpc_address, store = %args.store, "host started");
@@ -161,6 +247,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keel_grpc::Options {
             api_key: api_key.clone(),
             tls: tls.map(|(certificate_pem, key_pem)| keel_grpc::TlsIdentity { certificate_pem, key_pem }),
+            idle_timeout: std::time::Duration::from_millis(args.grpc_idle_timeout_ms),
+            max_connections: grpc_connections,
+            message_timeout: std::time::Duration::from_millis(args.body_timeout_ms),
             ..keel_grpc::Options::default()
         },
         async move {
@@ -173,6 +262,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await?;
     grpc.await??;
+    // The exporter's last batch runs on this runtime: shut it down off its threads.
+    tokio::task::spawn_blocking(move || drop(telemetry)).await?;
     Ok(())
 }
 

@@ -715,18 +715,30 @@ async fn an_app_route_uses_the_trigger_helpers() {
 #[tokio::test]
 async fn logs_name_the_instance_and_function_and_can_be_json() {
     let server = Server::start(&["--log-format", "json"]);
-    start(&server, "HelloCities", Some("logged"), None).await;
+    // Started with a traceparent: the activity's log lines carry its trace id.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = http()
+        .post(server.url("/api/orchestrators/HelloCities/logged"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
     wait_until_finished(&server, "logged").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = server.log();
-    let lines: Vec<Value> =
-        log.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"))).collect();
-    let hello =
-        lines.iter().find(|line| line["function"] == "SayHello").unwrap_or_else(|| panic!("an activity line in {log}"));
+    // The host writes its log as it goes: wait for the activity's line to be there.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let hello = loop {
+        let log = server.log();
+        let lines: Vec<Value> =
+            log.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"))).collect();
+        if let Some(hello) = lines.into_iter().find(|line| line["function"] == "SayHello") {
+            break hello;
+        }
+        assert!(std::time::Instant::now() < deadline, "no activity line in {log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(hello["instance_id"], "logged");
-    let started = lines.iter().find(|line| line["message"] == "orchestration started").expect("a start line");
-    assert_eq!(started["instance_id"], "logged");
-    assert_eq!(started["function"], "HelloCities");
+    assert_eq!(hello["span"]["trace_id"], trace_id, "the line names its trace: {hello}");
 }
 
 /// Signals an entity operation over HTTP with a JSON body; expects 202.

@@ -1,6 +1,6 @@
 //! `GET /metrics` on the real `keel serve --samples`: it parses as Prometheus/OpenMetrics
-//! text, its counters move by exactly what a known workload does, and it is behind the
-//! API key.
+//! text, its counters move by exactly what a known workload does, its task-hub gauges
+//! (backlog, instances by status) follow the hub, and it is behind the API key.
 
 mod common;
 
@@ -77,6 +77,13 @@ async fn metrics_count_a_known_workload_behind_the_api_key() {
     assert_eq!(by_query.status(), 200);
 
     let before = scrape(&server).await;
+    for gauge in ["keel_backlog_orchestrations", "keel_backlog_activities", "keel_backlog_timers", "keel_entities"] {
+        assert_eq!(before.get(gauge), Some(&0.0), "{gauge} on an empty hub");
+    }
+    for status in ["Pending", "Running", "Completed", "ContinuedAsNew", "Failed", "Terminated", "Suspended"] {
+        assert_eq!(before.get(&format!("keel_instances{{status=\"{status}\"}}")), Some(&0.0), "{status}");
+    }
+    assert!(!before.keys().any(|series| series.contains("Canceled")), "a status Keel never sets is left out");
 
     for n in 1..=3 {
         start(&server, "HelloCities", &format!("hello-{n}"), None).await;
@@ -92,7 +99,12 @@ async fn metrics_count_a_known_workload_behind_the_api_key() {
         let expected = if id == "declined" { "Failed" } else { "Completed" };
         assert_eq!(done["runtimeStatus"], expected, "{id}: {done}");
     }
-    wait_with_key(&server, "to-terminate", &["Running"]).await;
+    // Waiting for the approval: its timeout is a timer due in an hour.
+    let waiting = wait_for_custom_status(&server, "to-terminate", "waiting for approval").await;
+    assert_eq!(waiting["runtimeStatus"], "Running");
+    let gauges = scrape(&server).await;
+    assert_eq!(gauges.get("keel_backlog_timers"), Some(&1.0), "the approval's timeout is pending");
+    assert_eq!(gauges.get("keel_instances{status=\"Running\"}"), Some(&1.0));
     let response = http()
         .post(server.api("/instances/to-terminate/terminate?reason=metrics"))
         .header("x-functions-key", KEY)
@@ -111,6 +123,22 @@ async fn metrics_count_a_known_workload_behind_the_api_key() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         after = scrape(&server).await;
+    }
+
+    // Everything ended: nothing is ready; the terminated approval's timer stays due (in
+    // an hour, when it is delivered and dropped).
+    for (series, value) in [
+        ("keel_backlog_orchestrations", 0.0),
+        ("keel_backlog_activities", 0.0),
+        ("keel_backlog_timers", 1.0),
+        ("keel_instances{status=\"Completed\"}", 3.0),
+        ("keel_instances{status=\"Failed\"}", 1.0),
+        ("keel_instances{status=\"Terminated\"}", 1.0),
+        ("keel_instances{status=\"Running\"}", 0.0),
+        ("keel_instances{status=\"Pending\"}", 0.0),
+        ("keel_entities", 0.0),
+    ] {
+        assert_eq!(after.get(series), Some(&value), "{series}");
     }
 
     let expect = |series: &str, by: f64| {
@@ -146,6 +174,18 @@ async fn metrics_count_a_known_workload_behind_the_api_key() {
     assert!(delta(&before, &after, "keel_commit_duration_seconds_count") >= 1.0);
     let sum = after["keel_activity_duration_seconds_sum{activity=\"SayHello\",outcome=\"completed\"}"];
     assert!(sum >= 0.0 && sum.is_finite());
+}
+
+async fn wait_for_custom_status(server: &Server, id: &str, custom_status: &str) -> Value {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let status = wait_with_key(server, id, &["Running"]).await;
+        if status["customStatus"] == custom_status {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{id} never had the custom status {custom_status}: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_with_key(server: &Server, id: &str, statuses: &[&str]) -> Value {

@@ -3,6 +3,11 @@
 //! a stand-in that reads the file's size) and returns the total number of bytes.
 //!
 //! Input: the root directory, e.g. `"/var/www"`. Zero files give 0.
+//!
+//! `BackupSites` fans out one level up: a `BackupSiteContent` sub-orchestration per
+//! directory of its input (`["/var/www", "/srv/blog"]`), the bytes of all of them added
+//! up; its instances are the children's parent (the dashboard's structure view shows
+//! them).
 
 use std::path::{Path, PathBuf};
 
@@ -14,13 +19,16 @@ use keel::{
 pub const BACKUP_SITE_CONTENT: Orchestration<Option<String>, u64> = Orchestration::new("BackupSiteContent");
 pub const GET_FILE_LIST: Activity<String, Vec<String>> = Activity::new("GetFileList");
 pub const COPY_FILE_TO_BLOB: Activity<String, u64> = Activity::new("CopyFileToBlob");
+/// The input is the list of root directories, one sub-orchestration each.
+pub const BACKUP_SITES: Orchestration<Vec<String>, u64> = Orchestration::new("BackupSites");
 
 /// The most files one backup takes; a larger tree fails the listing.
 pub const MAX_FILES: usize = 10_000;
 
-/// Registers `BackupSiteContent`, `GetFileList` and `CopyFileToBlob`.
+/// Registers `BackupSites`, `BackupSiteContent`, `GetFileList` and `CopyFileToBlob`.
 pub fn register(worker: WorkerBuilder) -> WorkerBuilder {
     worker
+        .orchestration(BACKUP_SITES, backup_sites)
         .orchestration(BACKUP_SITE_CONTENT, backup_site_content)
         .activity(GET_FILE_LIST, get_file_list)
         .activity(COPY_FILE_TO_BLOB, copy_file_to_blob)
@@ -35,6 +43,12 @@ pub async fn backup_site_content(ctx: OrchestrationContext, root: Option<String>
     ctx.set_custom_status(&serde_json::json!({ "files": files.len() }));
     let copies = ctx.try_when_all(files.iter().map(|file| ctx.call(COPY_FILE_TO_BLOB, file))).await?;
     Ok(copies.into_iter().sum())
+}
+
+/// The parent: backs up every directory in its own sub-orchestration, in parallel.
+pub async fn backup_sites(ctx: OrchestrationContext, roots: Vec<String>) -> Result<u64, OrchestrationError> {
+    let backups = ctx.try_when_all(roots.into_iter().map(|root| ctx.call(BACKUP_SITE_CONTENT, &Some(root)))).await?;
+    Ok(backups.into_iter().sum())
 }
 
 async fn get_file_list(ctx: ActivityContext, root: String) -> Result<Vec<String>, ActivityError> {

@@ -7,6 +7,7 @@
 //! | `PlaceOrder` | function chaining with compensation | [`place_order`] |
 //! | `HelloCities` | function chaining | [`hello_cities`] |
 //! | `BackupSiteContent` | fan-out/fan-in | [`fan_out_fan_in`] |
+//! | `BackupSites` | fan-out/fan-in over sub-orchestrations | [`fan_out_fan_in`] |
 //! | `WeatherMonitor` | monitor (durable timers) | [`monitor`] |
 //! | `ApprovalWorkflow` | human interaction (event vs timeout) | [`human_interaction`] |
 //! | `BankTransfer` | critical section over two entities | [`bank_transfer`] |

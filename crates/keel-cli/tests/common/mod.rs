@@ -22,6 +22,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// The gRPC endpoint for the Durable Task SDKs: `http://127.0.0.1:PORT`.
+    pub grpc: String,
     /// The task hub's URL (`sqlite://…/hub.db` in the temp dir unless a test gave one).
     pub store: String,
     dir: tempfile::TempDir,
@@ -46,39 +48,84 @@ impl Server {
         Server::spawn(None, extra_args)
     }
 
+    /// Starts `keel serve --samples --port 0` on the task hub `store` (a SQLite file in a
+    /// temp dir when `None`) with these environment variables set.
+    pub fn start_with_env(store: Option<&str>, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn_with(store, &[&["--samples"], extra_args].concat(), env)
+    }
+
     fn spawn(store: Option<&str>, extra_args: &[&str]) -> Server {
+        Server::spawn_with(store, extra_args, &[])
+    }
+
+    /// Starts `keel serve --samples --port 0` with `open_files` as its open-file limit,
+    /// soft and hard (so the host cannot raise it), with extra arguments.
+    #[cfg(unix)]
+    pub fn start_with_open_file_limit(open_files: u64, extra_args: &[&str]) -> Server {
+        Server::spawn_limited(None, &[&["--samples"], extra_args].concat(), &[], Some(open_files))
+    }
+
+    fn spawn_with(store: Option<&str>, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn_limited(store, extra_args, env, None)
+    }
+
+    fn spawn_limited(
+        store: Option<&str>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> Server {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = match store {
             Some(store) => store.to_string(),
             None => format!("sqlite://{}", dir.path().join("hub.db").display()),
         };
         let log = std::fs::File::create(dir.path().join("host.log")).expect("a log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command
             .args(["serve", "--port", "0", "--grpc-port", "0", "--store", &store])
             .args(extra_args)
             .env_remove("KEEL_API_KEY")
             .env_remove("KEEL_STORE")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("keel serve starts");
+            .stderr(Stdio::from(log));
+        #[cfg(unix)]
+        if let Some(open_files) = open_files {
+            limit_open_files(&mut command, open_files);
+        }
+        #[cfg(not(unix))]
+        assert!(open_files.is_none(), "open-file limits are set on Unix only");
+        let mut child = command.spawn().expect("keel serve starts");
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stdout = BufReader::new(stdout);
         let mut first_line = String::new();
         stdout.read_line(&mut first_line).expect("keel serve prints its address");
-        // Keep reading what the host prints, so that its writes never fail.
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        fn no_address(dir: &Path, printed: &str) -> ! {
+            let log = std::fs::read_to_string(dir.join("host.log")).unwrap_or_default();
+            panic!("no address in {printed:?}; log:\n{log}")
+        }
         let base = first_line
             .split_whitespace()
             .find(|word| word.starts_with("http://"))
-            .unwrap_or_else(|| {
-                let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap_or_default();
-                panic!("no address in {first_line:?}; log:\n{log}")
-            })
+            .unwrap_or_else(|| no_address(dir.path(), &first_line))
             .to_string();
-        Server { child, base, store, dir }
+        // The gRPC address follows on a line of its own.
+        let mut grpc = None;
+        let mut line = String::new();
+        while grpc.is_none() {
+            line.clear();
+            if stdout.read_line(&mut line).expect("keel serve prints its addresses") == 0 {
+                no_address(dir.path(), "the gRPC line");
+            }
+            grpc =
+                line.strip_prefix("  gRPC (Durable Task SDKs): ").map(|address| format!("http://{}", address.trim()));
+        }
+        // Keep reading what the host prints, so that its writes never fail.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        Server { child, base, grpc: grpc.expect("the loop ends with an address"), store, dir }
     }
 
     /// Kills the host and waits for it to exit; its temp dir (and task hub) stays until
@@ -110,6 +157,21 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes `command`'s process start with `open_files` as its open-file limit, soft and hard.
+#[cfg(unix)]
+fn limit_open_files(command: &mut Command, open_files: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit { rlim_cur: open_files, rlim_max: open_files };
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // setrlimit, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
     }
 }
 
