@@ -5,7 +5,8 @@
 //! start to its end), its episodes and its activities, each under the right parent. An
 //! approval workflow whose host is killed mid-run and started again still yields one
 //! trace, its execution's span keeping the id its earlier children name. Timers and
-//! entity operations get spans under whoever set or asked for them.
+//! entity operations get spans under whoever set or asked for them; over OTLP/gRPC (a
+//! tonic receiver here) a sub-orchestration's execution hangs under its parent's.
 
 mod common;
 
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::routing::post;
 use common::{http, wait_for_status, wait_until_finished, Server, WAIT};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message as _;
 use serde_json::json;
@@ -49,30 +51,7 @@ impl Receiver {
                 let kept = kept.clone();
                 async move {
                     let request = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
-                    let mut kept = kept.lock().unwrap();
-                    for resource in request.resource_spans {
-                        let service_name = resource.resource.as_ref().and_then(|resource| {
-                            resource.attributes.iter().find(|kv| kv.key == "service.name").and_then(string_value)
-                        });
-                        for scope in resource.scope_spans {
-                            for span in scope.spans {
-                                kept.push(ReceivedSpan {
-                                    name: span.name.clone(),
-                                    trace_id: hex(&span.trace_id),
-                                    span_id: hex(&span.span_id),
-                                    parent_span_id: hex(&span.parent_span_id),
-                                    instance_id: span
-                                        .attributes
-                                        .iter()
-                                        .find(|kv| kv.key == "durabletask.task.instance_id")
-                                        .and_then(string_value),
-                                    service_name: service_name.clone(),
-                                    start_nanos: span.start_time_unix_nano,
-                                    end_nanos: span.end_time_unix_nano,
-                                });
-                            }
-                        }
-                    }
+                    keep(request, &kept);
                     // An empty ExportTraceServiceResponse.
                     Vec::<u8>::new()
                 }
@@ -127,6 +106,80 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Keeps the spans of an export.
+fn keep(request: ExportTraceServiceRequest, kept: &Mutex<Vec<ReceivedSpan>>) {
+    let mut kept = kept.lock().unwrap();
+    for resource in request.resource_spans {
+        let service_name = resource
+            .resource
+            .as_ref()
+            .and_then(|resource| resource.attributes.iter().find(|kv| kv.key == "service.name").and_then(string_value));
+        for scope in resource.scope_spans {
+            for span in scope.spans {
+                kept.push(ReceivedSpan {
+                    name: span.name.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    instance_id: span
+                        .attributes
+                        .iter()
+                        .find(|kv| kv.key == "durabletask.task.instance_id")
+                        .and_then(string_value),
+                    service_name: service_name.clone(),
+                    start_nanos: span.start_time_unix_nano,
+                    end_nanos: span.end_time_unix_nano,
+                });
+            }
+        }
+    }
+}
+
+/// The OTLP/gRPC trace service of [`Receiver::start_grpc`].
+struct GrpcTraces {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcTraces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep(request.into_inner(), &self.spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    /// An OTLP/gRPC receiver on 127.0.0.1.
+    async fn start_grpc() -> Receiver {
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let endpoint = format!("http://{}", listener.local_addr().expect("an address"));
+        let service = TraceServiceServer::new(GrpcTraces { spans: spans.clone() });
+        let incoming = tokio_stream_of(listener);
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+                .expect("the receiver serves")
+        });
+        Receiver { endpoint, spans }
+    }
+}
+
+/// The connections `listener` accepts, as tonic's server takes them.
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
 }
 
 fn string_value(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> Option<String> {
@@ -303,4 +356,38 @@ async fn entity_operations_get_spans_in_the_trace_of_whoever_asked() {
     let execution = the_one(&spans, "orchestration:BankTransfer");
     let withdraw = receiver.wait_for_name("entity:account:withdraw").await;
     assert_eq!((withdraw.trace_id, withdraw.parent_span_id), (execution.trace_id.clone(), execution.span_id.clone()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_over_otlp_grpc_and_a_child_hangs_under_its_parent() {
+    let receiver = Receiver::start_grpc().await;
+    let mut env = receiver.env();
+    env.retain(|(key, _)| *key != "OTEL_EXPORTER_OTLP_PROTOCOL");
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()));
+    let server = Server::start_with_env(None, &[], &env_refs(&env));
+    let sites: Vec<String> = ["site-a", "site-b"]
+        .iter()
+        .map(|site| {
+            let dir = server.dir().join(site);
+            std::fs::create_dir_all(&dir).expect("a site directory");
+            std::fs::write(dir.join("index.html"), "<p>hello</p>").expect("a file to back up");
+            dir.display().to_string()
+        })
+        .collect();
+    let response = http()
+        .post(server.url("/api/orchestrators/BackupSites/backup-traced"))
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .json(&sites)
+        .send()
+        .await
+        .expect("start request");
+    assert_eq!(response.status(), 202);
+    let status = wait_until_finished(&server, "backup-traced").await;
+    assert_eq!(status["runtimeStatus"], "Completed", "{status}");
+    let parent = receiver.wait_for("backup-traced", "orchestration:BackupSites").await;
+    let parent = the_one(&parent, "orchestration:BackupSites").clone();
+    assert_eq!(parent.trace_id, TRACE_ID);
+    let children = receiver.wait_for_name("orchestration:BackupSiteContent").await;
+    assert_eq!(children.trace_id, TRACE_ID, "the child is in its parent's trace");
+    assert_eq!(children.parent_span_id, parent.span_id, "the child's execution hangs under the parent's");
 }
