@@ -33,7 +33,9 @@ use serde_json::json;
 
 use crate::hub::{FreshHub, HubSpec, WorkerProcesses};
 
+mod grpc;
 mod hub;
+mod recovery;
 mod scale;
 mod tracing_sink;
 mod verify;
@@ -107,7 +109,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify] \
+                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify|recovery|grpc] \
                      [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp]"
                 );
                 std::process::exit(0);
@@ -117,7 +119,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     }
     let all = ["chain", "fanout", "throughput", "latency"];
     let scaling = ["large-fanout", "long-history", "idle"];
-    let single = ["verify"];
+    let single = ["verify", "recovery", "grpc"];
     let scenarios = if scenario == "all" {
         all.iter().map(|s| s.to_string()).collect()
     } else if scenario == "scale" {
@@ -125,7 +127,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     } else if [&all[..], &scaling[..], &single[..]].concat().contains(&scenario.as_str()) {
         vec![scenario]
     } else {
-        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale or verify");
+        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale, verify, recovery or grpc");
     };
     let hub = if store == "sqlite" {
         HubSpec::Sqlite(durability)
@@ -369,6 +371,8 @@ async fn main() -> anyhow::Result<()> {
             "long-history" => vec![scale::run_long_history(&args.store, &args.hub).await?],
             "idle" => vec![scale::run_idle(&args.store, &args.hub).await?],
             "verify" => vec![verify::run_verify(&args.store, &args.hub).await?],
+            "recovery" => vec![recovery::run_recovery(&args.store, &args.hub).await?],
+            "grpc" => grpc::run_grpc(&args.store, &args.hub).await?,
             other => unreachable!("scenario {other} was validated"),
         };
         for mut result in results {
