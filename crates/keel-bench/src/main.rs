@@ -33,6 +33,7 @@ use serde_json::json;
 
 use crate::hub::{FreshHub, HubSpec, WorkerProcesses};
 
+mod disk;
 mod grpc;
 mod hub;
 mod recovery;
@@ -265,6 +266,10 @@ fn round2(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
 
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
 async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
     let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
@@ -273,9 +278,17 @@ async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(done.output.as_deref() == Some("100"), "chain ended wrong: {done:?}");
     let worker_rss = bench.finish().await;
-    Ok(json!({"scenario": "chain", "store": args.store, "activities": 100, "wall_ms": round2(wall),
+    let mut result = json!({"scenario": "chain", "store": args.store, "activities": 100, "wall_ms": round2(wall),
         "ms_per_activity": round2(wall / 100.0), "activities_per_s": round2(100.0 / (wall / 1000.0)),
-        "peak_rss_mib": round2(peak_rss_mib()), "worker_peak_rss_mib": worker_rss}))
+        "peak_rss_mib": round2(peak_rss_mib()), "worker_peak_rss_mib": worker_rss});
+    if let HubSpec::Sqlite(durability) = &args.hub {
+        let durability = *durability;
+        // Issue 15 compares a step with the disk: one commit's p50, measured in this run.
+        let disk = disk::single_commit_p50_ms(durability)?;
+        result["disk_single_commit_p50_ms"] = json!(round3(disk));
+        result["activity_over_disk_commit"] = json!(round2(wall / 100.0 / disk));
+    }
+    Ok(result)
 }
 
 async fn run_fanout(args: &Args) -> anyhow::Result<serde_json::Value> {
