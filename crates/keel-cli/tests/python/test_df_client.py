@@ -236,3 +236,15 @@ def test_wait_for_completion_or_create_check_status_response(run, keel, df_clien
     assert check.status_code == 202
     code, status = http_get(json.loads(check.get_body())["statusQueryGetUri"])
     assert code == 200 and status["output"] == "stop waiting"
+
+
+def test_input_nested_beyond_the_limit_is_refused_and_writes_nothing(run, df_client):
+    """JSON nested deeper than 64 levels: the client's start fails with Keel's 400 and
+    the task hub gains no instance."""
+    prefix = unique("df-deep")
+    nested = 0
+    for _ in range(100):
+        nested = [nested]
+    with pytest.raises(Exception, match="64"):
+        run(df_client.start_new("HelloCities", instance_id=f"{prefix}-1", client_input=nested))
+    assert run(df_client.get_status_by(instance_id_prefix=prefix)) == [], "a refused start wrote an instance"

@@ -47,3 +47,26 @@ def test_an_unknown_orchestrator_fails_in_a_worker_without_filters(private_keel)
     finally:
         hub.close()
         w.stop()
+
+
+def test_input_nested_beyond_the_limit_is_refused_and_writes_nothing(hub):
+    """Keel caps JSON nesting at 64 levels: the SDK client's start is INVALID_ARGUMENT,
+    names the limit, and leaves the task hub as it was."""
+    import grpc
+    nested = 0
+    for _ in range(100):
+        nested = [nested]
+    prefix = "too-deep-"
+    everything = client.OrchestrationQuery(instance_id_prefix=prefix)
+    assert list(hub.get_all_orchestration_states(everything)) == []
+    with pytest.raises(grpc.RpcError) as error:
+        hub.schedule_new_orchestration(o.py_chain, input=nested, instance_id=f"{prefix}1")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "64" in error.value.details(), error.value.details()
+    assert list(hub.get_all_orchestration_states(everything)) == [], "a refused start wrote an instance"
+    # Just within the limit, the same start is accepted.
+    within = 0
+    for _ in range(60):
+        within = [within]
+    hub.schedule_new_orchestration(o.py_custom_status, input=within, instance_id=f"{prefix}2")
+    assert [s.instance_id for s in hub.get_all_orchestration_states(everything)] == [f"{prefix}2"]
