@@ -168,7 +168,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Spans go out over OTLP when the standard OTEL_* variables ask for it; dropping
     // this at the end exports what is still buffered.
     let telemetry = keel::telemetry::init_from_env()?;
-    let tls = tls_files(&args)?;
+    let tls = tls_files(&args)?.map(|(certificate_pem, key_pem)| keel_http::TlsIdentity { certificate_pem, key_pem });
     // An empty key would let every request in while looking like protection.
     if args.api_key.as_deref().is_some_and(|key| key.trim().is_empty()) {
         anyhow::bail!("the API key is empty: give a key, or leave --api-key (and KEEL_API_KEY) out");
@@ -185,7 +185,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             allowed_hosts: args.allowed_hosts.clone(),
             ..ApiSettings::default()
         },
-        tls: tls.clone().map(|(certificate_pem, key_pem)| keel_http::TlsIdentity { certificate_pem, key_pem }),
+        tls: tls.clone(),
         header_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
         max_connections: http_connections,
         body_timeout: std::time::Duration::from_millis(args.body_timeout_ms),
@@ -239,6 +239,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
     tracing::info!(%address, %grpc_address, store = %args.store, "host started");
+    // One certificate for both servers, read by keel-http; gRPC needs HTTP/2 (`h2`).
+    // (Without the `tls` feature the host has refused `--tls-cert` already.)
+    #[cfg(feature = "tls")]
+    let grpc_tls = tls
+        .as_ref()
+        .map(|identity| keel_http::tls_acceptor(identity, &[b"h2"]))
+        .transpose()
+        .map_err(|error| anyhow::anyhow!("the TLS certificate or key is not usable: {error}"))?;
+    #[cfg(not(feature = "tls"))]
+    let grpc_tls = None;
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
     let grpc = tokio::spawn(keel_grpc::serve(
         grpc_listener,
@@ -246,7 +256,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         remote,
         keel_grpc::Options {
             api_key: api_key.clone(),
-            tls: tls.map(|(certificate_pem, key_pem)| keel_grpc::TlsIdentity { certificate_pem, key_pem }),
+            tls: grpc_tls,
             idle_timeout: std::time::Duration::from_millis(args.grpc_idle_timeout_ms),
             max_connections: grpc_connections,
             message_timeout: std::time::Duration::from_millis(args.body_timeout_ms),

@@ -49,38 +49,14 @@ pub(crate) struct Limits {
     pub(crate) keepalive_timeout: Duration,
 }
 
+/// What accepts TLS connections for the server (`Options::tls`): a rustls acceptor that
+/// offers `h2`, e.g. `keel_http::tls_acceptor(&identity, &[b"h2"])`.
 #[cfg(feature = "tls")]
-pub(crate) type TlsAcceptor = tokio_rustls::TlsAcceptor;
+pub type TlsAcceptor = tokio_rustls::TlsAcceptor;
 /// Without the `tls` feature there is no acceptor: an `Option` of it is always `None`.
 #[cfg(not(feature = "tls"))]
 #[derive(Clone)]
-pub(crate) enum TlsAcceptor {}
-
-/// The rustls acceptor for `identity`, offering HTTP/2 (`h2`) as gRPC needs.
-#[cfg(feature = "tls")]
-pub(crate) fn tls_acceptor(identity: &crate::TlsIdentity) -> Result<TlsAcceptor, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&identity.certificate_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|error| format!("the TLS certificate is not PEM: {error}"))?;
-    if certificates.is_empty() {
-        return Err("the TLS certificate file holds no certificate".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(&identity.key_pem)
-        .map_err(|error| format!("the TLS key is not a PEM private key: {error}"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| error.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certificates, key)
-        .map_err(|error| format!("the TLS certificate and key do not go together: {error}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
+pub enum TlsAcceptor {}
 
 /// Serves `routes` on the connections `listener` accepts (after the TLS handshake with
 /// `tls`) until `shutdown` resolves; then stops accepting, closes every connection

@@ -45,6 +45,7 @@ use futures_util::{stream, StreamExt};
 use keel_store::Store;
 use tokio::sync::watch;
 
+pub use connections::TlsAcceptor;
 pub use convert::UNSUPPORTED_ERROR_TYPE;
 pub use dispatch::{GrpcRemoteWorkers, MAX_WAITING_ITEMS};
 pub use error::Error;
@@ -76,16 +77,16 @@ const HELD_WORK_RENEW_EVERY: Duration = Duration::from_secs(3);
 const RENEWALS_AT_ONCE: usize = 16;
 
 /// Settings of the gRPC server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     /// When set, every call must carry `authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// How often an idle `GetWorkItems` stream carries a `HealthPing`. The SDKs treat
     /// 120 s of silence as a dead stream, so keep this well below that.
     pub health_ping_interval: Duration,
-    /// Serve over TLS with this certificate (needs the `tls` feature); the SDKs connect
-    /// with their secure-channel option (`secure_channel=True` in Python).
-    pub tls: Option<TlsIdentity>,
+    /// Serve over TLS with this acceptor (the `tls` feature; it must offer `h2`); the
+    /// SDKs connect with their secure-channel option (`secure_channel=True` in Python).
+    pub tls: Option<TlsAcceptor>,
     /// How long a connection may stay open with no call in progress, counted from its
     /// start (so it also bounds the TLS handshake and the HTTP/2 preface) or from the end
     /// of its last call; then it is closed with a GOAWAY (clients reconnect for their
@@ -122,6 +123,21 @@ impl Options {
     pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 }
 
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("api_key", &self.api_key.as_ref().map(|_| "…")) // never the key
+            .field("health_ping_interval", &self.health_ping_interval)
+            .field("tls", &self.tls.is_some())
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("message_timeout", &self.message_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .finish()
+    }
+}
+
 impl Default for Options {
     fn default() -> Options {
         Options {
@@ -134,35 +150,6 @@ impl Default for Options {
             keepalive_interval: Options::DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: Options::DEFAULT_KEEPALIVE_TIMEOUT,
         }
-    }
-}
-
-/// A server certificate (chain) and its private key, PEM-encoded.
-#[derive(Clone)]
-pub struct TlsIdentity {
-    pub certificate_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-}
-
-impl std::fmt::Debug for TlsIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsIdentity").finish_non_exhaustive() // never the key
-    }
-}
-
-/// The TLS acceptor of `tls`, if set.
-fn tls_acceptor(tls: Option<&TlsIdentity>) -> Result<Option<connections::TlsAcceptor>, Error> {
-    let Some(tls) = tls else { return Ok(None) };
-    #[cfg(feature = "tls")]
-    {
-        connections::tls_acceptor(tls)
-            .map(Some)
-            .map_err(|error| Error::InvalidArgument(format!("the TLS certificate or key is not usable: {error}")))
-    }
-    #[cfg(not(feature = "tls"))]
-    {
-        let _ = tls;
-        Err(Error::FailedPrecondition("this build of keel-grpc has no TLS support (feature `tls`)".into()))
     }
 }
 
@@ -181,7 +168,7 @@ pub async fn serve(
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let tls = tls_acceptor(options.tls.as_ref())?;
+    let tls = options.tls.clone();
     let jobs = remote
         .take_jobs()
         .ok_or_else(|| Error::FailedPrecondition("this GrpcRemoteWorkers is already being served".into()))?;

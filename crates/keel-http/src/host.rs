@@ -203,7 +203,12 @@ impl Host {
     /// HTTP address.
     pub async fn start(app: App, config: HostConfig) -> Result<Host, HostError> {
         #[cfg(feature = "tls")]
-        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose().map_err(HostError::Tls)?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|identity| crate::tls::acceptor(identity, &[b"http/1.1"]))
+            .transpose()
+            .map_err(HostError::Tls)?;
         #[cfg(not(feature = "tls"))]
         if config.tls.is_some() {
             return Err(HostError::Tls("this build of keel-http has no TLS support (feature `tls`)".into()));

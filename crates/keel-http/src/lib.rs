@@ -53,6 +53,8 @@ mod request;
 mod security;
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "tls")]
+pub use tls::acceptor as tls_acceptor;
 pub mod trigger;
 
 use std::sync::Arc;

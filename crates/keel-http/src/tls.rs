@@ -1,5 +1,6 @@
 //! HTTPS for the host (feature `tls`): rustls (ring) accepts each connection, then the
-//! host's accept loop (`host`) serves the router on it over HTTP/1.1.
+//! host's accept loop (`host`) serves the router on it over HTTP/1.1. [`acceptor`] also
+//! serves `keel serve`'s gRPC server, so certificates are read in one place.
 
 use std::sync::Arc;
 
@@ -9,8 +10,10 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::host::TlsIdentity;
 
-/// The rustls acceptor for `identity`; an error says what is wrong with it.
-pub(crate) fn acceptor(identity: &TlsIdentity) -> Result<tokio_rustls::TlsAcceptor, String> {
+/// The rustls acceptor (ring) for `identity`, offering the application protocols `alpn`
+/// (`http/1.1` for this host, `h2` for the gRPC server, which takes its acceptor from
+/// here); an error says what is wrong with the certificate or key.
+pub fn acceptor(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<tokio_rustls::TlsAcceptor, String> {
     let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&identity.certificate_pem)
         .collect::<Result<_, _>>()
         .map_err(|error| format!("the TLS certificate is not PEM: {error}"))?;
@@ -26,6 +29,6 @@ pub(crate) fn acceptor(identity: &TlsIdentity) -> Result<tokio_rustls::TlsAccept
         .with_no_client_auth()
         .with_single_cert(certificates, key)
         .map_err(|error| format!("the TLS certificate and key do not go together: {error}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
