@@ -31,7 +31,7 @@ pub(crate) enum Plan {
         execution: Option<Box<Execution>>,
         history_len: u64,
         /// What the episode's spans need, emitted once the commit is durable.
-        spans: Box<EpisodeSpans>,
+        spans: EpisodeSpans,
     },
     /// Nothing can run yet (a scheduled start is not due); give it back until then.
     Abandon { retry_at: Timestamp },
@@ -168,7 +168,12 @@ fn intake(item: &OrchestrationItem, now: Timestamp, history: Option<&[HistoryEve
         }
     }
     let settle = |commit: EpisodeCommit, history_len: u64| {
-        Intake::Settled(Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans: Box::default() })
+        Intake::Settled(Plan::Commit {
+            commit: Box::new(commit),
+            execution: None,
+            history_len,
+            spans: EpisodeSpans::default(),
+        })
     };
 
     if let Some(reason) = rewind {
@@ -339,7 +344,7 @@ pub(crate) fn plan(registry: &Registry, item: &OrchestrationItem, resume: Resume
         commit.history.push(completion.to_history_event(now));
         finish(&mut commit, instance, instance.input.clone(), None, &completion, now);
         let history_len = instance.history_len + commit.history.len() as u64;
-        return Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans: Box::default() };
+        return Plan::Commit { commit: Box::new(commit), execution: None, history_len, spans: EpisodeSpans::default() };
     };
     let mut execution =
         resume.execution.unwrap_or_else(|| Box::new(Execution::new(&instance.instance_id, orchestrator.clone())));
@@ -580,7 +585,7 @@ fn apply_result(
 ) -> Plan {
     let mut execution_id = instance.execution_id.clone();
     let mut input = instance.input.clone();
-    let mut spans = Box::<EpisodeSpans>::default();
+    let mut spans = EpisodeSpans::default();
     for _ in 0..MAX_CONTINUE_AS_NEW_PER_EPISODE {
         spans.observe(&mut execution);
         let action_traces = ActionTraces { execution: execution.orchestration_trace(), given: &NO_GIVEN_TRACES };
@@ -884,7 +889,7 @@ fn plan_rewind(
             commit: Box::new(commit),
             execution: None,
             history_len: instance.history_len,
-            spans: Box::default(),
+            spans: EpisodeSpans::default(),
         };
     };
     let past = rewind_history(&history);

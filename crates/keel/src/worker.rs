@@ -826,7 +826,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
 struct Traced {
     instance_id: String,
     name: String,
-    spans: Box<episode::EpisodeSpans>,
+    spans: episode::EpisodeSpans,
     started: std::time::SystemTime,
 }
 
