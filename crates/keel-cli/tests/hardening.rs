@@ -308,7 +308,8 @@ async fn a_slow_grpc_request_message_is_cut() {
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("HTTP/2");
     tokio::spawn(connection);
     let (mut body, channel) = Channel::<Bytes>::new(1);
-    let request = hyper::Request::post(format!("{}/TaskHubSidecarService/Hello", server.grpc))
+    // A start whose message never arrives: it is cut, and nothing is written.
+    let request = hyper::Request::post(format!("{}/TaskHubSidecarService/StartInstance", server.grpc))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(channel)
@@ -333,6 +334,7 @@ async fn a_slow_grpc_request_message_is_cut() {
     assert_eq!(status, (tonic::Code::DeadlineExceeded as i32).to_string());
     assert!(started.elapsed() < Duration::from_secs(5), "cut after {:?}", started.elapsed());
     drop(body);
+    assert_eq!(instance_count(&server).await, 0, "a cut start wrote an instance");
 }
 
 /// Raises this process's soft open-file limit to at least `wanted`, within its hard
