@@ -313,6 +313,14 @@ async fn a_timer_gets_a_span_from_its_creation_to_its_firing() {
         .await
         .expect("start request");
     assert_eq!(response.status(), 202);
+    // A second start of the running instance is refused: it leaves no start span.
+    let refused = http()
+        .post(server.url("/api/orchestrators/ApprovalWorkflow/escalated"))
+        .json(&json!({"request": "coffee", "timeoutSeconds": 0.3}))
+        .send()
+        .await
+        .expect("second start request");
+    assert!(refused.status().is_client_error(), "a running instance's id is refused: {}", refused.status());
     let status = wait_until_finished(&server, "escalated").await;
     assert_eq!(status["output"], "Escalated", "{status}");
     let spans = receiver.wait_for("escalated", "orchestration:ApprovalWorkflow").await;
@@ -323,6 +331,8 @@ async fn a_timer_gets_a_span_from_its_creation_to_its_firing() {
     let lasted = Duration::from_nanos(timer.end_nanos - timer.start_nanos);
     assert!(lasted >= Duration::from_millis(250), "the timer's span lasts its 0.3 s: {lasted:?}");
     the_one(&spans, "activity:Escalate");
+    let start = the_one(&spans, "create_orchestration:ApprovalWorkflow");
+    assert_eq!(execution.parent_span_id, start.span_id, "the written start is the execution's parent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -432,7 +432,8 @@ impl Client {
         refuse_entity_id(&instance_id)?;
         let created_at = self.clock.now();
         let version = options.version.or_else(|| self.default_version.clone());
-        let trace = crate::telemetry::start_instance_span(name, &instance_id, version.as_deref(), options.trace);
+        let start_trace = crate::telemetry::StartTrace::plan(options.trace);
+        let traced_version = version.clone();
         let instance = NewInstance {
             instance_id: instance_id.clone(),
             execution_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -443,12 +444,13 @@ impl Client {
             scheduled_start: options.scheduled_start,
             created_at,
             tags: options.tags,
-            trace,
+            trace: start_trace.context(),
         };
         match &options.replaceable {
             None => self.store.create_instance(instance).await?,
             Some(replaceable) => self.create_replacing(instance, replaceable).await?,
         }
+        start_trace.emit(name, &instance_id, traced_version.as_deref());
         if let Some(at) = options.scheduled_start {
             self.store.notifications().orchestration_work_due(at);
         }

@@ -44,6 +44,8 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 thread_local! {
     /// The id the next span built on this thread must have (see `id_generator`).
     static NEXT_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
+    /// The trace id the next root span built on this thread must have.
+    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
 }
 
 /// Switches the runtime's spans on or off (off by default). Turn it on after installing
@@ -62,6 +64,13 @@ pub fn is_enabled() -> bool {
 #[cfg(feature = "otlp")]
 pub(crate) fn take_requested_span_id() -> Option<SpanId> {
     NEXT_SPAN_ID.with(Cell::take)
+}
+
+/// The trace id asked for the root span being built on this thread, if any; taking it
+/// clears it.
+#[cfg(feature = "otlp")]
+pub(crate) fn take_requested_trace_id() -> Option<TraceId> {
+    NEXT_TRACE_ID.with(Cell::take)
 }
 
 /// What a span is about, as the Durable Task SDKs label it.
@@ -105,8 +114,10 @@ pub(crate) struct SpanRecord<'a> {
     /// The function's name (orchestrator, activity, entity).
     pub(crate) function: &'a str,
     pub(crate) parent: Option<&'a TraceContext>,
-    /// The span's own id (16 hex), when it is fixed (an execution's span).
+    /// The span's own id (16 hex), when it is fixed (an execution's span, a start's).
     pub(crate) span_id: Option<&'a str>,
+    /// The trace id (32 hex) of a root span whose id is fixed (a start without a caller).
+    pub(crate) trace_id: Option<&'a str>,
     pub(crate) start: SystemTime,
     pub(crate) end: SystemTime,
     pub(crate) attributes: Vec<KeyValue>,
@@ -130,9 +141,12 @@ impl SpanRecord<'_> {
             .with_start_time(self.start)
             .with_attributes(attributes);
         let requested = self.span_id.and_then(|id| SpanId::from_hex(id).ok());
+        let requested_trace = self.trace_id.and_then(|id| TraceId::from_hex(id).ok());
         NEXT_SPAN_ID.with(|next| next.set(requested));
+        NEXT_TRACE_ID.with(|next| next.set(requested_trace));
         let mut span = opentelemetry::global::tracer("keel").build_with_context(builder, &parent_context(self.parent));
         NEXT_SPAN_ID.with(|next| next.set(None));
+        NEXT_TRACE_ID.with(|next| next.set(None));
         if let Some(failure) = self.failure {
             span.set_status(Status::error(failure.to_string()));
         }
@@ -142,36 +156,66 @@ impl SpanRecord<'_> {
     }
 }
 
-/// The span of a request that starts an instance: emitted at once; what it returns is
-/// the context to keep in the instance's `ExecutionStarted`. With tracing off the
+/// The trace of a start request: [`StartTrace::context`] goes into the instance's
+/// `ExecutionStarted` before it is written, and [`StartTrace::emit`] emits the start's
+/// span once the write succeeded (a refused start leaves no span). With tracing off the
 /// caller's context (if any) is kept as it is, so SDK workers still see it.
-pub(crate) fn start_instance_span(
-    name: &str,
-    instance_id: &str,
-    version: Option<&str>,
+#[derive(Debug)]
+pub(crate) struct StartTrace {
+    /// The caller's context: the parent of the start's span.
     parent: Option<TraceContext>,
-) -> Option<TraceContext> {
-    if !is_enabled() {
-        return parent;
+    /// The start span's own context, chosen ahead (tracing on); `None` when off.
+    own: Option<TraceContext>,
+}
+
+impl StartTrace {
+    /// Chooses the start span's ids (a new trace when the caller has none).
+    pub(crate) fn plan(parent: Option<TraceContext>) -> StartTrace {
+        if !is_enabled() {
+            return StartTrace { parent, own: None };
+        }
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        let span_id = &random[16..];
+        let own = match &parent {
+            Some(parent) => parent.child(span_id),
+            None => {
+                let trace_id = uuid::Uuid::new_v4().simple().to_string();
+                TraceContext::parse(&format!("00-{trace_id}-{span_id}-01"), None)
+                    .expect("random hex ids make a valid traceparent")
+            }
+        };
+        StartTrace { parent, own: Some(own) }
     }
-    let now = SystemTime::now();
-    let mut attributes = Vec::new();
-    if let Some(version) = version {
-        attributes.push(KeyValue::new("durabletask.task.version", version.to_string()));
+
+    /// What the instance's `ExecutionStarted` keeps: the start span's context, or the
+    /// caller's when tracing is off.
+    pub(crate) fn context(&self) -> Option<TraceContext> {
+        self.own.clone().or_else(|| self.parent.clone())
     }
-    let record = SpanRecord {
-        task_type: TaskType::CreateOrchestration,
-        name: format!("create_orchestration:{name}"),
-        instance_id,
-        function: name,
-        parent: parent.as_ref(),
-        span_id: None,
-        start: now,
-        end: now,
-        attributes,
-        failure: None,
-    };
-    record.emit().or(parent)
+
+    /// Emits the start's span (when tracing is on), now that the instance was written.
+    pub(crate) fn emit(&self, name: &str, instance_id: &str, version: Option<&str>) {
+        let Some(own) = &self.own else { return };
+        let now = SystemTime::now();
+        let mut attributes = Vec::new();
+        if let Some(version) = version {
+            attributes.push(KeyValue::new("durabletask.task.version", version.to_string()));
+        }
+        SpanRecord {
+            task_type: TaskType::CreateOrchestration,
+            name: format!("create_orchestration:{name}"),
+            instance_id,
+            function: name,
+            parent: self.parent.as_ref(),
+            span_id: Some(own.span_id()),
+            trace_id: Some(own.trace_id()),
+            start: now,
+            end: now,
+            attributes,
+            failure: None,
+        }
+        .emit();
+    }
 }
 
 /// The spans of a committed in-process episode: the episode itself, the timers that
@@ -187,6 +231,7 @@ pub(crate) fn emit_episode_spans(instance_id: &str, name: &str, spans: &EpisodeS
         function: name,
         parent,
         span_id: None,
+        trace_id: None,
         start: started,
         end: now,
         attributes: Vec::new(),
@@ -201,6 +246,7 @@ pub(crate) fn emit_episode_spans(instance_id: &str, name: &str, spans: &EpisodeS
             function: name,
             parent,
             span_id: None,
+            trace_id: None,
             start: system_time(timer.created_at.unwrap_or(timer.fire_at)),
             end: system_time(timer.fire_at).max(started).min(now),
             attributes: vec![
@@ -220,6 +266,7 @@ pub(crate) fn emit_episode_spans(instance_id: &str, name: &str, spans: &EpisodeS
             function: name,
             parent: ended.started_trace.as_ref(),
             span_id: Some(&span_id),
+            trace_id: None,
             start: ended.started_at.map_or(started, system_time),
             end: now,
             attributes: vec![
@@ -241,6 +288,7 @@ pub(crate) fn emit_activity_span(item: &ActivityItem, started: SystemTime, failu
         function: &item.name,
         parent: item.trace.as_ref(),
         span_id: None,
+        trace_id: None,
         start: started,
         end: SystemTime::now(),
         attributes: vec![
@@ -272,6 +320,7 @@ pub(crate) fn emit_entity_spans(episode: &EntityEpisode, outcome: &BatchOutcome,
             function: &episode.id.name,
             parent,
             span_id: None,
+            trace_id: None,
             start: started,
             end,
             attributes: vec![KeyValue::new("durabletask.entity.operation", request.operation.clone())],
@@ -328,7 +377,7 @@ mod tests {
     fn with_tracing_off_a_start_keeps_the_callers_context() {
         set_enabled(false);
         let caller = TraceContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None).ok();
-        assert_eq!(start_instance_span("Order", "i", None, caller.clone()), caller);
-        assert_eq!(start_instance_span("Order", "i", None, None), None);
+        assert_eq!(StartTrace::plan(caller.clone()).context(), caller);
+        assert_eq!(StartTrace::plan(None).context(), None);
     }
 }

@@ -108,7 +108,7 @@ pub struct KeelIdGenerator {
 
 impl IdGenerator for KeelIdGenerator {
     fn new_trace_id(&self) -> TraceId {
-        self.random.new_trace_id()
+        super::take_requested_trace_id().unwrap_or_else(|| self.random.new_trace_id())
     }
 
     fn new_span_id(&self) -> SpanId {
