@@ -125,10 +125,10 @@ pub(crate) struct SpanRecord<'a> {
 }
 
 impl SpanRecord<'_> {
-    /// Emits the span (when tracing is on) and returns its context.
-    pub(crate) fn emit(self) -> Option<TraceContext> {
+    /// Emits the span (when tracing is on).
+    pub(crate) fn emit(self) {
         if !is_enabled() {
-            return None;
+            return;
         }
         let mut attributes = vec![
             KeyValue::new("durabletask.type", self.task_type.label()),
@@ -150,9 +150,7 @@ impl SpanRecord<'_> {
         if let Some(failure) = self.failure {
             span.set_status(Status::error(failure.to_string()));
         }
-        let context = to_trace_context(span.span_context());
         span.end_with_timestamp(self.end);
-        context
     }
 }
 
@@ -350,27 +348,19 @@ fn span_context(trace: &TraceContext) -> Option<SpanContext> {
     Some(SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state))
 }
 
-fn to_trace_context(span_context: &SpanContext) -> Option<TraceContext> {
-    if !span_context.is_valid() {
-        return None;
-    }
-    let trace_parent =
-        format!("00-{}-{}-{:02x}", span_context.trace_id(), span_context.span_id(), span_context.trace_flags().to_u8());
-    let state = span_context.trace_state().header();
-    TraceContext::parse(&trace_parent, Some(&state)).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn trace_contexts_round_trip_through_span_contexts() {
+    fn trace_contexts_become_remote_span_contexts() {
         let trace =
             TraceContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Some("k=v")).expect("valid");
         let span_context = span_context(&trace).expect("converts");
-        assert!(span_context.is_remote());
-        assert_eq!(to_trace_context(&span_context), Some(trace));
+        assert!(span_context.is_remote() && span_context.is_sampled());
+        assert_eq!(span_context.trace_id().to_string(), trace.trace_id());
+        assert_eq!(span_context.span_id().to_string(), trace.span_id());
+        assert_eq!(span_context.trace_state().header(), "k=v");
     }
 
     #[test]
