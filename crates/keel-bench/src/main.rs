@@ -53,6 +53,9 @@ struct Args {
     workers: usize,
     /// Whether the runtime emits spans while the scenarios run.
     tracing: Tracing,
+    /// `--size`: the activities of `long-history` and of the one `large-fanout` run,
+    /// instead of their standard sizes.
+    size: Option<u32>,
 }
 
 /// `--tracing`: the runtime's OpenTelemetry spans during the run.
@@ -83,6 +86,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     let mut durability = keel_sqlite::Durability::Process;
     let mut workers = 0;
     let mut tracing = Tracing::Off;
+    let mut size = None;
     let mut args = arguments.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -100,6 +104,15 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
                     other => bail!("unknown durability '{other}': use process or full"),
                 }
             }
+            "--size" => {
+                let activities: u32 = value()?.parse().context("--size takes a number of activities")?;
+                anyhow::ensure!(
+                    (1..=keel_core::limits::MAX_ACTIONS_PER_EXECUTION as u32).contains(&activities),
+                    "--size takes 1 to {} activities (one execution's limit)",
+                    keel_core::limits::MAX_ACTIONS_PER_EXECUTION
+                );
+                size = Some(activities);
+            }
             "--tracing" => {
                 tracing = match value()?.as_str() {
                     "off" => Tracing::Off,
@@ -111,7 +124,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify|recovery|grpc] \
-                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp]"
+                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp] [--size ACTIVITIES (long-history, large-fanout)]"
                 );
                 std::process::exit(0);
             }
@@ -147,7 +160,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             "--workers runs the scenarios chain, fanout, throughput and latency"
         );
     }
-    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers, tracing })
+    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers, tracing, size })
 }
 
 /// `length` activities one after the other; the output is `length`.
@@ -380,8 +393,8 @@ async fn main() -> anyhow::Result<()> {
             "fanout" => vec![run_fanout(&args).await?],
             "throughput" => vec![run_throughput(&args).await?],
             "latency" => vec![run_latency(&args).await?],
-            "large-fanout" => scale::run_large_fanout(&args.store, &args.hub).await?,
-            "long-history" => vec![scale::run_long_history(&args.store, &args.hub).await?],
+            "large-fanout" => scale::run_large_fanout(&args.store, &args.hub, args.size).await?,
+            "long-history" => vec![scale::run_long_history(&args.store, &args.hub, args.size).await?],
             "idle" => vec![scale::run_idle(&args.store, &args.hub).await?],
             "verify" => vec![verify::run_verify(&args.store, &args.hub).await?],
             "recovery" => vec![recovery::run_recovery(&args.store, &args.hub).await?],

@@ -39,9 +39,15 @@ async fn timed_chain(ctx: OrchestrationContext, length: u32) -> Result<Vec<i64>,
     Ok(window_ends)
 }
 
-pub(crate) async fn run_large_fanout(bench_store: &str, hub: &HubSpec) -> anyhow::Result<Vec<serde_json::Value>> {
+/// The fan-outs of `sizes` (the standard three unless `--size` names one).
+pub(crate) async fn run_large_fanout(
+    bench_store: &str,
+    hub: &HubSpec,
+    size: Option<u32>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let sizes = size.map_or(LARGE_FAN_OUT_SIZES.to_vec(), |size| vec![size]);
     let mut rows = Vec::new();
-    for size in LARGE_FAN_OUT_SIZES {
+    for size in sizes {
         let bench = Bench::new(hub).await?;
         let started = Instant::now();
         let instance = bench.client.start(FAN_OUT, &size).await?;
@@ -59,26 +65,35 @@ pub(crate) async fn run_large_fanout(bench_store: &str, hub: &HubSpec) -> anyhow
     Ok(rows)
 }
 
-pub(crate) async fn run_long_history(bench_store: &str, hub: &HubSpec) -> anyhow::Result<serde_json::Value> {
+/// A chain of `length` activities (20,000 unless `--size` says otherwise; at least two
+/// windows of 1,000).
+pub(crate) async fn run_long_history(
+    bench_store: &str,
+    hub: &HubSpec,
+    length: Option<u32>,
+) -> anyhow::Result<serde_json::Value> {
+    let length = length.unwrap_or(LONG_CHAIN);
+    anyhow::ensure!(
+        length >= 2 * LONG_CHAIN_WINDOW && length % LONG_CHAIN_WINDOW == 0,
+        "long-history takes a multiple of {LONG_CHAIN_WINDOW}, at least {}",
+        2 * LONG_CHAIN_WINDOW
+    );
     let bench = Bench::with_worker(hub, |store| {
         Worker::builder(store).orchestration(TIMED_CHAIN, timed_chain).activity(NOOP, noop).build().start()
     })
     .await?;
     let started = Instant::now();
-    let instance = bench.client.start(TIMED_CHAIN, &LONG_CHAIN).await?;
+    let instance = bench.client.start(TIMED_CHAIN, &length).await?;
     let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     let window_ends: Vec<i64> = done.output_as()?;
-    anyhow::ensure!(
-        window_ends.len() == (LONG_CHAIN / LONG_CHAIN_WINDOW) as usize + 1,
-        "long chain ended wrong: {done:?}"
-    );
+    anyhow::ensure!(window_ends.len() == (length / LONG_CHAIN_WINDOW) as usize + 1, "long chain ended wrong: {done:?}");
     let per_activity_ms =
         |window: usize| (window_ends[window + 1] - window_ends[window]) as f64 / 1000.0 / f64::from(LONG_CHAIN_WINDOW);
     let first = per_activity_ms(0);
     let last = per_activity_ms(window_ends.len() - 2);
     bench.finish().await;
-    Ok(json!({"scenario": "long-history", "store": bench_store, "activities": LONG_CHAIN, "wall_ms": round2(wall),
+    Ok(json!({"scenario": "long-history", "store": bench_store, "activities": length, "wall_ms": round2(wall),
         "first_1000_ms_per_activity": round2(first), "last_1000_ms_per_activity": round2(last),
         "last_over_first": round2(last / first), "peak_rss_mib": round2(peak_rss_mib())}))
 }

@@ -599,52 +599,61 @@ const REJECT_BACKOFF: Duration = Duration::from_millis(250);
 const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Executions kept between episodes, valid while the instance's history is exactly
-/// what they have seen.
-struct ExecutionCache {
-    entries: HashMap<String, CachedExecution>,
-    order: VecDeque<String>,
+/// what they have seen. Bounded by `capacity`: the entry put longest ago goes first.
+struct ExecutionCache<E = Box<Execution>> {
+    /// By instance id: the generation of the put that stored it, and the execution.
+    entries: HashMap<String, (u64, CachedExecution<E>)>,
+    /// Puts in order, as (instance id, generation); a pair whose generation is no longer
+    /// the entry's is stale and skipped (compacted once it outnumbers the entries).
+    order: VecDeque<(String, u64)>,
+    next_generation: u64,
     capacity: usize,
 }
 
-struct CachedExecution {
-    execution: Box<Execution>,
+struct CachedExecution<E = Box<Execution>> {
+    execution: E,
     execution_id: String,
     history_len: u64,
 }
 
-impl ExecutionCache {
-    fn new(capacity: usize) -> ExecutionCache {
-        ExecutionCache { entries: HashMap::new(), order: VecDeque::new(), capacity }
+impl<E> ExecutionCache<E> {
+    fn new(capacity: usize) -> ExecutionCache<E> {
+        ExecutionCache { entries: HashMap::new(), order: VecDeque::new(), next_generation: 0, capacity }
     }
 
     /// The cached execution of an instance, if its history has not changed since.
-    fn take(&mut self, instance: &InstanceRecord) -> Option<Box<Execution>> {
-        let cached = self.entries.remove(&instance.instance_id)?;
-        (cached.execution_id == instance.execution_id && cached.history_len == instance.history_len)
-            .then_some(cached.execution)
+    fn take(&mut self, instance_id: &str, execution_id: &str, history_len: u64) -> Option<E> {
+        let (_, cached) = self.entries.remove(instance_id)?;
+        (cached.execution_id == execution_id && cached.history_len == history_len).then_some(cached.execution)
     }
 
-    fn put(&mut self, instance_id: String, cached: CachedExecution) {
+    fn put(&mut self, instance_id: String, cached: CachedExecution<E>) {
         if self.capacity == 0 {
             return;
         }
-        if self.entries.insert(instance_id.clone(), cached).is_none() {
-            self.order.push_back(instance_id);
-        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.entries.insert(instance_id.clone(), (generation, cached));
+        self.order.push_back((instance_id, generation));
         while self.entries.len() > self.capacity {
-            let Some(oldest) = self.order.pop_front() else { break };
-            self.entries.remove(&oldest);
+            let Some((oldest, generation)) = self.order.pop_front() else { break };
+            if self.entries.get(&oldest).is_some_and(|(current, _)| *current == generation) {
+                self.entries.remove(&oldest);
+            }
         }
-        if self.order.len() > self.capacity * 2 {
+        // Each take leaves a stale pair behind: compact when they outnumber the entries,
+        // so that a put costs O(1) amortised however many episodes an instance runs.
+        if self.order.len() > 2 * self.entries.len().max(16) {
             let entries = &self.entries;
-            self.order.retain(|id| entries.contains_key(id));
+            self.order.retain(|(id, generation)| entries.get(id).is_some_and(|(current, _)| current == generation));
         }
+        debug_assert!(self.entries.len() <= self.capacity);
     }
 }
 
 async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, in_flight: Arc<InFlight>) {
     let store = shared.store.as_ref();
-    let mut cache = ExecutionCache::new(shared.options.execution_cache_size);
+    let mut cache: ExecutionCache = ExecutionCache::new(shared.options.execution_cache_size);
     // Set when this worker gave instances back for workers of another version.
     let mut back_off = false;
     while !*shutdown.borrow() {
@@ -717,7 +726,9 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     .messages
                     .iter()
                     .any(|message| matches!(message.message.event.kind, EventKind::ExecutionTerminated { .. }));
-                let cached = cache.take(&item.instance).filter(|_| !terminating);
+                let cached = cache
+                    .take(&item.instance.instance_id, &item.instance.execution_id, item.instance.history_len)
+                    .filter(|_| !terminating);
                 let versioning = &shared.options.versioning;
                 if !versioning.may_run(item.instance.version.as_deref()) {
                     rejected = true;
@@ -1206,4 +1217,48 @@ fn panic_failure(panic: &(dyn std::any::Any + Send)) -> FailureDetails {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_string());
     FailureDetails::new(keel_core::replay::PANIC_ERROR_TYPE, format!("the activity panicked: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(value: u32, history_len: u64) -> CachedExecution<u32> {
+        CachedExecution { execution: value, execution_id: "e".to_string(), history_len }
+    }
+
+    #[test]
+    fn an_instance_cached_episode_after_episode_keeps_the_cache_small() {
+        let mut cache = ExecutionCache::new(4);
+        cache.put("other".to_string(), cached(0, 1));
+        for episode in 0..10_000u64 {
+            if episode > 0 {
+                assert_eq!(cache.take("long", "e", episode), Some(episode as u32 - 1));
+            }
+            cache.put("long".to_string(), cached(episode as u32, episode + 1));
+            assert!(cache.order.len() <= 2 * 16 + 1, "order grew to {}", cache.order.len());
+        }
+        assert_eq!(cache.take("other", "e", 1), Some(0), "an untouched entry survives the compactions");
+    }
+
+    #[test]
+    fn the_entry_put_longest_ago_is_evicted_first() {
+        let mut cache = ExecutionCache::new(2);
+        cache.put("a".to_string(), cached(1, 1));
+        cache.put("b".to_string(), cached(2, 1));
+        assert_eq!(cache.take("a", "e", 1), Some(1));
+        cache.put("a".to_string(), cached(3, 2));
+        cache.put("c".to_string(), cached(4, 1));
+        assert_eq!(cache.take("b", "e", 1), None, "b was put longest ago");
+        assert_eq!(cache.take("a", "e", 2), Some(3));
+        assert_eq!(cache.take("c", "e", 1), Some(4));
+    }
+
+    #[test]
+    fn an_entry_whose_history_moved_on_is_not_given_back() {
+        let mut cache = ExecutionCache::new(2);
+        cache.put("a".to_string(), cached(1, 5));
+        assert_eq!(cache.take("a", "e", 6), None);
+        assert_eq!(cache.take("a", "e", 5), None, "a stale entry is dropped, not kept");
+    }
 }
