@@ -269,12 +269,15 @@ fn cpu_fields(result: &mut serde_json::Value, process_cpu: f64, client_cpu: f64,
 async fn run_chain(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Value> {
     const LENGTH: u32 = 100;
     let hub = GrpcHub::start(spec).await?;
+    crate::warm_up(&hub.client, CHAIN).await?;
+    let compiled_before = crate::sql_compiled(spec);
     let cpu_before = cpu_ms(libc::RUSAGE_SELF);
     let started = Instant::now();
     let instance = hub.client.start(CHAIN, &LENGTH).await?;
     let done = hub.client.wait_for_completion(instance.id(), WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
     let process_cpu = cpu_ms(libc::RUSAGE_SELF) - cpu_before;
+    let compiled = crate::sql_compiled(spec) - compiled_before;
     let (client_cpu, errors) = hub.finish().await?;
     anyhow::ensure!(done.output.as_deref() == Some("100"), "the gRPC chain ended wrong: {done:?}");
     anyhow::ensure!(errors == 0, "the remote worker saw {errors} errors");
@@ -282,7 +285,7 @@ async fn run_chain(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Va
     let mut result = json!({"scenario": "grpc-chain", "store": store, "activities": LENGTH, "wall_ms": round2(wall),
         "ms_per_activity": round2(wall / steps), "activities_per_s": round2(steps / (wall / 1000.0)),
         "cpu_ms_process": round2(process_cpu), "cpu_ms_client": round2(client_cpu),
-        "peak_rss_mib": round2(crate::peak_rss_mib())});
+        "sql_compiled_per_step": crate::round3(compiled as f64 / steps), "peak_rss_mib": round2(crate::peak_rss_mib())});
     cpu_fields(&mut result, process_cpu, client_cpu, steps);
     Ok(result)
 }

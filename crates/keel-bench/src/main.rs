@@ -283,17 +283,42 @@ fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
+/// How much SQL the store's connections in this process have compiled (SQLite) or had
+/// parsed (PostgreSQL) so far; see `keel_sqlite::statements_compiled`.
+fn sql_compiled(hub: &HubSpec) -> u64 {
+    match hub {
+        HubSpec::Sqlite(_) => keel_sqlite::statements_compiled(),
+        HubSpec::Postgres(_) => keel_postgres::statements_parsed(),
+    }
+}
+
+/// Runs a 2-step `chain` to its end, so that the measured run finds the statements of
+/// every path it takes prepared (as on a host that has been running).
+async fn warm_up(client: &Client, chain: Orchestration<u32, u32>) -> anyhow::Result<()> {
+    let instance = client.start(chain, &2).await?;
+    let done = client.wait_for_completion(instance.id(), WAIT).await?;
+    anyhow::ensure!(done.output.as_deref() == Some("2"), "the warm-up chain ended wrong: {done:?}");
+    Ok(())
+}
+
 async fn run_chain(args: &Args) -> anyhow::Result<serde_json::Value> {
     let bench = Bench::for_scenario(args).await?;
+    warm_up(&bench.client, CHAIN).await?;
+    let compiled_before = sql_compiled(&args.hub);
     let started = Instant::now();
     let instance = bench.client.start(CHAIN, &100).await?;
     let done = bench.client.wait_for_completion(instance.id(), WAIT).await?;
     let wall = started.elapsed().as_secs_f64() * 1000.0;
+    let compiled = sql_compiled(&args.hub) - compiled_before;
     anyhow::ensure!(done.output.as_deref() == Some("100"), "chain ended wrong: {done:?}");
     let worker_rss = bench.finish().await;
     let mut result = json!({"scenario": "chain", "store": args.store, "activities": 100, "wall_ms": round2(wall),
         "ms_per_activity": round2(wall / 100.0), "activities_per_s": round2(100.0 / (wall / 1000.0)),
         "peak_rss_mib": round2(peak_rss_mib()), "worker_peak_rss_mib": worker_rss});
+    // In this process only: with --workers the workers' statements are not counted here.
+    if args.workers == 0 {
+        result["sql_compiled_per_step"] = json!(round3(compiled as f64 / 100.0));
+    }
     if let HubSpec::Sqlite(durability) = &args.hub {
         let durability = *durability;
         // Issue 15 compares a step with the disk: one commit's p50, measured in this run.

@@ -285,7 +285,7 @@ async fn run_job(store: &dyn Store, job: dispatch::Job) {
             store.abandon_orchestration_item(&episode.lock, retry_at(retry_after)).await
         }
         dispatch::Job::Commit(commit) => match store.commit_episodes(vec![*commit], now).await {
-            Ok(mut results) => results.pop().unwrap_or(Ok(())),
+            Ok(mut results) => results.pop().unwrap_or(Ok(keel_store::Committed::default())).map(drop),
             Err(error) => Err(error),
         },
         dispatch::Job::Poison(item) => {

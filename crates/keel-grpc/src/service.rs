@@ -588,7 +588,7 @@ impl Sidecar {
             notifications.orchestration_work_due(*at);
         }
         let mut results = self.store.commit_episodes(vec![commit], now).await?;
-        results.pop().unwrap_or(Ok(()))?;
+        results.pop().unwrap_or(Ok(keel_store::Committed::default()))?;
         if !due.is_empty() {
             notifications.orchestration_work_added();
         }

@@ -301,6 +301,7 @@ pub(crate) async fn replace_instance(
 /// Deletes every instance and entity with all it holds, announcing it on `channel`;
 /// returns how many rows went.
 pub(crate) async fn purge_all(connection: &PooledConnection, channel: &str) -> Result<u64, Failure> {
+    crate::pool::count_parsed();
     let row = connection
         .client()
         .query_one(
@@ -459,6 +460,7 @@ async fn page(connection: &PooledConnection, filter: Filter, page_size: usize) -
         instance_columns!(),
         filter.sql()
     );
+    crate::pool::count_parsed();
     let rows = connection.client().query(&sql, &filter.params()).await?;
     let instances = rows.iter().map(instance_from_row).collect::<Result<Vec<_>, _>>()?;
     let continuation = match instances.last() {
@@ -540,6 +542,7 @@ pub(crate) async fn purge_instances(
          SELECT (SELECT count(*) FROM purged), (SELECT count(*) FROM announced)",
         filter.sql()
     );
+    crate::pool::count_parsed();
     let row = connection.client().query_one(&sql, &filter.params()).await?;
     let purged: i64 = row.try_get(0)?;
     Ok(u64::try_from(purged).expect("a count is not negative"))

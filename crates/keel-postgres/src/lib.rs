@@ -59,15 +59,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, HubStats, InstancePage, InstanceQuery,
-    InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result,
-    Store,
+    ActivityCompletion, ActivityItem, ActivityLock, Committed, EntityQuery, EpisodeCommit, HubStats, InstancePage,
+    InstanceQuery, InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock,
+    PurgeFilter, Result, Store,
 };
 
 use crate::pool::{Pool, PooledConnection};
 use crate::wakeups::Wakeups;
 
 pub use config::{PostgresOptions, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA};
+pub use pool::statements_parsed;
 pub use schema::SCHEMA_VERSION;
 pub use tls::SslMode;
 
@@ -250,9 +251,17 @@ impl Store for PostgresStore {
         Ok(worker::fetch_orchestration_items(&self.connection().await?, max, lease, now).await?)
     }
 
-    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>> {
+    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<Committed>>> {
         if commits.is_empty() {
             return Ok(Vec::new());
+        }
+        let direct = |commit: &EpisodeCommit| {
+            commit.direct.is_some() || commit.activities.iter().any(|activity| activity.lease.is_some())
+        };
+        if commits.iter().any(direct) {
+            return Err(keel_store::Error::Invalid(
+                "this store takes no direct episodes nor leased activity items".into(),
+            ));
         }
         let mut connection = self.connection().await?;
         connection.begin().await?;
@@ -260,7 +269,7 @@ impl Store for PostgresStore {
         let announce = outcome.as_ref().map(|(_, wakeups)| *wakeups).unwrap_or_default();
         let (results, wakeups) = connection.finish(outcome, announce.payload()).await?;
         wakeups.signal(&self.notifications);
-        Ok(results)
+        Ok(results.into_iter().map(|result| result.map(|()| Committed::default())).collect())
     }
 
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()> {

@@ -16,6 +16,7 @@
 //! connect alike.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -168,6 +169,7 @@ impl PooledConnection {
         if let Some(statement) = cached {
             return Ok(statement);
         }
+        count_parsed();
         let statement = connection.client.prepare(sql).await?;
         connection.statements.lock().unwrap_or_else(PoisonError::into_inner).insert(sql, statement.clone());
         Ok(statement)
@@ -213,7 +215,8 @@ impl PooledConnection {
     pub(crate) async fn begin(&mut self) -> Result<(), Error> {
         assert!(!self.in_transaction, "transactions do not nest");
         self.in_transaction = true;
-        self.client().batch_execute("BEGIN").await.map_err(|error| backend_error(&error))
+        let begin = self.statement(BEGIN).await.map_err(|error| backend_error(&error))?;
+        self.client().execute(&begin, &[]).await.map(drop).map_err(|error| backend_error(&error))
     }
 
     /// Ends the transaction `begin` opened with the outcome of the work done in it:
@@ -229,7 +232,11 @@ impl PooledConnection {
                 Ok(value)
             }
             Err(failure) => {
-                if self.client().batch_execute("ROLLBACK").await.is_ok() {
+                let rolled_back = match self.statement(ROLLBACK).await {
+                    Ok(rollback) => self.client().execute(&rollback, &[]).await.is_ok(),
+                    Err(_) => false,
+                };
+                if rolled_back {
                     self.in_transaction = false;
                 }
                 Err(failure.into())
@@ -261,6 +268,26 @@ impl PooledConnection {
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 const COMMIT: &str = "COMMIT";
+
+const BEGIN: &str = "BEGIN";
+
+const ROLLBACK: &str = "ROLLBACK";
+
+/// SQL this process's store connections had the server parse: each statement a
+/// connection prepared (once, then kept), and each statement sent without a kept one
+/// (filtered instance queries, purges). Schema migrations at open are not counted.
+static STATEMENTS_PARSED: AtomicU64 = AtomicU64::new(0);
+
+/// How many statements this process's store connections had PostgreSQL parse so far
+/// (migrations aside): a figure that does not grow means no statement was parsed.
+pub fn statements_parsed() -> u64 {
+    STATEMENTS_PARSED.load(Ordering::Relaxed)
+}
+
+/// Counts one statement sent to be parsed (see [`statements_parsed`]).
+pub(crate) fn count_parsed() {
+    STATEMENTS_PARSED.fetch_add(1, Ordering::Relaxed);
+}
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {

@@ -62,6 +62,7 @@ fn consume(
     messages: Vec<keel_store::Message>,
 ) -> keel_store::EpisodeCommit {
     keel_store::EpisodeCommit {
+        direct: None,
         lock: item.lock.clone(),
         consumed: item.messages.iter().map(|m| m.id).collect(),
         replace_history: None,
@@ -184,12 +185,14 @@ async fn writes_wake_other_stores_on_the_hub() {
     let item = writer.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("a");
     let activity_work = notifications.activity_work().notified();
     let mut commit = keel_store::EpisodeCommit {
+        direct: None,
         lock: item.lock.clone(),
         consumed: item.messages.iter().map(|m| m.id).collect(),
         replace_history: None,
         history: Vec::new(),
         state: None,
         activities: vec![keel_store::NewActivity {
+            lease: None,
             trace: None,
             instance_id: "a".into(),
             execution_id: item.instance.execution_id.clone(),
@@ -248,6 +251,7 @@ async fn competing_fetches_never_share_work() {
     activities.create_instance(new_instance("fan")).await.expect("create");
     let item = activities.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("fan");
     let commit = keel_store::EpisodeCommit {
+        direct: None,
         lock: item.lock.clone(),
         consumed: item.messages.iter().map(|m| m.id).collect(),
         replace_history: None,
@@ -262,6 +266,7 @@ async fn competing_fetches_never_share_work() {
         }),
         activities: (0..200)
             .map(|task_id| keel_store::NewActivity {
+                lease: None,
                 trace: None,
                 instance_id: "fan".into(),
                 execution_id: item.instance.execution_id.clone(),
@@ -393,6 +398,7 @@ async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
         store.create_instance(new_instance("done")).await.expect("create done");
         let item = store.fetch_orchestration_items(1, LEASE, at(0)).await.expect("fetch").pop().expect("done");
         let finish = keel_store::EpisodeCommit {
+            direct: None,
             lock: item.lock.clone(),
             consumed: item.messages.iter().map(|m| m.id).collect(),
             replace_history: None,
@@ -424,12 +430,14 @@ async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
         let done = items.iter().find(|item| item.lock.instance_id == "done").expect("done");
         let parent = items.iter().find(|item| item.lock.instance_id == "parent").expect("parent");
         let done_commit = keel_store::EpisodeCommit {
+            direct: None,
             lock: done.lock.clone(),
             consumed: done.messages.iter().map(|m| m.id).collect(),
             replace_history: None,
             history: vec![done.messages[0].message.event.clone()],
             state: None,
             activities: vec![keel_store::NewActivity {
+                lease: None,
                 trace: None,
                 instance_id: "done".into(),
                 execution_id: done.instance.execution_id.clone(),
@@ -451,6 +459,7 @@ async fn a_child_replacing_an_instance_of_the_same_batch_replaces_it_whole() {
             ..new_instance("done")
         };
         let parent_commit = keel_store::EpisodeCommit {
+            direct: None,
             lock: parent.lock.clone(),
             consumed: parent.messages.iter().map(|m| m.id).collect(),
             replace_history: None,
@@ -615,6 +624,7 @@ async fn activity_results_to_entities_create_them() {
     let mut commit = consume(&item, None, Vec::new());
     commit.activities = (0..2)
         .map(|task_id| keel_store::NewActivity {
+            lease: None,
             trace: None,
             instance_id: "order".into(),
             execution_id: item.instance.execution_id.clone(),

@@ -16,17 +16,20 @@
 //! Reads use a few reader connections of their own: in WAL mode they see the last
 //! committed state without waiting for the writer.
 //!
+//! Every connection counts the SQL it compiles ([`statements_compiled`]): the hot
+//! paths prepare each statement once per connection and keep it.
+//!
 //! Checkpoints (copying the WAL into the database file, with an fsync) run on a
 //! background thread of their own, so that no commit pays for one: they were the
 //! latency tail when the writer checkpointed every 1000 pages itself.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use keel_store::Error;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags};
 
 use crate::failure::{backend_error, Failure};
 use crate::{schema, Durability};
@@ -34,6 +37,17 @@ use crate::{schema, Durability};
 /// How long a connection waits for another process's lock before giving up with a
 /// (retryable) busy error.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Calls of SQLite's authorizer in this process. SQLite calls it only while it compiles
+/// a statement (one or more calls per statement, none when a prepared one runs again).
+static COMPILE_CALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// How much SQL this process's task-hub connections have compiled so far, counted in
+/// SQLite authorizer calls (one or more per statement compiled, none when a prepared
+/// statement runs again): a figure that does not grow means no statement was compiled.
+pub fn statements_compiled() -> u64 {
+    COMPILE_CALLBACKS.load(Ordering::Relaxed)
+}
 
 /// Statements each connection keeps prepared (query variants included).
 const STATEMENT_CACHE_CAPACITY: usize = 64;
@@ -155,13 +169,13 @@ impl Database {
             (answer, succeeded)
         });
         lock(&self.queued_writes).push(job);
-        let mut connection = self.writer.lock().await;
+        let connection = self.writer.lock().await;
         if let Ok(result) = answered.try_recv() {
             return result; // an earlier leader committed it
         }
         let jobs = std::mem::take(&mut *lock(&self.queued_writes));
         assert!(!jobs.is_empty(), "an unanswered write is still queued");
-        commit_group(&mut connection, jobs);
+        commit_group(&connection, jobs);
         drop(connection);
         answered.try_recv().expect("the group that held this write answered it")
     }
@@ -195,10 +209,7 @@ fn run_write<T>(
 ) -> Result<T, Error> {
     let shared = matches!(isolation, Isolation::Savepoint);
     if shared {
-        connection
-            .prepare_cached("SAVEPOINT keel_write")
-            .and_then(|mut statement| statement.execute([]))
-            .map_err(backend_error)?;
+        execute_kept(connection, "SAVEPOINT keel_write").map_err(backend_error)?;
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| operation(connection)));
     let result = match outcome {
@@ -213,26 +224,25 @@ fn run_write<T>(
         }
     };
     if shared {
-        let run = |sql: &str| connection.prepare_cached(sql).and_then(|mut statement| statement.execute([]));
         if result.is_err() {
-            run("ROLLBACK TO keel_write").map_err(backend_error)?;
+            execute_kept(connection, "ROLLBACK TO keel_write").map_err(backend_error)?;
         }
-        run("RELEASE keel_write").map_err(backend_error)?;
+        execute_kept(connection, "RELEASE keel_write").map_err(backend_error)?;
     }
     result
 }
 
 /// Commits `jobs` in one transaction, then answers them all. A job that fails is
 /// undone alone (its savepoint), or, when it is the only job, with the transaction.
-fn commit_group(connection: &mut Connection, jobs: Vec<WriteJob>) {
+fn commit_group(connection: &Connection, jobs: Vec<WriteJob>) {
     let isolation = if jobs.len() == 1 { Isolation::Alone } else { Isolation::Savepoint };
-    let (answers, commit_error) = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let (answers, commit_error) = match WriteTransaction::begin(connection) {
         Ok(transaction) => {
             let mut failed = false;
             let answers: Vec<Answer> = jobs
                 .into_iter()
                 .map(|job| {
-                    let (answer, succeeded) = job(Ok(&transaction), isolation);
+                    let (answer, succeeded) = job(Ok(transaction.connection), isolation);
                     failed |= !succeeded;
                     answer
                 })
@@ -256,8 +266,45 @@ fn commit_group(connection: &mut Connection, jobs: Vec<WriteJob>) {
     }
 }
 
-/// Locks a mutex. A panic while it was held left no transaction open (rusqlite rolls
-/// back on drop) and no queue half-changed, so a poisoned lock is still good.
+/// A `BEGIN IMMEDIATE` transaction on the writer, rolled back unless committed (also
+/// when a panic unwinds through it). Its three statements are prepared once and kept,
+/// like every other statement of a write.
+struct WriteTransaction<'c> {
+    connection: &'c Connection,
+}
+
+impl<'c> WriteTransaction<'c> {
+    fn begin(connection: &'c Connection) -> rusqlite::Result<WriteTransaction<'c>> {
+        execute_kept(connection, "BEGIN IMMEDIATE")?;
+        Ok(WriteTransaction { connection })
+    }
+
+    /// Commits; on failure the transaction is rolled back when this drops.
+    fn commit(self) -> rusqlite::Result<()> {
+        execute_kept(self.connection, "COMMIT")
+    }
+
+    fn rollback(self) -> rusqlite::Result<()> {
+        execute_kept(self.connection, "ROLLBACK")
+    }
+}
+
+impl Drop for WriteTransaction<'_> {
+    fn drop(&mut self) {
+        if !self.connection.is_autocommit() {
+            let _ = execute_kept(self.connection, "ROLLBACK");
+        }
+    }
+}
+
+/// Runs a statement that takes no parameters, prepared once per connection.
+fn execute_kept(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// Locks a mutex. A panic while it was held left no transaction open (a
+/// [`WriteTransaction`] rolls back on drop) and no queue half-changed, so a poisoned lock
+/// is still good.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -298,5 +345,9 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
     // in memory rather than in temporary files.
     connection.pragma_update(None, "temp_store", "MEMORY")?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    connection.authorizer(Some(|_: rusqlite::hooks::AuthContext<'_>| {
+        COMPILE_CALLBACKS.fetch_add(1, Ordering::Relaxed);
+        rusqlite::hooks::Authorization::Allow
+    }));
     Ok(())
 }

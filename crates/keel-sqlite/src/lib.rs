@@ -36,13 +36,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, HubStats, InstancePage, InstanceQuery,
-    InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock, PurgeFilter, Result,
-    Store,
+    ActivityCompletion, ActivityItem, ActivityLock, Committed, EntityQuery, EpisodeCommit, HubStats, InstancePage,
+    InstanceQuery, InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock,
+    PurgeFilter, Result, Store,
 };
 
 use crate::database::Database;
 
+pub use database::statements_compiled;
 pub use schema::SCHEMA_VERSION;
 
 /// How much a committed write survives.
@@ -195,7 +196,7 @@ impl Store for SqliteStore {
         self.database.write(move |transaction| worker::fetch_orchestration_items(transaction, max, lease, now)).await
     }
 
-    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>> {
+    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<Committed>>> {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
@@ -203,6 +204,10 @@ impl Store for SqliteStore {
             self.database.write(move |transaction| worker::commit_episodes(transaction, &commits, now)).await?;
         wakeups.signal(&self.notifications);
         Ok(results)
+    }
+
+    fn direct_episodes(&self) -> bool {
+        true
     }
 
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()> {

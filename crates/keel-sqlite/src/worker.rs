@@ -11,8 +11,8 @@ use std::time::Duration;
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, Timestamp};
 use keel_core::trace::TraceContext;
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, Message, OrchestrationItem,
-    OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
+    ActivityCompletion, ActivityItem, ActivityLock, Committed, DirectClaim, EpisodeCommit, Error, Message,
+    OrchestrationItem, OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -136,16 +136,16 @@ pub(crate) fn commit_episodes(
     connection: &Connection,
     commits: &[EpisodeCommit],
     now: Timestamp,
-) -> Result<(Vec<keel_store::Result<()>>, Wakeups), Failure> {
+) -> Result<(Vec<keel_store::Result<Committed>>, Wakeups), Failure> {
     let mut results = Vec::with_capacity(commits.len());
     let mut wakeups = Wakeups::default();
     for commit in commits {
         // A commit with a stale lock fails before it writes anything, so no savepoint is
         // needed to undo it (savepoints per item were a fifth of a busy batch's CPU).
         match commit_episode(connection, commit, now) {
-            Ok(episode_wakeups) => {
+            Ok((committed, episode_wakeups)) => {
                 wakeups.merge(episode_wakeups);
-                results.push(Ok(()));
+                results.push(Ok(committed));
             }
             Err(Failure::Contract(error)) => results.push(Err(error)),
             Err(failure @ Failure::Sqlite(_)) => return Err(failure),
@@ -154,21 +154,58 @@ pub(crate) fn commit_episodes(
     Ok((results, wakeups))
 }
 
+/// What a commit checks its claim against: the instance's lock and where it stands.
+struct HeldRow {
+    token: Option<String>,
+    locked_until: Option<i64>,
+    execution_id: String,
+    history_len: i64,
+    status: String,
+}
+
 /// Applies one episode's commit; see [`EpisodeCommit`]. The only contract error, a
-/// stale lock, is found before anything is written.
-fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestamp) -> Result<Wakeups, Failure> {
+/// stale lock (or a direct claim that does not hold), is found before anything is
+/// written.
+fn commit_episode(
+    connection: &Connection,
+    commit: &EpisodeCommit,
+    now: Timestamp,
+) -> Result<(Committed, Wakeups), Failure> {
     let instance_id = commit.lock.instance_id.as_str();
     let now_millis = millis(now);
     let mut wakeups = Wakeups::default();
 
-    let held: Option<(Option<String>, String, i64)> = connection
-        .prepare_cached("SELECT lock_token, execution_id, history_len FROM instances WHERE instance_id = ?1")?
-        .query_row([instance_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+    let held = connection
+        .prepare_cached(
+            "SELECT lock_token, locked_until, execution_id, history_len, status FROM instances WHERE instance_id = ?1",
+        )?
+        .query_row([instance_id], |row| {
+            Ok(HeldRow {
+                token: row.get(0)?,
+                locked_until: row.get(1)?,
+                execution_id: row.get(2)?,
+                history_len: row.get(3)?,
+                status: row.get(4)?,
+            })
+        })
         .optional()?;
-    let (mut execution_id, mut history_len) = match held {
-        Some((Some(token), execution_id, history_len)) if token == commit.lock.token => (execution_id, history_len),
-        _ => return Err(Failure::Contract(Error::LeaseLost)),
+    let Some(HeldRow { token, locked_until, mut execution_id, mut history_len, status }) = held else {
+        return Err(Failure::Contract(Error::LeaseLost));
     };
+    match &commit.direct {
+        None if token.as_deref() == Some(commit.lock.token.as_str()) => {}
+        None => return Err(Failure::Contract(Error::LeaseLost)),
+        Some(claim) => {
+            let unlocked = locked_until.is_none_or(|until| until <= now_millis);
+            let as_left = execution_id == claim.execution_id
+                && u64::try_from(history_len).ok() == Some(claim.history_len)
+                && status == claim.status.as_str();
+            if !(unlocked && as_left && inbox_is_empty(connection, instance_id, now_millis)?) {
+                return Err(Failure::Contract(Error::LeaseLost));
+            }
+            take_completed_activities(connection, claim)?;
+        }
+    }
 
     if !commit.consumed.is_empty() {
         connection
@@ -225,23 +262,54 @@ fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestam
         }
     }
 
+    let mut committed = Committed::default();
     for activity in &commit.activities {
-        connection
-            .prepare_cached(
-                "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at, trace_parent, \
-                 trace_state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                activity.instance_id,
-                activity.execution_id,
-                activity.task_id,
-                activity.name,
-                activity.input,
-                now_millis,
-                activity.trace.as_ref().map(|trace| &trace.trace_parent),
-                activity.trace.as_ref().and_then(|trace| trace.trace_state.as_ref()),
-            ])?;
-        wakeups.activity_work = true;
+        let trace_parent = activity.trace.as_ref().map(|trace| &trace.trace_parent);
+        let trace_state = activity.trace.as_ref().and_then(|trace| trace.trace_state.as_ref());
+        match &activity.lease {
+            None => {
+                connection
+                    .prepare_cached(
+                        "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at, \
+                         trace_parent, trace_state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?
+                    .execute(params![
+                        activity.instance_id,
+                        activity.execution_id,
+                        activity.task_id,
+                        activity.name,
+                        activity.input,
+                        now_millis,
+                        trace_parent,
+                        trace_state,
+                    ])?;
+                wakeups.activity_work = true;
+            }
+            // Leased to the committing worker, which runs it at once: nobody to wake.
+            Some(lease) => {
+                let id = connection
+                    .prepare_cached(
+                        "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at, \
+                         trace_parent, trace_state, lock_token, attempts) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1) RETURNING id",
+                    )?
+                    .query_row(
+                        params![
+                            activity.instance_id,
+                            activity.execution_id,
+                            activity.task_id,
+                            activity.name,
+                            activity.input,
+                            millis(lease.until),
+                            trace_parent,
+                            trace_state,
+                            lease.token,
+                        ],
+                        |row| row.get(0),
+                    )?;
+                committed.leased_activity_ids.push(id);
+            }
+        }
     }
 
     // Children first, so that messages of this commit can reach them.
@@ -278,11 +346,33 @@ fn commit_episode(connection: &Connection, commit: &EpisodeCommit, now: Timestam
     }
 
     // Messages that arrived during the episode are work again now that the lock is gone.
+    wakeups.orchestration_work |= !inbox_is_empty(connection, instance_id, now_millis)?;
+    Ok((committed, wakeups))
+}
+
+/// Whether the instance's inbox has no visible message.
+fn inbox_is_empty(connection: &Connection, instance_id: &str, now_millis: i64) -> Result<bool, Failure> {
     let pending: bool = connection
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM messages WHERE instance_id = ?1 AND visible_at <= ?2)")?
         .query_row(params![instance_id, now_millis], |row| row.get(0))?;
-    wakeups.orchestration_work |= pending;
-    Ok(wakeups)
+    Ok(!pending)
+}
+
+/// Deletes the activity items a direct episode records the results of; fails with
+/// [`Error::LeaseLost`], before deleting any, if one of them is no longer leased so.
+fn take_completed_activities(connection: &Connection, claim: &DirectClaim) -> Result<(), Failure> {
+    for lock in &claim.completed {
+        let held: bool = connection
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM activities WHERE id = ?1 AND lock_token = ?2)")?
+            .query_row(params![lock.id, lock.token], |row| row.get(0))?;
+        if !held {
+            return Err(Failure::Contract(Error::LeaseLost));
+        }
+    }
+    for lock in &claim.completed {
+        connection.prepare_cached("DELETE FROM activities WHERE id = ?1")?.execute([lock.id])?;
+    }
+    Ok(())
 }
 
 fn append_history(

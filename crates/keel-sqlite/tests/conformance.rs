@@ -99,6 +99,7 @@ async fn data_survives_reopening() {
         let history =
             vec![HistoryEvent::new(at(1), EventKind::OrchestratorStarted), item.messages[0].message.event.clone()];
         let commit = EpisodeCommit {
+            direct: None,
             lock: item.lock.clone(),
             consumed: vec![item.messages[0].id],
             replace_history: None,

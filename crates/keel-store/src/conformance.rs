@@ -129,6 +129,7 @@ fn message_to(instance_id: &str, event: HistoryEvent, visible_at: Timestamp) -> 
 
 fn activity(instance: &InstanceRecord, task_id: i32, name: &str) -> NewActivity {
     NewActivity {
+        lease: None,
         instance_id: instance.instance_id.clone(),
         execution_id: instance.execution_id.clone(),
         task_id,
@@ -156,6 +157,7 @@ fn task_completed(item: &ActivityItem, timestamp: Timestamp) -> Message {
 /// A commit that consumes every message of `item` and changes nothing else.
 fn consume_all(item: &OrchestrationItem) -> EpisodeCommit {
     EpisodeCommit {
+        direct: None,
         lock: item.lock.clone(),
         consumed: item.messages.iter().map(|stored| stored.id).collect(),
         replace_history: None,
@@ -189,6 +191,7 @@ fn first_episode(item: &OrchestrationItem, now: Timestamp, status: RuntimeStatus
         .find(|stored| matches!(stored.message.event.kind, EventKind::ExecutionStarted { .. }))
         .expect("a new instance's first item carries its ExecutionStarted message");
     EpisodeCommit {
+        direct: None,
         history: vec![HistoryEvent::new(now, EventKind::OrchestratorStarted), started.message.event.clone()],
         state: Some(state(&item.instance, status)),
         ..consume_all(item)
@@ -1073,7 +1076,7 @@ pub async fn a_stale_commit_fails_alone_in_a_batch(store: &dyn Store) {
         .await
         .expect("commit_episodes");
     assert!(
-        matches!(results.as_slice(), [Ok(()), Err(Error::LeaseLost), Ok(())]),
+        matches!(results.as_slice(), [Ok(_), Err(Error::LeaseLost), Ok(_)]),
         "one result per commit, in order: {results:?}"
     );
     assert_eq!(history(store, "a").await.len(), 2, "only the current holder's history");
@@ -1121,6 +1124,7 @@ fn entity_signal(entity: &str, operation: &str, timestamp: Timestamp) -> History
 /// The commit of an entity batch: consumes the item, leaves `state` as the entity's state.
 fn entity_batch(item: &OrchestrationItem, state: Option<&str>) -> EpisodeCommit {
     EpisodeCommit {
+        direct: None,
         state: Some(InstanceUpdate {
             status: RuntimeStatus::Running,
             version: None,

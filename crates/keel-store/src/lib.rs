@@ -287,13 +287,60 @@ pub struct NewActivity {
     pub input: Option<String>,
     /// The trace context the activity's span hangs under.
     pub trace: Option<keel_core::trace::TraceContext>,
+    /// Set when the committing worker runs the item itself at once: the item is created
+    /// leased to it (delivery attempt 1) instead of waiting to be fetched. Only for a
+    /// store whose [`Store::direct_episodes`] is true.
+    pub lease: Option<ActivityLease>,
+}
+
+/// The lease an activity item is created with ([`NewActivity::lease`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActivityLease {
+    /// The lease's token, chosen by the worker (unique: 128 random bits).
+    pub token: String,
+    /// When the lease runs out unless renewed.
+    pub until: Timestamp,
+}
+
+/// How an episode that was not fetched claims its instance: a worker that ran an
+/// activity of an instance whose execution it holds in memory plays the next episode
+/// at once with the result, and commits it here in place of delivering the result to
+/// the inbox. The commit takes effect only if the instance is as the worker last left
+/// it: not locked (or its lease ran out), at `execution_id` with `history_len` events and
+/// `status`, with no visible message in its inbox, and each of `completed` still leased
+/// with that lock. Otherwise it fails with [`Error::LeaseLost`] and writes nothing (the
+/// worker then delivers the results as usual).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DirectClaim {
+    /// The execution the worker holds.
+    pub execution_id: String,
+    /// The history's length the worker holds.
+    pub history_len: u64,
+    /// The instance's status the worker holds.
+    pub status: RuntimeStatus,
+    /// The activity items whose results this episode's history records (instead of
+    /// inbox messages): deleted by the commit.
+    pub completed: Vec<ActivityLock>,
+}
+
+/// What a committed episode gives its worker back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The store ids of the activity items the commit created leased
+    /// ([`NewActivity::lease`]), in the order of [`EpisodeCommit::activities`].
+    pub leased_activity_ids: Vec<i64>,
 }
 
 /// Everything one episode of one instance decided, committed atomically.
 #[derive(Clone, Debug)]
 pub struct EpisodeCommit {
-    /// The instance's lock, from its [`OrchestrationItem`].
+    /// The instance's lock, from its [`OrchestrationItem`]; for a direct episode only its
+    /// instance id counts (see `direct`).
     pub lock: OrchestrationLock,
+    /// Set for an episode run without fetching the instance: what the commit checks
+    /// instead of the lock's token. Only for a store whose [`Store::direct_episodes`] is
+    /// true.
+    pub direct: Option<DirectClaim>,
     /// Ids of the inbox messages this episode processed (they are deleted).
     pub consumed: Vec<i64>,
     /// When set, the current history is dropped and `history` is the whole history of
@@ -590,8 +637,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<OrchestrationItem>>;
 
     /// Commits episodes, each atomically; one result per commit, in order. A commit
-    /// whose lock is stale fails with [`Error::LeaseLost`] without affecting the others.
-    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>>;
+    /// whose lock is stale (or whose [`DirectClaim`] does not hold) fails with
+    /// [`Error::LeaseLost`] without affecting the others.
+    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<Committed>>>;
+
+    /// Whether [`Store::commit_episodes`] takes direct episodes ([`EpisodeCommit::direct`])
+    /// and activity items created leased ([`NewActivity::lease`]): then a worker that runs
+    /// an instance's activities in its own process commits each step of the instance
+    /// once (the result with the next episode) instead of four times (the item's lease,
+    /// its result, the instance's lock, the episode).
+    fn direct_episodes(&self) -> bool {
+        false
+    }
 
     /// Gives an instance back without committing: no worker fetches it before
     /// `retry_at`, when it comes back with its messages and any that arrived meanwhile,

@@ -30,9 +30,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::history::{EventKind, HistoryEvent, RuntimeStatus, Timestamp};
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EntityQuery, EpisodeCommit, Error, HubStats, InstancePage,
-    InstanceQuery, InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem, OrchestrationLock,
-    PurgeFilter, Result, Store,
+    ActivityCompletion, ActivityItem, ActivityLock, Committed, EntityQuery, EpisodeCommit, Error, HubStats,
+    InstancePage, InstanceQuery, InstanceRecord, Message, NewInstance, Notifications, OrchestrationItem,
+    OrchestrationLock, PurgeFilter, Result, Store,
 };
 use tokio::sync::watch;
 
@@ -458,9 +458,13 @@ impl Store for FaultyStore {
         self.call(Op::FetchOrchestrations, self.inner.fetch_orchestration_items(max, lease, now)).await
     }
 
-    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<()>>> {
+    async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<Committed>>> {
         let commits = self.with_defect(commits);
         self.call(Op::CommitEpisodes, self.inner.commit_episodes(commits, now)).await
+    }
+
+    fn direct_episodes(&self) -> bool {
+        self.inner.direct_episodes()
     }
 
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()> {

@@ -106,6 +106,7 @@ enum Intake {
 /// A commit for `item` that consumes all its messages and changes nothing else yet.
 pub(crate) fn empty_commit(item: &OrchestrationItem) -> EpisodeCommit {
     EpisodeCommit {
+        direct: None,
         lock: item.lock.clone(),
         consumed: item.messages.iter().map(|message| message.id).collect(),
         replace_history: None,
@@ -700,6 +701,7 @@ fn record_actions(
         commit.history.push(action.to_history_event(now, trace));
         match action {
             Action::ScheduleTask { id, name, input } => commit.activities.push(NewActivity {
+                lease: None,
                 instance_id: instance.instance_id.clone(),
                 execution_id: execution_id.to_string(),
                 task_id: *id,
@@ -855,6 +857,7 @@ fn termination_output(reason: &str) -> String {
 /// it was terminated, and the entities whose locks `history` holds are released.
 pub(crate) fn termination_notices(instance: &InstanceRecord, history: &[HistoryEvent], now: Timestamp) -> Vec<Message> {
     let mut commit = EpisodeCommit {
+        direct: None,
         lock: keel_store::OrchestrationLock { instance_id: instance.instance_id.clone(), token: String::new() },
         consumed: Vec::new(),
         replace_history: None,

@@ -24,8 +24,8 @@ use keel_core::history::{EventKind, FailureDetails, HistoryEvent};
 use keel_core::limits;
 use keel_core::replay::Execution;
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, InstanceRecord, Message, OrchestrationItem, OrchestrationLock,
-    Store,
+    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, InstanceRecord, Message, OrchestrationItem,
+    OrchestrationLock, Store,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -43,6 +43,8 @@ use crate::metrics::{ActivityOutcome, WorkKind as MetricKind};
 use crate::registry::Registry;
 use crate::telemetry;
 use crate::versioning::{VersionFailure, Versioning, VERSION_MISMATCH_ERROR_TYPE};
+
+mod direct;
 
 /// Workers outside this process (connected over the Durable Task gRPC protocol) that
 /// run the orchestrators and activities this worker does not host.
@@ -329,8 +331,16 @@ impl Worker {
     pub fn start(self) -> WorkerHandle {
         let (shutdown_sender, shutdown) = watch::channel(false);
         let in_flight = Arc::new(InFlight::default());
-        let orchestrations = tokio::spawn(run_orchestrations(self.shared.clone(), shutdown.clone(), in_flight.clone()));
-        let activities = tokio::spawn(run_activities(self.shared.clone(), shutdown, in_flight.clone()));
+        let slots = Arc::new(Semaphore::new(self.shared.options.max_concurrent_activities));
+        let (committer, to_commit) = mpsc::unbounded_channel();
+        let (direct_results, results) = mpsc::unbounded_channel();
+        let (local_items, local) = mpsc::unbounded_channel();
+        let direct =
+            direct::DirectRoutes { results, local: local_items, committer: committer.clone(), slots: slots.clone() };
+        let routes = ActivityRoutes { slots, local, direct: direct_results, committer, to_commit };
+        let orchestrations =
+            tokio::spawn(run_orchestrations(self.shared.clone(), shutdown.clone(), in_flight.clone(), direct));
+        let activities = tokio::spawn(run_activities(self.shared.clone(), shutdown, in_flight.clone(), routes));
         let heartbeat = tokio::spawn(heartbeat(self.shared.clone(), in_flight.clone()));
         WorkerHandle {
             client: self.client(),
@@ -600,9 +610,9 @@ const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Executions kept between episodes, valid while the instance's history is exactly
 /// what they have seen. Bounded by `capacity`: the entry put longest ago goes first.
-struct ExecutionCache<E = Box<Execution>> {
+struct ExecutionCache<E = Box<Execution>, R = InstanceRecord> {
     /// By instance id: the generation of the put that stored it, and the execution.
-    entries: HashMap<String, (u64, CachedExecution<E>)>,
+    entries: HashMap<String, (u64, CachedExecution<E, R>)>,
     /// Puts in order, as (instance id, generation); a pair whose generation is no longer
     /// the entry's is stale and skipped (compacted once it outnumbers the entries).
     order: VecDeque<(String, u64)>,
@@ -610,14 +620,17 @@ struct ExecutionCache<E = Box<Execution>> {
     capacity: usize,
 }
 
-struct CachedExecution<E = Box<Execution>> {
+/// An execution kept between episodes, with what its next episode starts from.
+struct CachedExecution<E = Box<Execution>, R = InstanceRecord> {
     execution: E,
     execution_id: String,
     history_len: u64,
+    /// The instance's row as the last commit left it (for a direct episode).
+    record: R,
 }
 
-impl<E> ExecutionCache<E> {
-    fn new(capacity: usize) -> ExecutionCache<E> {
+impl<E, R> ExecutionCache<E, R> {
+    fn new(capacity: usize) -> ExecutionCache<E, R> {
         ExecutionCache { entries: HashMap::new(), order: VecDeque::new(), next_generation: 0, capacity }
     }
 
@@ -627,7 +640,12 @@ impl<E> ExecutionCache<E> {
         (cached.execution_id == execution_id && cached.history_len == history_len).then_some(cached.execution)
     }
 
-    fn put(&mut self, instance_id: String, cached: CachedExecution<E>) {
+    /// The cached execution of an instance with the row it was left at.
+    fn take_entry(&mut self, instance_id: &str) -> Option<CachedExecution<E, R>> {
+        self.entries.remove(instance_id).map(|(_, cached)| cached)
+    }
+
+    fn put(&mut self, instance_id: String, cached: CachedExecution<E, R>) {
         if self.capacity == 0 {
             return;
         }
@@ -651,15 +669,70 @@ impl<E> ExecutionCache<E> {
     }
 }
 
-async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, in_flight: Arc<InFlight>) {
+/// Most activity results of the direct path one orchestration batch takes.
+const DIRECT_BATCH: usize = 1000;
+
+/// An episode of the batch in progress, besides its commit.
+struct Planned {
+    instance_id: String,
+    /// The execution to keep for the next episode, with the row as the commit leaves it.
+    cached: Option<CachedExecution>,
+    /// The execution planned, with the history's length after the commit, until the
+    /// row is at hand for `cached`.
+    execution: Option<(Box<Execution>, u64)>,
+    counted: Option<Counted>,
+    traced: Option<Traced>,
+    /// The activity items the commit creates leased to this worker.
+    leased: Vec<direct::LocalActivity>,
+    /// For a direct episode: the results it records (delivered as usual if it fails).
+    results: Vec<direct::Finished>,
+}
+
+impl Planned {
+    /// Keeps the planned execution (if any) with `before`, the instance's row, brought
+    /// up to date with `commit`.
+    fn keep(&mut self, before: InstanceRecord, commit: &EpisodeCommit) {
+        if let Some((execution, history_len)) = self.execution.take() {
+            let record = direct::record_after(before, commit, history_len);
+            self.cached =
+                Some(CachedExecution { execution, execution_id: record.execution_id.clone(), history_len, record });
+        }
+    }
+
+    fn new(instance_id: &str) -> Planned {
+        Planned {
+            instance_id: instance_id.to_owned(),
+            cached: None,
+            execution: None,
+            counted: None,
+            traced: None,
+            leased: Vec::new(),
+            results: Vec::new(),
+        }
+    }
+}
+
+async fn run_orchestrations(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    in_flight: Arc<InFlight>,
+    mut direct: direct::DirectRoutes,
+) {
     let store = shared.store.as_ref();
+    let direct_path = store.direct_episodes();
     let mut cache: ExecutionCache = ExecutionCache::new(shared.options.execution_cache_size);
     // Set when this worker gave instances back for workers of another version.
     let mut back_off = false;
+    // Results of the direct path waiting for their episode.
+    let mut finished: Vec<direct::Finished> = Vec::new();
     while !*shutdown.borrow() {
         if std::mem::take(&mut back_off) {
             // Give the workers that may run what this one gave back the first go at it.
             tokio::time::sleep(REJECT_BACKOFF + poll_jitter(shared.options.idle_poll)).await;
+        }
+        while finished.len() < DIRECT_BATCH {
+            let Ok(result) = direct.results.try_recv() else { break };
+            finished.push(result);
         }
         let fetched_at = shared.clock.now();
         let items = match store
@@ -677,21 +750,25 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 continue;
             }
         };
-        if items.is_empty() {
-            wait_for_work(&shared, WorkKind::Orchestrations, &mut shutdown).await;
+        if items.is_empty() && finished.is_empty() {
+            tokio::select! {
+                _ = wait_for_work(&shared, WorkKind::Orchestrations, &mut shutdown) => {}
+                Some(result) = direct.results.recv() => finished.push(result),
+            }
             continue;
         }
         let _held = in_flight.hold_batch(&items, fetched_at);
         let now = shared.clock.now().max(fetched_at);
         let mut commits = Vec::with_capacity(items.len());
-        let mut keep = Vec::with_capacity(items.len());
-        let mut counted = Vec::with_capacity(items.len());
-        let mut traced = Vec::with_capacity(items.len());
+        let mut planned = Vec::with_capacity(items.len());
         let mut rejected = false;
+        let fetched: std::collections::HashSet<String> =
+            items.iter().map(|item| item.instance.instance_id.clone()).collect();
         for item in items {
             if item.delivery_attempts > 1 {
                 shared.metrics.lease_taken_over(MetricKind::Orchestration);
             }
+            let first = commits.len();
             // Every log line of an episode names the instance and the orchestrator.
             let span = tracing::info_span!(
                 "episode",
@@ -702,9 +779,7 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
             async {
                 if keel_core::entity::is_entity_instance_id(&item.instance.instance_id) {
                     if let Some(commit) = run_entity(&shared, &item, now).await {
-                        keep.push((item.instance.instance_id.clone(), None));
-                        counted.push(None);
-                        traced.push(None);
+                        planned.push(Planned::new(&item.instance.instance_id));
                         commits.push(commit);
                     }
                     return;
@@ -713,9 +788,9 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                     shared.remote.as_ref().filter(|_| !shared.registry.hosts_orchestrator(&item.instance.name))
                 {
                     if let Some(commit) = offer_remote(store, remote.as_ref(), &item, now).await {
-                        keep.push((item.instance.instance_id.clone(), None));
-                        counted.push(Counted::of(&item.instance.name, &commit));
-                        traced.push(None);
+                        let mut episode = Planned::new(&item.instance.instance_id);
+                        episode.counted = Counted::of(&item.instance.name, &commit);
+                        planned.push(episode);
                         commits.push(commit);
                     }
                     return;
@@ -733,9 +808,9 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                 if !versioning.may_run(item.instance.version.as_deref()) {
                     rejected = true;
                     if let Some(commit) = refuse_version(store, versioning, &item, now).await {
-                        keep.push((item.instance.instance_id.clone(), None));
-                        counted.push(Counted::of(&item.instance.name, &commit));
-                        traced.push(None);
+                        let mut episode = Planned::new(&item.instance.instance_id);
+                        episode.counted = Counted::of(&item.instance.name, &commit);
+                        planned.push(episode);
                         commits.push(commit);
                     }
                     return;
@@ -751,49 +826,51 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
                         }
                     },
                 };
-                let planning = std::time::Instant::now();
-                let episode_started = std::time::SystemTime::now();
-                let planned =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, &item, resume, now)));
-                shared.metrics.episode_planned(planning.elapsed());
-                match planned {
-                    Ok(Plan::Commit { commit, execution, history_len, spans }) => {
-                        if let Some(trace) = &spans.execution {
-                            tracing::Span::current().record("trace_id", trace.trace_id());
-                        }
-                        let execution_id =
-                            commit.replace_history.clone().unwrap_or_else(|| item.instance.execution_id.clone());
-                        keep.push((
-                            item.instance.instance_id.clone(),
-                            execution.map(|execution| CachedExecution { execution, execution_id, history_len }),
-                        ));
-                        counted.push(Counted::of(&item.instance.name, &commit));
-                        traced.push(telemetry::is_enabled().then(|| Traced {
-                            instance_id: item.instance.instance_id.clone(),
-                            name: item.instance.name.clone(),
-                            spans,
-                            started: episode_started,
-                        }));
-                        commits.push(*commit);
-                    }
-                    Ok(Plan::Abandon { retry_at }) => {
-                        if let Err(error) = store.abandon_orchestration_item(&item.lock, retry_at).await {
-                            tracing::warn!(%error, "giving back work failed");
-                        }
-                    }
-                    Err(_) => {
-                        // Not given back: the lease runs out and the delivery counts, so an
-                        // item that keeps doing this is failed as poison.
-                        tracing::error!("an episode panicked outside orchestrator code");
-                    }
+                if let Some((commit, episode)) = plan_episode(&shared, &item, resume, now).await {
+                    planned.push(episode);
+                    commits.push(commit);
                 }
             }
             .instrument(span)
             .await;
+            // The row as the commit leaves it goes with the execution kept in memory.
+            if let (Some(episode), Some(commit)) = (planned.get_mut(first), commits.get(first)) {
+                episode.keep(item.instance, commit);
+            }
         }
         back_off = rejected;
+        for (instance_id, results) in by_instance(std::mem::take(&mut finished)) {
+            let cached = (!fetched.contains(&instance_id)).then(|| cache.take_entry(&instance_id)).flatten();
+            let Some(cached) = cached else {
+                direct.fall_back(results);
+                continue;
+            };
+            let item = direct::direct_item(cached.record, &results);
+            let resume = Resume { execution: Some(cached.execution), past: Vec::new() };
+            let span = tracing::info_span!(
+                "episode",
+                instance_id = %item.instance.instance_id,
+                function = %item.instance.name,
+                trace_id = tracing::field::Empty
+            );
+            match plan_episode(&shared, &item, resume, now).instrument(span).await {
+                Some((mut commit, mut episode)) => {
+                    direct::claim(&mut commit, &item.instance, &results);
+                    episode.keep(item.instance, &commit);
+                    episode.results = results;
+                    planned.push(episode);
+                    commits.push(commit);
+                }
+                _ => direct.fall_back(results),
+            }
+        }
         if commits.is_empty() {
             continue;
+        }
+        if direct_path {
+            for (commit, episode) in commits.iter_mut().zip(&mut planned) {
+                episode.leased = direct::lease_local(&shared, &direct.slots, commit, now);
+            }
         }
         let due: Vec<keel_core::Timestamp> = commits.iter().flat_map(|commit| commit.due_times(now)).collect();
         let committing = std::time::Instant::now();
@@ -802,33 +879,115 @@ async fn run_orchestrations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
         shared.metrics.episodes_committed(committing.elapsed(), succeeded);
         match committed {
             Ok(results) => {
-                for (result, counted) in results.iter().zip(&counted) {
-                    if let (Ok(()), Some(counted)) = (result, counted) {
-                        counted.record(&shared.metrics);
-                    }
-                }
-                for (result, traced) in results.iter().zip(&traced) {
-                    if let (Ok(()), Some(traced)) = (result, traced) {
-                        traced.emit();
-                    }
-                }
                 for at in due {
                     store.notifications().orchestration_work_due(at);
                 }
-                for (result, (instance_id, cached)) in results.into_iter().zip(keep) {
-                    match (result, cached) {
-                        (Ok(()), Some(cached)) => cache.put(instance_id, cached),
-                        (Ok(()), None) => {}
-                        (Err(error), _) => {
-                            tracing::warn!(%instance_id, %error, "an episode was not committed; it will run again");
+                for (result, episode) in results.into_iter().zip(planned) {
+                    let Planned { instance_id, cached, counted, traced, leased, results, .. } = episode;
+                    match result {
+                        Ok(committed) => {
+                            if let Some(counted) = counted {
+                                counted.record(&shared.metrics);
+                            }
+                            if let Some(traced) = traced {
+                                traced.emit();
+                            }
+                            for local in direct::leased_items(leased, committed) {
+                                // Closed only once the activity dispatcher stopped: the
+                                // item's lease then runs out and it runs elsewhere.
+                                let _ = direct.local.send(local);
+                            }
+                            for (completion, _slot) in results {
+                                in_flight.remove(completion.lock.id);
+                            }
+                            if let Some(cached) = cached {
+                                cache.put(instance_id, cached);
+                            }
+                        }
+                        Err(error) => {
+                            if results.is_empty() {
+                                tracing::warn!(%instance_id, %error, "an episode was not committed; it will run again");
+                            }
+                            // The instance moved on meanwhile: its results go to its inbox.
+                            direct.fall_back(results);
                         }
                     }
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, "committing episodes failed; they will run again");
+                for episode in planned {
+                    direct.fall_back(episode.results);
+                }
                 tokio::time::sleep(STORE_ERROR_BACKOFF).await;
             }
+        }
+    }
+    // Results still waiting for an episode are delivered as usual.
+    direct.results.close();
+    while let Ok(result) = direct.results.try_recv() {
+        finished.push(result);
+    }
+    direct.fall_back(finished);
+}
+
+/// Results grouped by instance, in the order of each instance's first result.
+fn by_instance(results: Vec<direct::Finished>) -> Vec<(String, Vec<direct::Finished>)> {
+    let mut groups: Vec<(String, Vec<direct::Finished>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for result in results {
+        let instance_id = &result.0.result.instance_id;
+        match index.get(instance_id) {
+            Some(&at) => groups[at].1.push(result),
+            None => {
+                index.insert(instance_id.clone(), groups.len());
+                groups.push((instance_id.clone(), vec![result]));
+            }
+        }
+    }
+    groups
+}
+
+/// Plans one in-process episode of `item`; `None` when it needs no commit now (given
+/// back, or it panicked outside orchestrator code). The [`Planned`] keeps the execution
+/// with the row as it was (the caller brings it up to date with the commit).
+async fn plan_episode(
+    shared: &Shared,
+    item: &OrchestrationItem,
+    resume: Resume,
+    now: keel_core::Timestamp,
+) -> Option<(EpisodeCommit, Planned)> {
+    let planning = std::time::Instant::now();
+    let episode_started = std::time::SystemTime::now();
+    let planned = std::panic::catch_unwind(AssertUnwindSafe(|| episode::plan(&shared.registry, item, resume, now)));
+    shared.metrics.episode_planned(planning.elapsed());
+    match planned {
+        Ok(Plan::Commit { commit, execution, history_len, spans }) => {
+            if let Some(trace) = &spans.execution {
+                tracing::Span::current().record("trace_id", trace.trace_id());
+            }
+            let mut episode = Planned::new(&item.instance.instance_id);
+            episode.execution = execution.map(|execution| (execution, history_len));
+            episode.counted = Counted::of(&item.instance.name, &commit);
+            episode.traced = telemetry::is_enabled().then(|| Traced {
+                instance_id: item.instance.instance_id.clone(),
+                name: item.instance.name.clone(),
+                spans,
+                started: episode_started,
+            });
+            Some((*commit, episode))
+        }
+        Ok(Plan::Abandon { retry_at }) => {
+            if let Err(error) = shared.store.abandon_orchestration_item(&item.lock, retry_at).await {
+                tracing::warn!(%error, "giving back work failed");
+            }
+            None
+        }
+        Err(_) => {
+            // Not given back: the lease runs out and the delivery counts, so an item
+            // that keeps doing this is failed as poison.
+            tracing::error!("an episode panicked outside orchestrator code");
+            None
         }
     }
 }
@@ -1016,12 +1175,29 @@ async fn abandon(store: &dyn Store, item: &OrchestrationItem, now: keel_core::Ti
 /// Most activity results committed in one transaction.
 const ACTIVITY_COMMIT_BATCH: usize = 1000;
 
-async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, in_flight: Arc<InFlight>) {
+/// The activity dispatcher's ends of the worker's channels.
+struct ActivityRoutes {
+    /// The worker's activity slots (shared with the direct path).
+    slots: Arc<Semaphore>,
+    /// Items this worker's own commits created leased to it ([`direct`]).
+    local: mpsc::UnboundedReceiver<direct::LocalActivity>,
+    /// Their results, for the orchestration dispatcher's next episode.
+    direct: mpsc::UnboundedSender<direct::Finished>,
+    /// Results to deliver to the inboxes, and the committer's end of that channel.
+    committer: mpsc::UnboundedSender<direct::Finished>,
+    to_commit: mpsc::UnboundedReceiver<direct::Finished>,
+}
+
+async fn run_activities(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    in_flight: Arc<InFlight>,
+    routes: ActivityRoutes,
+) {
     let store = shared.store.clone();
-    let slots = Arc::new(Semaphore::new(shared.options.max_concurrent_activities));
+    let ActivityRoutes { slots, mut local, direct, committer: done, to_commit: mut results } = routes;
     // A finished activity keeps its slot until its result is recorded: finished but
     // unrecorded results (which run again after a crash) are bounded by the slots.
-    let (done, mut results) = mpsc::unbounded_channel::<(ActivityCompletion, OwnedSemaphorePermit)>();
     let mut running = JoinSet::new();
     let committer = {
         let store = store.clone();
@@ -1039,12 +1215,48 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             }
         })
     };
+    let run = |running: &mut JoinSet<()>, item: ActivityItem, slot: OwnedSemaphorePermit, leased_here: bool| {
+        let shared = shared.clone();
+        let done = done.clone();
+        let direct = direct.clone();
+        running.spawn(async move {
+            let span = tracing::info_span!(
+                "activity",
+                instance_id = %item.instance_id,
+                function = %item.name,
+                task_id = item.task_id,
+                trace_id = tracing::field::Empty
+            );
+            if let Some(trace) = &item.trace {
+                span.record("trace_id", trace.trace_id());
+            }
+            let completion = run_activity(&shared, item).instrument(span).await;
+            // The result of an item leased by this worker's own commit goes to the next
+            // episode directly; once the orchestration dispatcher stopped, to the inbox.
+            let finished = if leased_here {
+                direct.send((completion, slot)).err().map(|error| error.0)
+            } else {
+                Some((completion, slot))
+            };
+            if let Some(finished) = finished {
+                let _ = done.send(finished);
+            }
+        });
+    };
     while !*shutdown.borrow() {
         while running.try_join_next().is_some() {}
+        while let Ok(direct::LocalActivity { item, slot }) = local.try_recv() {
+            in_flight.add(item.lock.clone(), shared.clock.now());
+            run(&mut running, item, slot, true);
+        }
         let free = slots.available_permits();
         if free == 0 {
             tokio::select! {
                 _ = slots.acquire() => {}
+                Some(direct::LocalActivity { item, slot }) = local.recv() => {
+                    in_flight.add(item.lock.clone(), shared.clock.now());
+                    run(&mut running, item, slot, true);
+                }
                 _ = shutdown_requested(&mut shutdown) => {}
             }
             continue;
@@ -1059,7 +1271,13 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             }
         };
         if items.is_empty() {
-            wait_for_work(&shared, WorkKind::Activities, &mut shutdown).await;
+            tokio::select! {
+                _ = wait_for_work(&shared, WorkKind::Activities, &mut shutdown) => {}
+                Some(direct::LocalActivity { item, slot }) = local.recv() => {
+                    in_flight.add(item.lock.clone(), shared.clock.now());
+                    run(&mut running, item, slot, true);
+                }
+            }
             continue;
         }
         for item in items {
@@ -1076,29 +1294,23 @@ async fn run_activities(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                 }
                 continue;
             }
-            let permit = slots.clone().try_acquire_owned().expect("fetched no more items than free slots");
+            // Slots taken by the direct path meanwhile may leave fewer than fetched:
+            // wait for one (an activity that finishes gives its slot back).
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => match slots.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_) => unreachable!("the activity slots are never closed"),
+                },
+            };
             in_flight.add(item.lock.clone(), fetched_at);
-            let shared = shared.clone();
-            let done = done.clone();
-            running.spawn(async move {
-                let span = tracing::info_span!(
-                    "activity",
-                    instance_id = %item.instance_id,
-                    function = %item.name,
-                    task_id = item.task_id,
-                    trace_id = tracing::field::Empty
-                );
-                if let Some(trace) = &item.trace {
-                    span.record("trace_id", trace.trace_id());
-                }
-                let completion = run_activity(&shared, item).instrument(span).await;
-                let _ = done.send((completion, permit));
-            });
+            run(&mut running, item, slot, false);
         }
     }
     // Running activities go on until the handle's deadline; the committer records them.
     while running.join_next().await.is_some() {}
     drop(done);
+    drop(direct);
     let _ = committer.await;
 }
 
@@ -1223,8 +1435,8 @@ fn panic_failure(panic: &(dyn std::any::Any + Send)) -> FailureDetails {
 mod tests {
     use super::*;
 
-    fn cached(value: u32, history_len: u64) -> CachedExecution<u32> {
-        CachedExecution { execution: value, execution_id: "e".to_string(), history_len }
+    fn cached(value: u32, history_len: u64) -> CachedExecution<u32, ()> {
+        CachedExecution { execution: value, execution_id: "e".to_string(), history_len, record: () }
     }
 
     #[test]

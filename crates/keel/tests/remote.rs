@@ -61,7 +61,7 @@ impl RemoteWorkers for FakeRemote {
             };
             let commit = episode.complete(outcome, chrono::Utc::now());
             let results = store.commit_episodes(vec![commit], chrono::Utc::now()).await.expect("commit");
-            results.into_iter().for_each(|result| result.expect("the episode commits"));
+            results.into_iter().for_each(|result| drop(result.expect("the episode commits")));
         });
         Ok(())
     }
@@ -97,7 +97,7 @@ impl RemoteWorkers for FakeRemote {
                 keel::entity::run_batch(&entity, &episode.id, episode.state.clone(), &episode.operations, now);
             let commit = episode.complete(outcome, now);
             let results = store.commit_episodes(vec![commit], now).await.expect("commit");
-            results.into_iter().for_each(|result| result.expect("the batch commits"));
+            results.into_iter().for_each(|result| drop(result.expect("the batch commits")));
         });
         Ok(())
     }
