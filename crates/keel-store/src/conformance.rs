@@ -17,8 +17,9 @@ use keel_core::history::{EventKind, FailureDetails, HistoryEvent, ParentInstance
 use keel_core::limits::MAX_PAYLOAD_BYTES;
 
 use crate::{
-    ActivityCompletion, ActivityItem, Backlog, EntityQuery, EpisodeCommit, Error, HubStats, InstanceQuery,
-    InstanceRecord, InstanceUpdate, Message, NewActivity, NewInstance, OrchestrationItem, PurgeFilter, Store,
+    ActivityCompletion, ActivityItem, ActivityLease, ActivityLock, Backlog, DirectClaim, EntityQuery, EpisodeCommit,
+    Error, HubStats, InstanceQuery, InstanceRecord, InstanceUpdate, Message, NewActivity, NewInstance,
+    OrchestrationItem, PurgeFilter, Store,
 };
 
 /// The start of simulated time in every check: 2024-01-01T00:00:00Z, in milliseconds
@@ -58,6 +59,7 @@ macro_rules! for_each_check {
             future_messages_wait_until_visible,
             activities_are_leased_and_completed,
             activity_leases_expire_renew_and_abandon,
+            direct_episodes_commit_a_step_once_or_change_nothing,
             abandoned_orchestrations_come_back,
             replace_history_starts_a_new_execution,
             new_instances_create_children_once,
@@ -191,7 +193,6 @@ fn first_episode(item: &OrchestrationItem, now: Timestamp, status: RuntimeStatus
         .find(|stored| matches!(stored.message.event.kind, EventKind::ExecutionStarted { .. }))
         .expect("a new instance's first item carries its ExecutionStarted message");
     EpisodeCommit {
-        direct: None,
         history: vec![HistoryEvent::new(now, EventKind::OrchestratorStarted), started.message.event.clone()],
         state: Some(state(&item.instance, status)),
         ..consume_all(item)
@@ -666,6 +667,86 @@ pub async fn activities_are_leased_and_completed(store: &dyn Store) {
     let item = fetch_only(store, "a", secs(2)).await;
     let messages: Vec<&Message> = item.messages.iter().map(|stored| &stored.message).collect();
     assert_eq!(messages, [&result], "the result is in the orchestration's inbox");
+}
+
+/// A direct episode ([`DirectClaim`]): an item created leased is not fetched, and the
+/// episode that records its result commits only while the instance is as its worker
+/// left it (unlocked, same history and status, empty inbox, the item still leased so),
+/// deleting the item; any other claim fails with `LeaseLost` and writes nothing. A
+/// store without direct episodes refuses both as invalid.
+pub async fn direct_episodes_commit_a_step_once_or_change_nothing(store: &dyn Store) {
+    store.create_instance(new_instance("a", "Flow", secs(0))).await.expect("create_instance");
+    let item = fetch_only(store, "a", secs(0)).await;
+    let mut commit = first_episode(&item, secs(0), RuntimeStatus::Running);
+    let lease = ActivityLease { token: "token-of-the-worker".to_owned(), until: secs(10) };
+    commit.activities = vec![NewActivity { lease: Some(lease.clone()), ..activity(&item.instance, 0, "Greet") }];
+    if !store.direct_episodes() {
+        let refused = store.commit_episodes(vec![commit], secs(0)).await;
+        assert!(matches!(refused, Err(Error::Invalid(_))), "a leased item without direct episodes: {refused:?}");
+        assert_eq!(store.read_history("a").await.expect("read_history"), [], "nothing was written");
+        return;
+    }
+    let results = store.commit_episodes(vec![commit], secs(0)).await.expect("commit_episodes");
+    let [Ok(committed)] = results.as_slice() else { panic!("the first episode: {results:?}") };
+    let [id] = committed.leased_activity_ids.as_slice() else { panic!("one leased id: {committed:?}") };
+    assert_no_activity_work(store, secs(9), "the item was created leased").await;
+    let left = store.get_instance("a").await.expect("get_instance").expect("the instance");
+
+    let greet = ActivityLock { id: *id, token: lease.token.clone() };
+    let completed = HistoryEvent::new(
+        secs(1),
+        EventKind::TaskCompleted { task_scheduled_id: 0, result: Some("\"hello\"".to_owned()) },
+    );
+    let direct = |claim: DirectClaim| EpisodeCommit {
+        direct: Some(claim),
+        history: vec![HistoryEvent::new(secs(1), EventKind::OrchestratorStarted), completed.clone()],
+        state: Some(state(&left, RuntimeStatus::Completed)),
+        ..consume_all(&OrchestrationItem {
+            lock: crate::OrchestrationLock { instance_id: "a".to_owned(), token: String::new() },
+            instance: left.clone(),
+            messages: Vec::new(),
+            delivery_attempts: 1,
+        })
+    };
+    let claim = DirectClaim {
+        execution_id: left.execution_id.clone(),
+        history_len: left.history_len,
+        status: left.status,
+        completed: vec![greet.clone()],
+    };
+    let refused = |claim: DirectClaim, why: &'static str| {
+        let commit = direct(claim);
+        async move {
+            let results = store.commit_episodes(vec![commit], secs(1)).await.expect("commit_episodes");
+            assert!(matches!(results.as_slice(), [Err(Error::LeaseLost)]), "{why}: {results:?}");
+            let now = store.get_instance("a").await.expect("get_instance").expect("the instance");
+            assert_eq!((now.status, now.history_len), (left.status, left.history_len), "{why}: nothing was written");
+        }
+    };
+    refused(DirectClaim { history_len: left.history_len - 1, ..claim.clone() }, "another history length").await;
+    refused(DirectClaim { status: RuntimeStatus::Pending, ..claim.clone() }, "another status").await;
+    refused(DirectClaim { execution_id: "another".to_owned(), ..claim.clone() }, "another execution").await;
+    let stolen = ActivityLock { token: "someone else's".to_owned(), ..greet.clone() };
+    refused(DirectClaim { completed: vec![stolen], ..claim.clone() }, "an item leased to another").await;
+
+    // A message in the inbox (an event raised meanwhile) must go first.
+    let raised = message_to("a", event_raised("Approval", "true", secs(1)), secs(1));
+    store.enqueue_message(raised, false).await.expect("enqueue_message");
+    refused(claim.clone(), "a visible message").await;
+    // Nor while a worker holds the instance to process that message.
+    let locked = fetch_only(store, "a", secs(1)).await;
+    refused(claim.clone(), "a locked instance").await;
+    commit_ok(store, consume_all(&locked), secs(1)).await;
+    let after_event = store.get_instance("a").await.expect("get_instance").expect("the instance");
+    assert_eq!(after_event.history_len, left.history_len, "consuming the message appended nothing");
+
+    commit_ok(store, direct(claim.clone()), secs(1)).await;
+    let done = store.get_instance("a").await.expect("get_instance").expect("the instance");
+    assert_eq!((done.status, done.history_len), (RuntimeStatus::Completed, left.history_len + 2));
+    assert_eq!(store.read_history("a").await.expect("read_history").last(), Some(&completed));
+    assert_no_activity_work(store, secs(1000), "the direct episode deleted the item").await;
+    let results = store.commit_episodes(vec![direct(claim)], secs(2)).await.expect("commit_episodes");
+    assert!(matches!(results.as_slice(), [Err(Error::LeaseLost)]), "the same claim again: {results:?}");
 }
 
 /// Activity leases run out and are taken over; a stale holder can neither complete,

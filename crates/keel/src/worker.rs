@@ -1295,13 +1295,19 @@ async fn run_activities(
                 continue;
             }
             // Slots taken by the direct path meanwhile may leave fewer than fetched:
-            // wait for one (an activity that finishes gives its slot back).
-            let slot = match slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => match slots.clone().acquire_owned().await {
-                    Ok(slot) => slot,
-                    Err(_) => unreachable!("the activity slots are never closed"),
-                },
+            // wait for one, running the direct path's items meanwhile (they hold slots
+            // of their own, and give them back when they finish).
+            let slot = loop {
+                if let Ok(slot) = slots.clone().try_acquire_owned() {
+                    break slot;
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => break slot.expect("the activity slots are never closed"),
+                    Some(direct::LocalActivity { item, slot }) = local.recv() => {
+                        in_flight.add(item.lock.clone(), shared.clock.now());
+                        run(&mut running, item, slot, true);
+                    }
+                }
             };
             in_flight.add(item.lock.clone(), fetched_at);
             run(&mut running, item, slot, false);
