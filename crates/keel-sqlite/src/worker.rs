@@ -345,8 +345,11 @@ fn commit_episode(
         wakeups.orchestration_work |= insert_message(connection, message)?;
     }
 
-    // Messages that arrived during the episode are work again now that the lock is gone.
-    wakeups.orchestration_work |= !inbox_is_empty(connection, instance_id, now_millis)?;
+    // Messages that arrived during the episode are work again now that the lock is gone
+    // (a direct episode found the inbox empty in this transaction).
+    if commit.direct.is_none() {
+        wakeups.orchestration_work |= !inbox_is_empty(connection, instance_id, now_millis)?;
+    }
     Ok((committed, wakeups))
 }
 
@@ -361,6 +364,13 @@ fn inbox_is_empty(connection: &Connection, instance_id: &str, now_millis: i64) -
 /// Deletes the activity items a direct episode records the results of; fails with
 /// [`Error::LeaseLost`], before deleting any, if one of them is no longer leased so.
 fn take_completed_activities(connection: &Connection, claim: &DirectClaim) -> Result<(), Failure> {
+    if let [lock] = claim.completed.as_slice() {
+        // One item (a step of a chain): its delete is the check, and the first write.
+        let deleted = connection
+            .prepare_cached("DELETE FROM activities WHERE id = ?1 AND lock_token = ?2")?
+            .execute(params![lock.id, lock.token])?;
+        return if deleted == 1 { Ok(()) } else { Err(Failure::Contract(Error::LeaseLost)) };
+    }
     for lock in &claim.completed {
         let held: bool = connection
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM activities WHERE id = ?1 AND lock_token = ?2)")?

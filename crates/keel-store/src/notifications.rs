@@ -53,6 +53,12 @@ impl Notifications {
         None
     }
 
+    /// Whether a recorded due time has come by `now` (without forgetting it).
+    pub fn orchestration_due_by(&self, now: Timestamp) -> bool {
+        let due = self.orchestration_due.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        due.peek().is_some_and(|Reverse(at)| *at <= now)
+    }
+
     /// Wakes the orchestration dispatchers: an inbox got a visible message.
     pub fn orchestration_work_added(&self) {
         self.orchestration_work.notify_waiters();

@@ -672,6 +672,11 @@ impl<E, R> ExecutionCache<E, R> {
 /// Most activity results of the direct path one orchestration batch takes.
 const DIRECT_BATCH: usize = 1000;
 
+/// While the direct path keeps the orchestration dispatcher busy, it still fetches at
+/// least this often (and whenever work was added in this process or a timer is due),
+/// so that work from elsewhere (other processes, leases that ran out) waits no longer.
+const FETCH_AT_LEAST_EVERY: Duration = Duration::from_millis(10);
+
 /// An episode of the batch in progress, besides its commit.
 struct Planned {
     instance_id: String,
@@ -725,6 +730,8 @@ async fn run_orchestrations(
     let mut back_off = false;
     // Results of the direct path waiting for their episode.
     let mut finished: Vec<direct::Finished> = Vec::new();
+    let notifications = store.notifications();
+    let mut last_fetch = std::time::Instant::now();
     while !*shutdown.borrow() {
         if std::mem::take(&mut back_off) {
             // Give the workers that may run what this one gave back the first go at it.
@@ -735,14 +742,26 @@ async fn run_orchestrations(
             finished.push(result);
         }
         let fetched_at = shared.clock.now();
-        let items = match store
+        // With results to play, fetching only pays when there may be other work: a
+        // fetch is a write transaction even when it finds nothing.
+        let may_skip_fetch = !finished.is_empty()
+            && last_fetch.elapsed() < FETCH_AT_LEAST_EVERY
+            && !notifications.orchestration_due_by(fetched_at)
+            && notifications.orchestration_work().notified().now_or_never().is_none();
+        let fetch = async {
+            if may_skip_fetch {
+                return Ok(Vec::new());
+            }
+            last_fetch = std::time::Instant::now();
+            store
             .fetch_orchestration_items(
                 shared.options.max_concurrent_orchestrations,
                 shared.options.orchestration_lease,
                 fetched_at,
             )
             .await
-        {
+        };
+        let items = match fetch.await {
             Ok(items) => items,
             Err(error) => {
                 tracing::warn!(%error, "fetching orchestration work failed");
