@@ -255,21 +255,18 @@ impl Store for PostgresStore {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
-        let direct = |commit: &EpisodeCommit| {
-            commit.direct.is_some() || commit.activities.iter().any(|activity| activity.lease.is_some())
-        };
-        if commits.iter().any(direct) {
-            return Err(keel_store::Error::Invalid(
-                "this store takes no direct episodes nor leased activity items".into(),
-            ));
-        }
         let mut connection = self.connection().await?;
-        connection.begin().await?;
+        // commit_episodes sends the BEGIN with its first statements.
+        connection.begin_in_pipeline();
         let outcome = worker::commit_episodes(&connection, &commits, now).await;
         let announce = outcome.as_ref().map(|(_, wakeups)| *wakeups).unwrap_or_default();
         let (results, wakeups) = connection.finish(outcome, announce.payload()).await?;
         wakeups.signal(&self.notifications);
-        Ok(results.into_iter().map(|result| result.map(|()| Committed::default())).collect())
+        Ok(results)
+    }
+
+    fn direct_episodes(&self) -> bool {
+        true
     }
 
     async fn abandon_orchestration_item(&self, lock: &OrchestrationLock, retry_at: Timestamp) -> Result<()> {

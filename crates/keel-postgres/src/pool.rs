@@ -212,6 +212,14 @@ impl PooledConnection {
         Ok(self.client().execute(&statement, params).await?)
     }
 
+    /// Opens a transaction whose `BEGIN` ([`BEGIN`]) the caller sends itself, first in
+    /// the pipeline of its first statements (one round trip less); ended by
+    /// [`PooledConnection::finish`] like one [`PooledConnection::begin`] opened.
+    pub(crate) fn begin_in_pipeline(&mut self) {
+        assert!(!self.in_transaction, "transactions do not nest");
+        self.in_transaction = true;
+    }
+
     pub(crate) async fn begin(&mut self) -> Result<(), Error> {
         assert!(!self.in_transaction, "transactions do not nest");
         self.in_transaction = true;
@@ -269,7 +277,8 @@ const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 const COMMIT: &str = "COMMIT";
 
-const BEGIN: &str = "BEGIN";
+/// Opens a transaction; see [`PooledConnection::begin_in_pipeline`].
+pub(crate) const BEGIN: &str = "BEGIN";
 
 const ROLLBACK: &str = "ROLLBACK";
 

@@ -12,6 +12,12 @@
 //! them all first, so a stale commit is left out before anything of it is written and
 //! needs no savepoint; the rest of the batch is written with one statement per table,
 //! sent as one pipelined group.
+//!
+//! A direct episode ([`keel_store::DirectClaim`]) claims its instance in the same
+//! statement: instead of the lock's token, the row must be unlocked and as the worker
+//! left it, with no visible message in its inbox. The activity items whose results it
+//! records are locked first (`FOR UPDATE`), so that none changes hands before they are
+//! deleted with the batch; items created leased return their ids.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -19,7 +25,7 @@ use std::time::Duration;
 use keel_core::history::{EventKind, FailureDetails, HistoryEvent, Timestamp};
 use keel_core::trace::TraceContext;
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLock, EpisodeCommit, Error, Message, OrchestrationItem,
+    ActivityCompletion, ActivityItem, ActivityLock, Committed, EpisodeCommit, Error, Message, OrchestrationItem,
     OrchestrationLock, StoredMessage, MAX_MESSAGES_PER_ITEM,
 };
 use tokio_postgres::types::ToSql;
@@ -30,8 +36,8 @@ use crate::codec::{
     INSTANCE_COLUMN_COUNT,
 };
 use crate::failure::Failure;
-use crate::pipeline::Pipeline;
-use crate::pool::PooledConnection;
+use crate::pipeline::{self, Pipeline};
+use crate::pool::{PooledConnection, BEGIN};
 use crate::wakeups::Wakeups;
 
 /// Locks up to `$3` unlocked instances with visible messages, the longest-waiting
@@ -152,11 +158,30 @@ const RELEASE_LEASES: &str = "UPDATE instances AS i SET \
          version = CASE WHEN c.has_state THEN c.version ELSE i.version END, \
          lock_token = NULL, locked_until = NULL, lock_count = 0 \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], \
-                 $8::text[], $9::text[], $10::text[], $11::bigint[], $13::text[]) \
+                 $8::text[], $9::text[], $10::text[], $11::bigint[], $13::text[], $14::bool[], $15::text[], \
+                 $16::bigint[], $17::text[], $18::bigint[]) WITH ORDINALITY \
          AS c (instance_id, token, new_execution_id, appended, has_state, status, input, output, failure, \
-               custom_status, completed_at, version) \
-     WHERE i.instance_id = c.instance_id AND i.lock_token = c.token \
+               custom_status, completed_at, version, direct, claimed_execution_id, claimed_history_len, \
+               claimed_status, completed, ordinal) \
+     WHERE i.instance_id = c.instance_id AND CASE WHEN c.direct THEN \
+             (i.locked_until IS NULL OR i.locked_until <= $12) AND i.execution_id = c.claimed_execution_id \
+             AND i.history_len = c.claimed_history_len AND i.status = c.claimed_status \
+             AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.instance_id = i.instance_id AND m.visible_at <= $12) \
+             AND c.completed = (SELECT count(*) FROM unnest($19::bigint[], $20::bigint[], $21::text[]) \
+                     AS k (ordinal, id, token) \
+                 JOIN activities a ON a.id = k.id AND a.lock_token = k.token WHERE k.ordinal = c.ordinal) \
+         ELSE i.lock_token = c.token END \
      RETURNING i.instance_id, c.token, i.history_len";
+
+/// Locks the activity items direct episodes record the results of, as far as they are
+/// still leased so (sent before [`RELEASE_LEASES`], which counts them): none changes
+/// hands before the batch deletes them.
+const LOCK_COMPLETED: &str = "SELECT a.id FROM activities a \
+     JOIN unnest($1::bigint[], $2::text[]) AS c (id, token) ON a.id = c.id AND a.lock_token = c.token \
+     FOR UPDATE OF a";
+
+/// Deletes the activity items whose results committed direct episodes recorded.
+const DELETE_COMPLETED: &str = "DELETE FROM activities WHERE id = ANY($1)";
 
 const DELETE_CONSUMED: &str =
     "DELETE FROM messages USING unnest($1::text[], $2::bigint[]) AS consumed (instance_id, id) \
@@ -167,11 +192,17 @@ const DELETE_HISTORIES: &str = "DELETE FROM history WHERE instance_id = ANY($1)"
 const APPEND_HISTORY: &str =
     "INSERT INTO history (instance_id, seq, event) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])";
 
+/// Creates activity items; one created leased (a token) starts at attempt 1, its lease
+/// ending at its `until`, and returns its id.
 const INSERT_ACTIVITIES: &str = "INSERT INTO activities \
-         (instance_id, execution_id, task_id, name, input, trace_parent, trace_state, visible_at) \
-     SELECT instance_id, execution_id, task_id, name, input, trace_parent, trace_state, $8 \
-     FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[]) \
-         AS scheduled (instance_id, execution_id, task_id, name, input, trace_parent, trace_state)";
+         (instance_id, execution_id, task_id, name, input, trace_parent, trace_state, visible_at, lock_token, \
+          attempts) \
+     SELECT instance_id, execution_id, task_id, name, input, trace_parent, trace_state, coalesce(until, $8), token, \
+         CASE WHEN token IS NULL THEN 0 ELSE 1 END \
+     FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[], $9::text[], \
+                 $10::bigint[]) \
+         AS scheduled (instance_id, execution_id, task_id, name, input, trace_parent, trace_state, token, until) \
+     RETURNING id, instance_id, execution_id, task_id, lock_token";
 
 /// One row if one of the instances has a visible message.
 const ANY_VISIBLE_MESSAGE: &str = "SELECT 1 FROM messages WHERE instance_id = ANY($1) AND visible_at <= $2 LIMIT 1";
@@ -187,14 +218,14 @@ pub(crate) async fn commit_episodes(
     connection: &PooledConnection,
     commits: &[EpisodeCommit],
     now: Timestamp,
-) -> Result<(Vec<keel_store::Result<()>>, Wakeups), Failure> {
+) -> Result<(Vec<keel_store::Result<Committed>>, Wakeups), Failure> {
     let locks: HashSet<(&str, &str)> =
         commits.iter().map(|commit| (commit.lock.instance_id.as_str(), commit.lock.token.as_str())).collect();
     if locks.len() != commits.len() {
         return Err(Failure::Contract(Error::Invalid("a batch commits each lock at most once".into())));
     }
     let now_millis = millis(now);
-    let released = release_leases(connection, commits, now_millis).await?;
+    let released = open_and_release(connection, commits, now_millis).await?;
     // The commits whose lease held, each with the sequence number of its first new event.
     let held: Vec<(&EpisodeCommit, i64)> = commits
         .iter()
@@ -208,7 +239,7 @@ pub(crate) async fn commit_episodes(
         .collect();
     let mut wakeups = Wakeups {
         instance_changed: held.iter().any(|(commit, _)| commit.state.is_some()),
-        activity_work: held.iter().any(|(commit, _)| !commit.activities.is_empty()),
+        activity_work: held.iter().any(|(commit, _)| commit.activities.iter().any(|activity| activity.lease.is_none())),
         ..Wakeups::default()
     };
 
@@ -251,7 +282,7 @@ pub(crate) async fn commit_episodes(
             messages.push(message)?;
         }
     }
-    let [delete_consumed, delete_histories, append_history, insert_activities, insert_messages, any_visible_message] =
+    let [delete_consumed, delete_histories, append_history, insert_activities, insert_messages, any_visible_message, delete_completed] =
         connection
             .statements([
                 DELETE_CONSUMED,
@@ -260,6 +291,7 @@ pub(crate) async fn commit_episodes(
                 INSERT_ACTIVITIES,
                 INSERT_MESSAGES,
                 ANY_VISIBLE_MESSAGE,
+                DELETE_COMPLETED,
             ])
             .await?;
     let mut pipeline = Pipeline::new(connection.client());
@@ -272,87 +304,187 @@ pub(crate) async fn commit_episodes(
     if !writes.history_events.is_empty() {
         pipeline.push(&append_history, vec![&writes.history_instances, &writes.history_seqs, &writes.history_events]);
     }
-    if !writes.activities.is_empty() {
-        let mut params = writes.activities.params();
-        params.push(&now_millis);
-        pipeline.push(&insert_activities, params);
+    if !writes.completed_ids.is_empty() {
+        pipeline.push(&delete_completed, vec![&writes.completed_ids]);
     }
+    let inserted = (!writes.activities.is_empty()).then(|| {
+        let mut params = writes.activities.params();
+        params.insert(7, &now_millis);
+        pipeline.push_query(&insert_activities, params)
+    });
     let delivered = (!messages.is_empty()).then(|| pipeline.push(&insert_messages, messages.params()));
     // Messages that arrived during the episodes are work again now that the locks are gone.
     let pending =
         (!writes.unlocked.is_empty()).then(|| pipeline.push(&any_visible_message, vec![&writes.unlocked, &now_millis]));
-    let counts = pipeline.run().await?;
-    let found = |index: Option<usize>| index.is_some_and(|index| counts[index] > 0);
+    let answers = pipeline.run().await?;
+    let found = |index: Option<usize>| index.is_some_and(|index| answers[index].count() > 0);
     wakeups.orchestration_work |= found(delivered) || found(pending);
+    // The ids of the items created leased, by (instance, execution, task).
+    let mut leased: HashMap<(String, String, i32), i64> = HashMap::new();
+    if let Some(pipeline::Answer::Rows(rows)) = inserted.map(|index| &answers[index]) {
+        for row in rows {
+            if row.try_get::<_, Option<String>>(4)?.is_some() {
+                leased.insert((row.try_get(1)?, row.try_get(2)?, row.try_get(3)?), row.try_get(0)?);
+            }
+        }
+    }
 
     let results = commits
         .iter()
         .map(|commit| {
-            if released.contains_key(&(commit.lock.instance_id.clone(), commit.lock.token.clone())) {
-                Ok(())
-            } else {
-                Err(Error::LeaseLost)
+            if !released.contains_key(&(commit.lock.instance_id.clone(), commit.lock.token.clone())) {
+                return Err(Error::LeaseLost);
             }
+            let leased_activity_ids = commit
+                .activities
+                .iter()
+                .filter(|activity| activity.lease.is_some())
+                .map(|activity| {
+                    let key = (activity.instance_id.clone(), activity.execution_id.clone(), activity.task_id);
+                    leased.get(&key).copied().ok_or_else(|| Error::Backend {
+                        message: "a leased activity item returned no id".into(),
+                        retryable: false,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Committed { leased_activity_ids })
         })
         .collect();
     Ok((results, wakeups))
 }
 
-/// Runs [`RELEASE_LEASES`] for a batch: the (instance, token) pairs whose lease held,
-/// with the instance's new history length.
-async fn release_leases(
+/// The transaction's first round trip, for a batch: `BEGIN` (the caller opened the
+/// transaction without sending it), [`LOCK_COMPLETED`] when the batch has direct
+/// episodes, and [`RELEASE_LEASES`], sent together. Returns the (instance, token) pairs
+/// whose lease (or direct claim) held, with the instance's new history length.
+async fn open_and_release(
     connection: &PooledConnection,
     commits: &[EpisodeCommit],
     now_millis: i64,
 ) -> Result<HashMap<(String, String), i64>, Failure> {
-    let mut instance_ids = Vec::with_capacity(commits.len());
-    let mut tokens = Vec::with_capacity(commits.len());
-    let mut new_execution_ids = Vec::with_capacity(commits.len());
-    let mut appended = Vec::with_capacity(commits.len());
-    let mut has_state = Vec::with_capacity(commits.len());
-    let mut statuses = Vec::with_capacity(commits.len());
-    let mut inputs = Vec::with_capacity(commits.len());
-    let mut outputs = Vec::with_capacity(commits.len());
-    let mut failures = Vec::with_capacity(commits.len());
-    let mut custom_statuses = Vec::with_capacity(commits.len());
-    let mut completed_at = Vec::with_capacity(commits.len());
-    let mut versions = Vec::with_capacity(commits.len());
-    for commit in commits {
-        instance_ids.push(commit.lock.instance_id.as_str());
-        tokens.push(commit.lock.token.as_str());
-        new_execution_ids.push(commit.replace_history.as_deref());
-        appended.push(i64::try_from(commit.history.len()).expect("a history batch fits in i64"));
-        has_state.push(commit.state.is_some());
-        let state = commit.state.as_ref();
-        statuses.push(state.map(|state| state.status.as_str()));
-        inputs.push(state.and_then(|state| state.input.as_deref()));
-        outputs.push(state.and_then(|state| state.output.as_deref()));
-        failures.push(state.and_then(|state| state.failure.as_ref()).map(to_json).transpose()?);
-        custom_statuses.push(state.and_then(|state| state.custom_status.as_deref()));
-        completed_at.push(state.filter(|state| state.status.is_terminal()).map(|_| now_millis));
-        versions.push(state.and_then(|state| state.version.as_deref()));
+    let columns = ReleaseColumns::of(commits, now_millis)?;
+    let [begin, lock_completed, release] = connection.statements([BEGIN, LOCK_COMPLETED, RELEASE_LEASES]).await?;
+    let mut pipeline = Pipeline::new(connection.client());
+    pipeline.push(&begin, Vec::new());
+    if !columns.completed_ids.is_empty() {
+        pipeline.push(&lock_completed, vec![&columns.completed_ids, &columns.completed_tokens]);
     }
-    let rows = connection
-        .query(
-            RELEASE_LEASES,
-            &[
-                &instance_ids,
-                &tokens,
-                &new_execution_ids,
-                &appended,
-                &has_state,
-                &statuses,
-                &inputs,
-                &outputs,
-                &failures,
-                &custom_statuses,
-                &completed_at,
-                &now_millis,
-                &versions,
-            ],
-        )
-        .await?;
+    let released = pipeline.push_query(&release, columns.params());
+    let mut answers = pipeline.run().await?;
+    let pipeline::Answer::Rows(rows) = answers.swap_remove(released) else {
+        unreachable!("push_query answers with rows")
+    };
     rows.iter().map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?))).collect()
+}
+
+/// The parameters of [`RELEASE_LEASES`] (and [`LOCK_COMPLETED`]) for a batch.
+struct ReleaseColumns<'c> {
+    instance_ids: Vec<&'c str>,
+    tokens: Vec<&'c str>,
+    new_execution_ids: Vec<Option<&'c str>>,
+    appended: Vec<i64>,
+    has_state: Vec<bool>,
+    statuses: Vec<Option<&'c str>>,
+    inputs: Vec<Option<&'c str>>,
+    outputs: Vec<Option<&'c str>>,
+    failures: Vec<Option<String>>,
+    custom_statuses: Vec<Option<&'c str>>,
+    completed_at: Vec<Option<i64>>,
+    now_millis: i64,
+    versions: Vec<Option<&'c str>>,
+    direct: Vec<bool>,
+    claimed_execution_ids: Vec<Option<&'c str>>,
+    claimed_history_lens: Vec<Option<i64>>,
+    claimed_statuses: Vec<Option<&'c str>>,
+    /// Per commit, how many activity items its direct claim records.
+    completed_counts: Vec<i64>,
+    /// Those items, flat: the commit's ordinal (from 1), the id and the token.
+    completed_ordinals: Vec<i64>,
+    completed_ids: Vec<i64>,
+    completed_tokens: Vec<&'c str>,
+}
+
+impl<'c> ReleaseColumns<'c> {
+    fn of(commits: &'c [EpisodeCommit], now_millis: i64) -> Result<ReleaseColumns<'c>, Failure> {
+        let n = commits.len();
+        let mut columns = ReleaseColumns {
+            instance_ids: Vec::with_capacity(n),
+            tokens: Vec::with_capacity(n),
+            new_execution_ids: Vec::with_capacity(n),
+            appended: Vec::with_capacity(n),
+            has_state: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            inputs: Vec::with_capacity(n),
+            outputs: Vec::with_capacity(n),
+            failures: Vec::with_capacity(n),
+            custom_statuses: Vec::with_capacity(n),
+            completed_at: Vec::with_capacity(n),
+            now_millis,
+            versions: Vec::with_capacity(n),
+            direct: Vec::with_capacity(n),
+            claimed_execution_ids: Vec::with_capacity(n),
+            claimed_history_lens: Vec::with_capacity(n),
+            claimed_statuses: Vec::with_capacity(n),
+            completed_counts: Vec::with_capacity(n),
+            completed_ordinals: Vec::new(),
+            completed_ids: Vec::new(),
+            completed_tokens: Vec::new(),
+        };
+        for (ordinal, commit) in (1..).zip(commits) {
+            columns.instance_ids.push(commit.lock.instance_id.as_str());
+            columns.tokens.push(commit.lock.token.as_str());
+            columns.new_execution_ids.push(commit.replace_history.as_deref());
+            columns.appended.push(i64::try_from(commit.history.len()).expect("a history batch fits in i64"));
+            columns.has_state.push(commit.state.is_some());
+            let state = commit.state.as_ref();
+            columns.statuses.push(state.map(|state| state.status.as_str()));
+            columns.inputs.push(state.and_then(|state| state.input.as_deref()));
+            columns.outputs.push(state.and_then(|state| state.output.as_deref()));
+            columns.failures.push(state.and_then(|state| state.failure.as_ref()).map(to_json).transpose()?);
+            columns.custom_statuses.push(state.and_then(|state| state.custom_status.as_deref()));
+            columns.completed_at.push(state.filter(|state| state.status.is_terminal()).map(|_| now_millis));
+            columns.versions.push(state.and_then(|state| state.version.as_deref()));
+            let claim = commit.direct.as_ref();
+            columns.direct.push(claim.is_some());
+            columns.claimed_execution_ids.push(claim.map(|claim| claim.execution_id.as_str()));
+            columns.claimed_history_lens.push(claim.map(|claim| i64::try_from(claim.history_len).unwrap_or(i64::MAX)));
+            columns.claimed_statuses.push(claim.map(|claim| claim.status.as_str()));
+            let completed = claim.map_or(&[][..], |claim| claim.completed.as_slice());
+            columns.completed_counts.push(completed.len() as i64);
+            for lock in completed {
+                columns.completed_ordinals.push(ordinal);
+                columns.completed_ids.push(lock.id);
+                columns.completed_tokens.push(lock.token.as_str());
+            }
+        }
+        Ok(columns)
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.instance_ids,
+            &self.tokens,
+            &self.new_execution_ids,
+            &self.appended,
+            &self.has_state,
+            &self.statuses,
+            &self.inputs,
+            &self.outputs,
+            &self.failures,
+            &self.custom_statuses,
+            &self.completed_at,
+            &self.now_millis,
+            &self.versions,
+            &self.direct,
+            &self.claimed_execution_ids,
+            &self.claimed_history_lens,
+            &self.claimed_statuses,
+            &self.completed_counts,
+            &self.completed_ordinals,
+            &self.completed_ids,
+            &self.completed_tokens,
+        ]
+    }
 }
 
 /// What the episodes of a batch write besides their state and messages, one array per
@@ -367,6 +499,8 @@ struct EpisodeWrites {
     history_seqs: Vec<i64>,
     history_events: Vec<String>,
     activities: ActivityColumns,
+    /// Activity items whose results direct episodes recorded.
+    completed_ids: Vec<i64>,
     /// Instances unlocked by this batch.
     unlocked: Vec<String>,
 }
@@ -387,6 +521,9 @@ impl EpisodeWrites {
             self.history_events.push(to_json(event)?);
         }
         self.activities.extend(&commit.activities);
+        if let Some(claim) = &commit.direct {
+            self.completed_ids.extend(claim.completed.iter().map(|lock| lock.id));
+        }
         self.unlocked.push(instance_id.clone());
         Ok(())
     }
@@ -426,6 +563,8 @@ struct ActivityColumns {
     inputs: Vec<Option<String>>,
     trace_parents: Vec<Option<String>>,
     trace_states: Vec<Option<String>>,
+    lease_tokens: Vec<Option<String>>,
+    lease_ends: Vec<Option<i64>>,
 }
 
 impl ActivityColumns {
@@ -438,6 +577,8 @@ impl ActivityColumns {
             self.inputs.push(activity.input.clone());
             self.trace_parents.push(activity.trace.as_ref().map(|trace| trace.trace_parent.clone()));
             self.trace_states.push(activity.trace.as_ref().and_then(|trace| trace.trace_state.clone()));
+            self.lease_tokens.push(activity.lease.as_ref().map(|lease| lease.token.clone()));
+            self.lease_ends.push(activity.lease.as_ref().map(|lease| millis(lease.until)));
         }
     }
 
@@ -454,6 +595,8 @@ impl ActivityColumns {
             &self.inputs,
             &self.trace_parents,
             &self.trace_states,
+            &self.lease_tokens,
+            &self.lease_ends,
         ]
     }
 }

@@ -754,12 +754,12 @@ async fn run_orchestrations(
             }
             last_fetch = std::time::Instant::now();
             store
-            .fetch_orchestration_items(
-                shared.options.max_concurrent_orchestrations,
-                shared.options.orchestration_lease,
-                fetched_at,
-            )
-            .await
+                .fetch_orchestration_items(
+                    shared.options.max_concurrent_orchestrations,
+                    shared.options.orchestration_lease,
+                    fetched_at,
+                )
+                .await
         };
         let items = match fetch.await {
             Ok(items) => items,
