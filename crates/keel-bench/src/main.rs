@@ -8,6 +8,8 @@
 //! The scaling scenarios (`--scenario scale`, see [`scale`]): `large-fanout`,
 //! `long-history` and `idle`.
 //!
+//! `targets` (see [`targets`]): every row of issue 15's table against its target.
+//!
 //! `verify` (see [`verify`]): `keel::Worker::verify` over 10,000 in-flight instances of
 //! 20 history events each (setting the hub up takes a few seconds, so it is not in
 //! `all`).
@@ -38,6 +40,7 @@ mod grpc;
 mod hub;
 mod recovery;
 mod scale;
+mod targets;
 mod tracing_sink;
 mod verify;
 
@@ -56,6 +59,10 @@ struct Args {
     /// `--size`: the activities of `long-history` and of the one `large-fanout` run,
     /// instead of their standard sizes.
     size: Option<u32>,
+    /// `--runs`: how often `targets` runs each quick row.
+    runs: usize,
+    /// `--postgres`: the database of `targets`' PostgreSQL rows.
+    postgres: Option<String>,
 }
 
 /// `--tracing`: the runtime's OpenTelemetry spans during the run.
@@ -87,6 +94,8 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     let mut workers = 0;
     let mut tracing = Tracing::Off;
     let mut size = None;
+    let mut runs = 3;
+    let mut postgres = None;
     let mut args = arguments.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -113,6 +122,11 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
                 );
                 size = Some(activities);
             }
+            "--runs" => {
+                runs = value()?.parse().context("--runs takes a number of runs")?;
+                anyhow::ensure!(runs > 0, "--runs takes at least 1");
+            }
+            "--postgres" => postgres = Some(value()?),
             "--tracing" => {
                 tracing = match value()?.as_str() {
                     "off" => Tracing::Off,
@@ -123,8 +137,8 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify|recovery|grpc] \
-                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp] [--size ACTIVITIES (long-history, large-fanout)]"
+                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify|recovery|grpc|targets] \
+                     [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp] [--size ACTIVITIES (long-history, large-fanout)] [--runs N] [--postgres URL (targets)]"
                 );
                 std::process::exit(0);
             }
@@ -133,7 +147,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     }
     let all = ["chain", "fanout", "throughput", "latency"];
     let scaling = ["large-fanout", "long-history", "idle"];
-    let single = ["verify", "recovery", "grpc"];
+    let single = ["verify", "recovery", "grpc", "targets"];
     let scenarios = if scenario == "all" {
         all.iter().map(|s| s.to_string()).collect()
     } else if scenario == "scale" {
@@ -141,7 +155,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     } else if [&all[..], &scaling[..], &single[..]].concat().contains(&scenario.as_str()) {
         vec![scenario]
     } else {
-        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale, verify, recovery or grpc");
+        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale, verify, recovery, grpc or targets");
     };
     let hub = if store == "sqlite" {
         HubSpec::Sqlite(durability)
@@ -160,7 +174,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             "--workers runs the scenarios chain, fanout, throughput and latency"
         );
     }
-    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers, tracing, size })
+    Ok(Args { scenarios, store: hub.label().to_owned(), hub, durability, workers, tracing, size, runs, postgres })
 }
 
 /// `length` activities one after the other; the output is `length`.
@@ -430,6 +444,7 @@ async fn main() -> anyhow::Result<()> {
             "verify" => vec![verify::run_verify(&args.store, &args.hub).await?],
             "recovery" => vec![recovery::run_recovery(&args.store, &args.hub).await?],
             "grpc" => grpc::run_grpc(&args.store, &args.hub).await?,
+            "targets" => targets::run_targets(&args).await?,
             other => unreachable!("scenario {other} was validated"),
         };
         for mut result in results {

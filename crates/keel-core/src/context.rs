@@ -600,10 +600,12 @@ impl OrchestrationContext {
         instance_id: Option<String>,
         input: &impl Serialize,
     ) -> Call<O, E> {
-        let mut input = serialize_input(input);
+        // Boxed: a fan-out holds a call per task, and a failure is rare.
+        let mut input = serialize_input(input).map_err(Box::new);
         if target.sub_orchestration {
             if let Some(Err(message)) = instance_id.as_deref().map(limits::check_instance_id) {
-                input = Err(FailureDetails::new("InvalidInput", format!("the sub-orchestration's {message}")));
+                input =
+                    Err(Box::new(FailureDetails::new("InvalidInput", format!("the sub-orchestration's {message}"))));
             }
             target.instance_id = Some(instance_id.unwrap_or_else(|| {
                 let state = self.lock();
@@ -615,10 +617,12 @@ impl OrchestrationContext {
     }
 
     /// Schedules one attempt of a call.
-    fn attempt<O>(&self, target: &CallTarget, input: &Result<Option<String>, FailureDetails>) -> TaskFuture<O> {
+    fn attempt<O>(&self, target: &CallTarget, input: &Result<Option<String>, Box<FailureDetails>>) -> TaskFuture<O> {
         let kind = if target.sub_orchestration { "sub-orchestration" } else { "activity" };
         match (input, &target.instance_id) {
-            (Err(details), _) => TaskFuture::failed(self.clone(), format!("{kind} '{}'", target.name), details.clone()),
+            (Err(details), _) => {
+                TaskFuture::failed(self.clone(), format!("{kind} '{}'", target.name), (**details).clone())
+            }
             (Ok(input), Some(instance_id)) => {
                 self.schedule_sub_orchestration(&target.name, instance_id.clone(), input.clone())
             }
@@ -1000,7 +1004,8 @@ pub struct TaskFuture<T> {
     /// `None` for a task that failed before it could be scheduled.
     id: Option<i32>,
     task: String,
-    early_failure: Option<FailureDetails>,
+    /// Boxed: a fan-out holds a future per task, and a failure is rare.
+    early_failure: Option<Box<FailureDetails>>,
     _output: PhantomData<fn() -> T>,
 }
 
@@ -1010,13 +1015,13 @@ impl<T> TaskFuture<T> {
     }
 
     fn failed(context: OrchestrationContext, task: String, details: FailureDetails) -> TaskFuture<T> {
-        TaskFuture { context, id: None, task, early_failure: Some(details), _output: PhantomData }
+        TaskFuture { context, id: None, task, early_failure: Some(Box::new(details)), _output: PhantomData }
     }
 
     fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<TaskOutcome> {
         let Some(id) = self.id else {
             let details = self.early_failure.take().expect("a task future was polled after it completed");
-            return Poll::Ready(TaskOutcome::Failed(details));
+            return Poll::Ready(TaskOutcome::Failed(*details));
         };
         let mut state = lock(&self.context.state);
         let slot = state.open_tasks.get_mut(&id).expect("a task future was polled after it completed");
@@ -1167,7 +1172,7 @@ impl<A: Future, B: Future> Future for Race<A, B> {
 pub struct Call<O, E> {
     context: OrchestrationContext,
     target: CallTarget,
-    input: Result<Option<String>, FailureDetails>,
+    input: Result<Option<String>, Box<FailureDetails>>,
     attempt: TaskFuture<O>,
     _failure: PhantomData<fn() -> E>,
 }

@@ -445,7 +445,7 @@ impl RemoteEpisode {
         }
         let execution_trace = keel_core::trace::history_trace(past_events.iter().chain(&new_events));
         let action_traces = ActionTraces { execution: execution_trace.as_ref(), given: &traces };
-        record_actions(&mut commit, &instance, &execution_id, &actions, &action_traces, now);
+        record_actions(&mut commit, &instance, &execution_id, actions, &action_traces, now);
         match completion {
             None => {
                 let suspended =
@@ -590,7 +590,7 @@ fn apply_result(
     for _ in 0..MAX_CONTINUE_AS_NEW_PER_EPISODE {
         spans.observe(&mut execution);
         let action_traces = ActionTraces { execution: execution.orchestration_trace(), given: &NO_GIVEN_TRACES };
-        record_actions(&mut commit, instance, &execution_id, &result.actions, &action_traces, now);
+        record_actions(&mut commit, instance, &execution_id, std::mem::take(&mut result.actions), &action_traces, now);
         match result.completion.take() {
             None => {
                 let history_len = base_len + commit.history.len() as u64;
@@ -692,23 +692,28 @@ fn record_actions(
     commit: &mut EpisodeCommit,
     instance: &InstanceRecord,
     execution_id: &str,
-    actions: &[Action],
+    actions: Vec<Action>,
     traces: &ActionTraces<'_>,
     now: Timestamp,
 ) {
     for action in actions {
         let trace = traces.of(action.id());
         commit.history.push(action.to_history_event(now, trace));
-        match action {
-            Action::ScheduleTask { id, name, input } => commit.activities.push(NewActivity {
+        // An activity takes its name and input along (a fan-out has a million).
+        if let Action::ScheduleTask { id, name, input } = action {
+            commit.activities.push(NewActivity {
                 lease: None,
                 instance_id: instance.instance_id.clone(),
                 execution_id: execution_id.to_string(),
-                task_id: *id,
-                name: name.clone(),
-                input: input.clone(),
+                task_id: id,
+                name,
+                input,
                 trace: trace.cloned(),
-            }),
+            });
+            continue;
+        }
+        match &action {
+            Action::ScheduleTask { .. } => unreachable!("taken above"),
             Action::CreateTimer { id, fire_at } => commit.messages.push(Message {
                 instance_id: instance.instance_id.clone(),
                 execution_id: Some(execution_id.to_string()),
@@ -741,15 +746,15 @@ fn record_actions(
             }),
             Action::SignalEntity { target, scheduled_time, .. } => {
                 let visible_at = scheduled_time.unwrap_or(now).max(now);
-                commit.messages.push(entity_message(target, action, trace, visible_at, now));
+                commit.messages.push(entity_message(target, &action, trace, visible_at, now));
             }
             Action::CallEntity { target, .. } | Action::UnlockEntity { target, .. } => {
-                commit.messages.push(entity_message(target, action, trace, now, now));
+                commit.messages.push(entity_message(target, &action, trace, now, now));
             }
             Action::LockEntities { lock_set, .. } => {
                 // The request starts at the first entity of the sorted set.
                 if let Some(first) = lock_set.first() {
-                    commit.messages.push(entity_message(first, action, trace, now, now));
+                    commit.messages.push(entity_message(first, &action, trace, now, now));
                 }
             }
         }
