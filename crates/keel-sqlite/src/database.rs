@@ -25,13 +25,14 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use keel_store::Error;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::failure::{backend_error, Failure};
+use crate::owners::{self, Owner};
 use crate::{schema, Durability};
 
 /// How long a connection waits for another process's lock before giving up with a
@@ -85,7 +86,10 @@ pub(crate) struct Database {
     queued_writes: Mutex<Vec<WriteJob>>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// This store as an owner of leases ([`owners`]); declared after the
+    /// checkpointer, which sweeps the dead owners, so that it stops first.
     _checkpointer: Checkpointer,
+    owner: Option<Owner>,
 }
 
 /// The background checkpoint thread; stopped (and joined) when dropped.
@@ -102,12 +106,15 @@ impl Checkpointer {
         });
         let connection = connection.map_err(backend_error)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let database = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("keel-sqlite-checkpoint".into())
             .spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_INTERVAL) {
                     // A passive checkpoint never blocks writers; a busy one is retried next time.
                     let _ = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    // A process that died meanwhile: its leases are free now.
+                    owners::release_dead(&database, &connection);
                 }
             })
             .map_err(|error| Error::Backend {
@@ -132,6 +139,9 @@ impl Database {
     pub(crate) fn open(path: &Path, durability: Durability) -> Result<Database, Error> {
         let mut writer = open_writer(path, durability)?;
         schema::migrate(&mut writer)?;
+        // Before this store takes any work: what dead processes held is free at once.
+        owners::release_dead(path, &writer);
+        let owner = Owner::register(path);
         let readers = (0..READER_CONNECTIONS)
             .map(|_| open_reader(path).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()
@@ -142,7 +152,13 @@ impl Database {
             readers,
             next_reader: AtomicUsize::new(0),
             _checkpointer: Checkpointer::start(path)?,
+            owner,
         })
+    }
+
+    /// The id this store stamps its leases with ([`owners`]); `None` when it has none.
+    pub(crate) fn owner_id(&self) -> Option<Arc<str>> {
+        self.owner.as_ref().map(Owner::id)
     }
 
     /// Runs `operation` in a write transaction (a savepoint of a group commit), committed

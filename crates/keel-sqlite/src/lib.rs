@@ -25,6 +25,7 @@ mod client;
 mod codec;
 mod database;
 mod failure;
+mod owners;
 mod schema;
 mod stats;
 mod worker;
@@ -193,15 +194,21 @@ impl Store for SqliteStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.database.write(move |transaction| worker::fetch_orchestration_items(transaction, max, lease, now)).await
+        let owner = self.database.owner_id();
+        self.database
+            .write(move |transaction| worker::fetch_orchestration_items(transaction, max, lease, now, owner.as_deref()))
+            .await
     }
 
     async fn commit_episodes(&self, commits: Vec<EpisodeCommit>, now: Timestamp) -> Result<Vec<Result<Committed>>> {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
-        let (results, wakeups) =
-            self.database.write(move |transaction| worker::commit_episodes(transaction, &commits, now)).await?;
+        let owner = self.database.owner_id();
+        let (results, wakeups) = self
+            .database
+            .write(move |transaction| worker::commit_episodes(transaction, &commits, now, owner.as_deref()))
+            .await?;
         wakeups.signal(&self.notifications);
         Ok(results)
     }
@@ -224,7 +231,10 @@ impl Store for SqliteStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.database.write(move |transaction| worker::fetch_activity_items(transaction, max, lease, now)).await
+        let owner = self.database.owner_id();
+        self.database
+            .write(move |transaction| worker::fetch_activity_items(transaction, max, lease, now, owner.as_deref()))
+            .await
     }
 
     async fn complete_activities(&self, completions: Vec<ActivityCompletion>) -> Result<Vec<Result<()>>> {

@@ -97,6 +97,12 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX instances_by_status ON instances (status);
     ",
+    // 5: which open store took a lease (see `owners`): a dead process's leases are
+    // released when another one notices, not when they run out.
+    "
+    ALTER TABLE instances ADD COLUMN lease_owner TEXT;
+    ALTER TABLE activities ADD COLUMN lease_owner TEXT;
+    ",
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`], in one transaction.

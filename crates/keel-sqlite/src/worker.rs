@@ -56,6 +56,7 @@ pub(crate) fn fetch_orchestration_items(
     max: usize,
     lease: Duration,
     now: Timestamp,
+    owner: Option<&str>,
 ) -> Result<Vec<OrchestrationItem>, Failure> {
     let now_millis = millis(now);
     let locked_until = lease_end_millis(now, lease);
@@ -81,14 +82,15 @@ pub(crate) fn fetch_orchestration_items(
     }
 
     let lock_sql = format!(
-        "UPDATE instances SET lock_token = ?2, locked_until = ?3, lock_count = lock_count + 1 \
+        "UPDATE instances SET lock_token = ?2, locked_until = ?3, lock_count = lock_count + 1, lease_owner = ?4 \
          WHERE instance_id = ?1 RETURNING {INSTANCE_COLUMNS}, lock_count"
     );
     let mut items = Vec::with_capacity(chosen.len());
     for instance_id in chosen {
         let token = uuid::Uuid::new_v4().to_string();
-        let (instance, lock_count) =
-            connection.prepare_cached(&lock_sql)?.query_row(params![instance_id, token, locked_until], |row| {
+        let (instance, lock_count) = connection
+            .prepare_cached(&lock_sql)?
+            .query_row(params![instance_id, token, locked_until, owner], |row| {
                 Ok((instance_from_row(row), row.get::<_, i64>(16)?))
             })?;
         let messages = visible_messages(connection, &instance_id, now_millis)?;
@@ -136,13 +138,14 @@ pub(crate) fn commit_episodes(
     connection: &Connection,
     commits: &[EpisodeCommit],
     now: Timestamp,
+    owner: Option<&str>,
 ) -> Result<(Vec<keel_store::Result<Committed>>, Wakeups), Failure> {
     let mut results = Vec::with_capacity(commits.len());
     let mut wakeups = Wakeups::default();
     for commit in commits {
         // A commit with a stale lock fails before it writes anything, so no savepoint is
         // needed to undo it (savepoints per item were a fifth of a busy batch's CPU).
-        match commit_episode(connection, commit, now) {
+        match commit_episode(connection, commit, now, owner) {
             Ok((committed, episode_wakeups)) => {
                 wakeups.merge(episode_wakeups);
                 results.push(Ok(committed));
@@ -170,6 +173,7 @@ fn commit_episode(
     connection: &Connection,
     commit: &EpisodeCommit,
     now: Timestamp,
+    owner: Option<&str>,
 ) -> Result<(Committed, Wakeups), Failure> {
     let instance_id = commit.lock.instance_id.as_str();
     let now_millis = millis(now);
@@ -290,8 +294,8 @@ fn commit_episode(
                 let id = connection
                     .prepare_cached(
                         "INSERT INTO activities (instance_id, execution_id, task_id, name, input, visible_at, \
-                         trace_parent, trace_state, lock_token, attempts) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1) RETURNING id",
+                         trace_parent, trace_state, lock_token, attempts, lease_owner) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10) RETURNING id",
                     )?
                     .query_row(
                         params![
@@ -304,6 +308,7 @@ fn commit_episode(
                             trace_parent,
                             trace_state,
                             lease.token,
+                            owner,
                         ],
                         |row| row.get(0),
                     )?;
@@ -437,6 +442,7 @@ pub(crate) fn fetch_activity_items(
     max: usize,
     lease: Duration,
     now: Timestamp,
+    owner: Option<&str>,
 ) -> Result<Vec<ActivityItem>, Failure> {
     let ids: Vec<i64> = connection
         .prepare_cached("SELECT id FROM activities WHERE visible_at <= ?1 ORDER BY visible_at, id LIMIT ?2")?
@@ -448,10 +454,10 @@ pub(crate) fn fetch_activity_items(
         let token = uuid::Uuid::new_v4().to_string();
         let item = connection
             .prepare_cached(
-                "UPDATE activities SET lock_token = ?2, visible_at = ?3, attempts = attempts + 1 \
+                "UPDATE activities SET lock_token = ?2, visible_at = ?3, attempts = attempts + 1, lease_owner = ?4 \
                  WHERE id = ?1 RETURNING instance_id, execution_id, task_id, name, input, attempts, trace_parent, trace_state",
             )?
-            .query_row(params![id, token, lease_end], |row| {
+            .query_row(params![id, token, lease_end, owner], |row| {
                 let trace_parent: Option<String> = row.get(6)?;
                 let trace_state: Option<String> = row.get(7)?;
                 Ok(ActivityItem {

@@ -1,6 +1,8 @@
 //! The crash test: a worker process is killed with SIGKILL in the middle of many
 //! instances; a new worker on the same SQLite file finishes every one of them, with
-//! the right outputs and no orchestrator decision recorded twice.
+//! the right outputs and no orchestrator decision recorded twice. Run with leases of
+//! 2 s, and again with leases of 10 minutes: the work the killed process held is taken
+//! over when its death is noticed, not when its leases run out.
 
 mod common;
 
@@ -15,6 +17,11 @@ use keel_testkit::process::ChildTest;
 
 /// Set in the child process: the path of the task hub to work on.
 const CHILD_HUB_ENV: &str = "KEEL_CRASH_TEST_HUB";
+/// Set in the child process: its workers' leases, in seconds.
+const CHILD_LEASE_ENV: &str = "KEEL_CRASH_TEST_LEASE";
+
+/// Leases no test waits for: work held under them must be released otherwise.
+const LONG_LEASE: Duration = Duration::from_secs(600);
 
 const CHAINS: u32 = 60;
 const CHAIN_LENGTH: u32 = 6;
@@ -47,8 +54,13 @@ async fn add_one(_ctx: ActivityContext, value: u32) -> Result<u32, Never> {
     Ok(value + 1)
 }
 
-fn crash_worker(store: std::sync::Arc<dyn keel_store::Store>) -> keel::Worker {
-    let options = WorkerOptions { max_concurrent_activities: 8, ..common::test_options() };
+fn crash_worker(store: std::sync::Arc<dyn keel_store::Store>, lease: Duration) -> keel::Worker {
+    let options = WorkerOptions {
+        max_concurrent_activities: 8,
+        orchestration_lease: lease,
+        activity_lease: lease,
+        ..common::test_options()
+    };
     keel::Worker::builder(store)
         .options(options)
         .orchestration(CHAIN, chain)
@@ -59,13 +71,14 @@ fn crash_worker(store: std::sync::Arc<dyn keel_store::Store>) -> keel::Worker {
 
 /// The child process: runs a worker on the hub until it is killed.
 #[test]
-#[ignore = "run by a_worker_killed_mid_flight_loses_nothing as its child process"]
+#[ignore = "run by the crash tests as their child process"]
 fn crash_child_worker() {
     let Ok(path) = std::env::var(CHILD_HUB_ENV) else { return };
+    let lease = std::env::var(CHILD_LEASE_ENV).ok().and_then(|seconds| seconds.parse().ok()).unwrap_or(2);
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async move {
         let store = keel::store::open(&format!("sqlite://{path}")).await.expect("the hub opens");
-        let _worker = crash_worker(store).start();
+        let _worker = crash_worker(store, Duration::from_secs(lease)).start();
         std::future::pending::<()>().await;
     });
 }
@@ -77,6 +90,20 @@ async fn completed_count(client: &Client) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_flight_loses_nothing() {
+    kill_mid_flight_and_finish(common::test_options().orchestration_lease).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_leases_are_released_when_its_death_is_noticed() {
+    let started = std::time::Instant::now();
+    kill_mid_flight_and_finish(LONG_LEASE).await;
+    assert!(started.elapsed() < Duration::from_secs(60), "the held work waited {:?}", started.elapsed());
+}
+
+/// Starts the instances, lets a child worker process with leases of `lease` run
+/// them until ten have completed, kills it with SIGKILL, and checks that a worker of
+/// this process (with the same leases) finishes every one of them within a minute.
+async fn kill_mid_flight_and_finish(lease: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db").display().to_string();
     let store = keel::store::open(&format!("sqlite://{path}")).await.unwrap();
@@ -96,7 +123,9 @@ async fn a_worker_killed_mid_flight_loses_nothing() {
         expected.push((id, sum, FAN_OUT_WIDTH));
     }
 
-    let mut child = ChildTest::start("crash_child_worker", &[(CHILD_HUB_ENV, &path)]);
+    let lease_seconds = lease.as_secs().to_string();
+    let mut child =
+        ChildTest::start("crash_child_worker", &[(CHILD_HUB_ENV, &path), (CHILD_LEASE_ENV, &lease_seconds)]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while completed_count(&client).await < 10 {
         assert!(tokio::time::Instant::now() < deadline, "the child worker made no progress");
@@ -107,7 +136,7 @@ async fn a_worker_killed_mid_flight_loses_nothing() {
     let done_at_kill = completed_count(&client).await;
     assert!(done_at_kill < expected.len(), "the kill came after everything was done; the test proves nothing");
 
-    let worker = crash_worker(store.clone()).start();
+    let worker = crash_worker(store.clone(), lease).start();
     for (id, output, activities) in &expected {
         let done = client.wait_for_completion(id, Duration::from_secs(60)).await.unwrap();
         assert_eq!(done.status, RuntimeStatus::Completed, "{id}: {done:?}");
