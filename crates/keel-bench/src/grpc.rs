@@ -83,7 +83,10 @@ impl GrpcHub {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = format!("http://{}", listener.local_addr()?);
         let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(keel_grpc::serve(listener, hub.store.clone(), remote, Options::default(), async {
+        // As `keel serve` does: the activities the in-process worker hosts (none) stay
+        // with it, every other one goes to the SDK worker at its creation.
+        let options = Options { hosted_activities: Some(worker.client().activity_names()), ..Options::default() };
+        let server = tokio::spawn(keel_grpc::serve(listener, hub.store.clone(), remote, options, async {
             let _ = stopped.await;
         }));
         let remote_worker = RemoteWorker::start(address).await?;
@@ -266,7 +269,7 @@ fn cpu_fields(result: &mut serde_json::Value, process_cpu: f64, client_cpu: f64,
     result["cpu_note"] = json!(CPU_NOTE);
 }
 
-async fn run_chain(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn run_chain(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Value> {
     const LENGTH: u32 = 100;
     let hub = GrpcHub::start(spec).await?;
     crate::warm_up(&hub.client, CHAIN).await?;
@@ -290,7 +293,7 @@ async fn run_chain(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Va
     Ok(result)
 }
 
-async fn run_throughput(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn run_throughput(store: &str, spec: &HubSpec) -> anyhow::Result<serde_json::Value> {
     const INSTANCES: usize = 1000;
     const LENGTH: u32 = 5;
     let hub = GrpcHub::start(spec).await?;

@@ -137,7 +137,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify|recovery|grpc|targets] \
+                    "usage: keel-bench [--scenario chain|fanout|throughput|latency|all|large-fanout|long-history|idle|scale|verify|recovery|grpc|grpc-chain|grpc-throughput|targets] \
                      [--store sqlite|postgres://USER@HOST:PORT/DATABASE] [--durability process|full] [--workers N] [--tracing off|sink|otlp] [--size ACTIVITIES (long-history, large-fanout)] [--runs N] [--postgres URL (targets)]"
                 );
                 std::process::exit(0);
@@ -147,7 +147,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     }
     let all = ["chain", "fanout", "throughput", "latency"];
     let scaling = ["large-fanout", "long-history", "idle"];
-    let single = ["verify", "recovery", "grpc", "targets"];
+    let single = ["verify", "recovery", "grpc", "grpc-chain", "grpc-throughput", "targets"];
     let scenarios = if scenario == "all" {
         all.iter().map(|s| s.to_string()).collect()
     } else if scenario == "scale" {
@@ -155,7 +155,7 @@ fn parse_args(arguments: Vec<String>) -> anyhow::Result<Args> {
     } else if [&all[..], &scaling[..], &single[..]].concat().contains(&scenario.as_str()) {
         vec![scenario]
     } else {
-        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale, verify, recovery, grpc or targets");
+        bail!("unknown scenario '{scenario}': use chain, fanout, throughput, latency, all, large-fanout, long-history, idle, scale, verify, recovery, grpc, grpc-chain, grpc-throughput or targets");
     };
     let hub = if store == "sqlite" {
         HubSpec::Sqlite(durability)
@@ -444,6 +444,8 @@ async fn main() -> anyhow::Result<()> {
             "verify" => vec![verify::run_verify(&args.store, &args.hub).await?],
             "recovery" => vec![recovery::run_recovery(&args.store, &args.hub).await?],
             "grpc" => grpc::run_grpc(&args.store, &args.hub).await?,
+            "grpc-chain" => vec![grpc::run_chain(&args.store, &args.hub).await?],
+            "grpc-throughput" => vec![grpc::run_throughput(&args.store, &args.hub).await?],
             "targets" => targets::run_targets(&args).await?,
             other => unreachable!("scenario {other} was validated"),
         };

@@ -260,6 +260,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             idle_timeout: std::time::Duration::from_millis(args.grpc_idle_timeout_ms),
             max_connections: grpc_connections,
             message_timeout: std::time::Duration::from_millis(args.body_timeout_ms),
+            // What the host runs itself stays with its worker; every other activity an
+            // SDK orchestration schedules goes to the SDK workers at once.
+            hosted_activities: Some(host.client().activity_names()),
             ..keel_grpc::Options::default()
         },
         async move {

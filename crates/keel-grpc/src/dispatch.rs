@@ -270,7 +270,7 @@ impl std::fmt::Debug for GrpcRemoteWorkers {
 
 /// A new completion token: 128 bits from the operating system's random source, as 32
 /// lowercase hex digits.
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     let mut bits = [0u8; 16];
     getrandom::fill(&mut bits).expect("the operating system's random source is readable");
     bits.iter().map(|byte| format!("{byte:02x}")).collect()

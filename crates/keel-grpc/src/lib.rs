@@ -67,7 +67,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// entity batch, waiting for a worker or in flight) stays leased; renewed while held.
 /// The worker's default lease: should this process die, another host on the task hub
 /// takes the work over within it.
-const HELD_WORK_LEASE: Duration = Duration::from_secs(10);
+pub(crate) const HELD_WORK_LEASE: Duration = Duration::from_secs(10);
 
 /// How often the leases of held work are renewed: under a third of the lease, so that
 /// one late or failed renewal does not lose it.
@@ -108,6 +108,14 @@ pub struct Options {
     pub keepalive_interval: Duration,
     /// See [`Options::keepalive_interval`].
     pub keepalive_timeout: Duration,
+    /// The activities an in-process worker on the same store hosts (none: `Some` of an
+    /// empty list), matched ignoring case. When set, and the store takes direct episodes
+    /// ([`keel_store::Store::direct_episodes`]), every other activity an SDK worker's
+    /// orchestration schedules is created leased to this server and handed to an SDK
+    /// worker at once, instead of waiting for the in-process worker's activity
+    /// dispatcher to fetch it: a commit and a hand-off less per step. `None` (the
+    /// default) leaves every activity to the dispatcher.
+    pub hosted_activities: Option<Vec<String>>,
 }
 
 impl Options {
@@ -149,6 +157,7 @@ impl Default for Options {
             message_timeout: Options::DEFAULT_MESSAGE_TIMEOUT,
             keepalive_interval: Options::DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: Options::DEFAULT_KEEPALIVE_TIMEOUT,
+            hosted_activities: None,
         }
     }
 }
@@ -180,6 +189,12 @@ pub async fn serve(
         remote: remote.clone(),
         ping_interval: options.health_ping_interval,
         stopping,
+        hosted_activities: options
+            .hosted_activities
+            .clone()
+            .filter(|_| store.direct_episodes())
+            // Names are matched ignoring case, as the worker's registry matches them.
+            .map(|names| Arc::new(names.iter().map(|name| name.to_lowercase()).collect())),
     };
     let server = proto::task_hub_sidecar_service_server::TaskHubSidecarServiceServer::new(sidecar)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

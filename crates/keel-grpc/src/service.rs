@@ -54,7 +54,16 @@ pub(crate) struct Sidecar {
     pub(crate) ping_interval: Duration,
     /// Becomes true when the server shuts down: long polls end.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// Set when the activities an SDK worker's orchestration schedules are created
+    /// leased to this server and handed out at once (see
+    /// [`crate::Options::hosted_activities`]): the ones the in-process worker hosts,
+    /// which are left to it, lower-cased.
+    pub(crate) hosted_activities: Option<Arc<std::collections::HashSet<String>>>,
 }
+
+/// How long an activity item that no SDK worker could take at its creation waits in
+/// the task hub before the dispatcher offers it again.
+const HAND_OUT_RETRY: Duration = Duration::from_millis(250);
 
 fn reply<T>(result: Result<T>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
@@ -573,12 +582,56 @@ impl Sidecar {
                 visible_at: now,
             });
         }
-        self.commit(commit, now).await
+        let leased = self.lease_remote_activities(&mut commit, now);
+        self.commit(commit, now).await.map(|committed| self.hand_out(leased, committed, now))
+    }
+
+    /// Creates the activities of `commit` that the in-process worker does not host
+    /// leased to this server (when [`Sidecar::hosted_activities`] is set); returns
+    /// their items, without their ids yet.
+    fn lease_remote_activities(&self, commit: &mut EpisodeCommit, now: keel::Timestamp) -> Vec<ActivityItem> {
+        let Some(hosted) = &self.hosted_activities else { return Vec::new() };
+        let until = now + chrono::Duration::from_std(crate::HELD_WORK_LEASE).expect("a small duration");
+        let mut leased = Vec::new();
+        for activity in commit.activities.iter_mut().filter(|activity| !hosted.contains(&activity.name.to_lowercase()))
+        {
+            let token = crate::dispatch::new_token();
+            activity.lease = Some(keel_store::ActivityLease { token: token.clone(), until });
+            leased.push(ActivityItem {
+                lock: keel_store::ActivityLock { id: 0, token },
+                instance_id: activity.instance_id.clone(),
+                execution_id: activity.execution_id.clone(),
+                task_id: activity.task_id,
+                name: activity.name.clone(),
+                input: activity.input.clone(),
+                delivery_attempts: 1,
+                trace: activity.trace.clone(),
+            });
+        }
+        leased
+    }
+
+    /// Hands the items a commit created leased to SDK workers; one none can take now
+    /// goes back to the task hub, for the dispatcher to offer again.
+    fn hand_out(&self, leased: Vec<ActivityItem>, committed: keel_store::Committed, now: keel::Timestamp) {
+        assert_eq!(leased.len(), committed.leased_activity_ids.len(), "the store returns an id per leased activity");
+        for (mut item, id) in leased.into_iter().zip(committed.leased_activity_ids) {
+            item.lock.id = id;
+            if let Err(item) = keel::RemoteWorkers::offer_activity(self.remote.as_ref(), Box::new(item)) {
+                let retry_at = now + chrono::Duration::from_std(HAND_OUT_RETRY).expect("a small duration");
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = store.abandon_activity_item(&item.lock, retry_at).await {
+                        tracing::warn!(%error, "giving back an activity item no SDK worker could take failed");
+                    }
+                });
+            }
+        }
     }
 
     /// Commits one episode (or entity batch) and wakes this process's dispatchers when
     /// what it wrote is due later (timers, delayed signals, scheduled starts).
-    async fn commit(&self, commit: EpisodeCommit, now: keel::Timestamp) -> Result<()> {
+    async fn commit(&self, commit: EpisodeCommit, now: keel::Timestamp) -> Result<keel_store::Committed> {
         // The due times are known before the commit wakes the dispatchers, and the
         // dispatchers are woken after: an idle one sleeps until the earliest of them (a
         // timer fires on time), not until its fallback poll.
@@ -588,11 +641,11 @@ impl Sidecar {
             notifications.orchestration_work_due(*at);
         }
         let mut results = self.store.commit_episodes(vec![commit], now).await?;
-        results.pop().unwrap_or(Ok(keel_store::Committed::default()))?;
+        let committed = results.pop().unwrap_or(Ok(keel_store::Committed::default()))?;
         if !due.is_empty() {
             notifications.orchestration_work_added();
         }
-        Ok(())
+        Ok(committed)
     }
 
     /// A completion came for another kind of work item than its token's: the item goes
@@ -618,7 +671,7 @@ impl Sidecar {
             }
         };
         let now = now();
-        self.commit((*episode).complete(outcome, now), now).await
+        self.commit((*episode).complete(outcome, now), now).await.map(drop)
     }
 
     async fn complete_activity(&self, response: proto::ActivityResponse) -> Result<()> {

@@ -365,6 +365,15 @@ impl Client {
         &self.store
     }
 
+    /// The activities of the worker this client came from (none for a client made with
+    /// [`Client::new`]).
+    pub fn activity_names(&self) -> Vec<String> {
+        self.registry
+            .as_ref()
+            .map(|registry| registry.activity_names().into_iter().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
     /// The orchestrators this client knows about (empty when it does not know).
     pub fn orchestrator_names(&self) -> Vec<String> {
         self.registry
