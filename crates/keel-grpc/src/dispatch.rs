@@ -255,6 +255,24 @@ pub struct GrpcRemoteWorkers {
     closed: AtomicBool,
     jobs: mpsc::UnboundedSender<Job>,
     job_receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
+    histories: Mutex<Histories>,
+}
+
+/// Most events of all the histories kept ([`GrpcRemoteWorkers::keep_history`]), and
+/// the longest history kept.
+const KEPT_EVENTS: usize = 200_000;
+pub(crate) const LONGEST_KEPT_HISTORY: usize = 10_000;
+
+/// The histories of the instances SDK workers committed last, so that their next
+/// episode need not read and decode them from the store: by instance id, the execution
+/// id and the events; the oldest go first.
+#[derive(Default)]
+struct Histories {
+    by_instance: HashMap<String, (String, Vec<keel::HistoryEvent>)>,
+    /// Instance ids in the order they were kept (some gone already).
+    order: VecDeque<String>,
+    /// The events of `by_instance`.
+    events: usize,
 }
 
 impl std::fmt::Debug for GrpcRemoteWorkers {
@@ -284,7 +302,32 @@ impl GrpcRemoteWorkers {
             closed: AtomicBool::new(false),
             jobs,
             job_receiver: Mutex::new(Some(job_receiver)),
+            histories: Mutex::new(Histories::default()),
         })
+    }
+
+    /// Keeps the history an SDK worker's episode of `instance_id` left (committed),
+    /// for the instance's next episode; a long one is not kept.
+    pub(crate) fn keep_history(&self, instance_id: &str, execution_id: &str, history: Vec<keel::HistoryEvent>) {
+        if history.len() > LONGEST_KEPT_HISTORY {
+            return;
+        }
+        let mut histories = self.histories.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Histories { by_instance, order, events } = &mut *histories;
+        *events += history.len();
+        match by_instance.insert(instance_id.to_owned(), (execution_id.to_owned(), history)) {
+            Some((_, replaced)) => *events -= replaced.len(),
+            None => order.push_back(instance_id.to_owned()),
+        }
+        while *events > KEPT_EVENTS {
+            let Some(oldest) = order.pop_front() else { break };
+            if let Some((_, dropped)) = by_instance.remove(&oldest) {
+                *events -= dropped.len();
+            }
+        }
+        if order.len() > 2 * by_instance.len() + 16 {
+            order.retain(|id| by_instance.contains_key(id));
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -559,6 +602,13 @@ impl RemoteWorkers for GrpcRemoteWorkers {
     fn workers(&self) -> Vec<keel::metrics::RemoteWorker> {
         self.lock().streams.iter().map(Stream::describe).collect()
     }
+
+    fn take_history(&self, instance_id: &str, execution_id: &str, history_len: u64) -> Option<Vec<keel::HistoryEvent>> {
+        let mut histories = self.histories.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (kept_execution, history) = histories.by_instance.remove(instance_id)?;
+        histories.events -= history.len();
+        (kept_execution == execution_id && history.len() as u64 == history_len).then_some(history)
+    }
 }
 
 /// The response stream of one `GetWorkItems` call: the items dispatched to it, and a
@@ -621,6 +671,40 @@ mod tests {
 
     fn now() -> keel::Timestamp {
         chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap()
+    }
+
+    fn events(count: usize) -> Vec<HistoryEvent> {
+        (0..count).map(|_| HistoryEvent::new(now(), EventKind::OrchestratorStarted)).collect()
+    }
+
+    #[test]
+    fn a_kept_history_is_given_once_and_only_for_the_length_it_has() {
+        let remote = GrpcRemoteWorkers::new();
+        remote.keep_history("a", "e1", events(3));
+        assert_eq!(remote.take_history("a", "e1", 4), None, "another length");
+        assert_eq!(remote.take_history("a", "e1", 3), None, "a mismatch forgets it");
+        remote.keep_history("a", "e1", events(3));
+        assert_eq!(remote.take_history("a", "e2", 3), None, "another execution");
+        remote.keep_history("a", "e1", events(3));
+        assert_eq!(remote.take_history("a", "e1", 3).map(|history| history.len()), Some(3));
+        assert_eq!(remote.take_history("a", "e1", 3), None, "taken, not copied");
+    }
+
+    #[test]
+    fn kept_histories_stay_within_their_event_budget() {
+        let remote = GrpcRemoteWorkers::new();
+        remote.keep_history("too-long", "e", events(LONGEST_KEPT_HISTORY + 1));
+        assert_eq!(remote.take_history("too-long", "e", LONGEST_KEPT_HISTORY as u64 + 1), None);
+        let each = LONGEST_KEPT_HISTORY;
+        let count = KEPT_EVENTS / each + 3;
+        for n in 0..count {
+            remote.keep_history(&format!("i{n}"), "e", events(each));
+        }
+        let histories = remote.histories.lock().unwrap();
+        assert!(histories.events <= KEPT_EVENTS, "{} events kept", histories.events);
+        assert!(!histories.by_instance.contains_key("i0"), "the oldest went first");
+        assert!(histories.by_instance.contains_key(&format!("i{}", count - 1)), "the newest stays");
+        assert_eq!(histories.events, histories.by_instance.values().map(|(_, history)| history.len()).sum::<usize>());
     }
 
     fn item(instance_id: &str, name: &str, token: &str) -> OrchestrationItem {

@@ -572,7 +572,9 @@ impl Sidecar {
                 return Err(error);
             }
         };
-        let mut commit = RemoteEpisode::complete(*episode, outcome, now);
+        let instance_id = episode.instance.instance_id.clone();
+        let execution_id = episode.instance.execution_id.clone();
+        let (mut commit, past) = RemoteEpisode::complete_keeping_past(*episode, outcome, now);
         keep_tags(&mut commit, &response.actions);
         for termination in terminations {
             commit.messages.push(Message {
@@ -583,7 +585,22 @@ impl Sidecar {
             });
         }
         let leased = self.lease_remote_activities(&mut commit, now);
-        self.commit(commit, now).await.map(|committed| self.hand_out(leased, committed, now))
+        // The history once this commits, for the instance's next episode.
+        let history = match &commit.replace_history {
+            Some(new_execution_id) => Some((new_execution_id.clone(), commit.history.clone())),
+            None if past.len() + commit.history.len() <= crate::dispatch::LONGEST_KEPT_HISTORY => {
+                let mut history = past;
+                history.extend(commit.history.iter().cloned());
+                Some((execution_id, history))
+            }
+            None => None,
+        };
+        let committed = self.commit(commit, now).await?;
+        if let Some((execution_id, history)) = history {
+            self.remote.keep_history(&instance_id, &execution_id, history);
+        }
+        self.hand_out(leased, committed, now);
+        Ok(())
     }
 
     /// Creates the activities of `commit` that the in-process worker does not host

@@ -436,6 +436,12 @@ pub fn prepare_remote(item: &OrchestrationItem, history: Vec<HistoryEvent>, now:
 impl RemoteEpisode {
     /// The commit that records a remote orchestrator's decisions.
     pub fn complete(self, outcome: RemoteOutcome, now: Timestamp) -> EpisodeCommit {
+        self.complete_keeping_past(outcome, now).0
+    }
+
+    /// [`RemoteEpisode::complete`], giving back the past events too: with the commit's
+    /// history they are the instance's history once the commit is durable.
+    pub fn complete_keeping_past(self, outcome: RemoteOutcome, now: Timestamp) -> (EpisodeCommit, Vec<HistoryEvent>) {
         let RemoteEpisode { instance, past_events, new_events, mut commit, .. } = self;
         let execution_id = instance.execution_id.clone();
         let RemoteOutcome { mut actions, completion, custom_status, traces } = outcome;
@@ -480,7 +486,7 @@ impl RemoteEpisode {
                 finish(&mut commit, &instance, instance.input.clone(), custom_status, &completion, now);
             }
         }
-        commit
+        (commit, past_events)
     }
 }
 

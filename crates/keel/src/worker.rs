@@ -65,6 +65,13 @@ pub trait RemoteWorkers: Send + Sync + 'static {
     fn workers(&self) -> Vec<crate::metrics::RemoteWorker> {
         Vec::new()
     }
+    /// The history of an instance's execution as the remote workers last committed it,
+    /// if they kept it and it is still `history_len` events long (then the dispatcher
+    /// need not read it from the store); taken, not copied.
+    fn take_history(&self, instance_id: &str, execution_id: &str, history_len: u64) -> Option<Vec<HistoryEvent>> {
+        let _ = (instance_id, execution_id, history_len);
+        None
+    }
 }
 
 /// How long work for remote workers waits before it is offered again when none is
@@ -1069,13 +1076,18 @@ async fn offer_remote(
     item: &OrchestrationItem,
     now: keel_core::Timestamp,
 ) -> Option<keel_store::EpisodeCommit> {
-    let history = match read_past(store, item).await {
-        Ok(history) => history,
-        Err(error) => {
-            tracing::warn!(instance_id = %item.instance.instance_id, %error, "reading history failed");
-            abandon(store, item, now).await;
-            return None;
-        }
+    let instance = &item.instance;
+    let kept = remote.take_history(&instance.instance_id, &instance.execution_id, instance.history_len);
+    let history = match kept {
+        Some(history) => history,
+        None => match read_past(store, item).await {
+            Ok(history) => history,
+            Err(error) => {
+                tracing::warn!(instance_id = %item.instance.instance_id, %error, "reading history failed");
+                abandon(store, item, now).await;
+                return None;
+            }
+        },
     };
     let retry_at = match episode::prepare_remote(item, history, now) {
         RemoteIntake::Commit(commit) => return Some(*commit),
