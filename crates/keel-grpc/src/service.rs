@@ -612,18 +612,7 @@ impl Sidecar {
         let mut leased = Vec::new();
         for activity in commit.activities.iter_mut().filter(|activity| !hosted.contains(&activity.name.to_lowercase()))
         {
-            let token = crate::dispatch::new_token();
-            activity.lease = Some(keel_store::ActivityLease { token: token.clone(), until });
-            leased.push(ActivityItem {
-                lock: keel_store::ActivityLock { id: 0, token },
-                instance_id: activity.instance_id.clone(),
-                execution_id: activity.execution_id.clone(),
-                task_id: activity.task_id,
-                name: activity.name.clone(),
-                input: activity.input.clone(),
-                delivery_attempts: 1,
-                trace: activity.trace.clone(),
-            });
+            leased.push(activity.lease_to_committer(crate::dispatch::new_token(), until));
         }
         leased
     }

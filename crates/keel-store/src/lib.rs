@@ -293,6 +293,26 @@ pub struct NewActivity {
     pub lease: Option<ActivityLease>,
 }
 
+impl NewActivity {
+    /// Leases the item to its committing worker under `token` until `until`
+    /// ([`NewActivity::lease`]); returns the item the worker runs once the commit is
+    /// durable, its id still 0 (the store's answer, [`Committed::leased_activity_ids`],
+    /// gives it).
+    pub fn lease_to_committer(&mut self, token: String, until: Timestamp) -> ActivityItem {
+        self.lease = Some(ActivityLease { token: token.clone(), until });
+        ActivityItem {
+            lock: ActivityLock { id: 0, token },
+            instance_id: self.instance_id.clone(),
+            execution_id: self.execution_id.clone(),
+            task_id: self.task_id,
+            name: self.name.clone(),
+            input: self.input.clone(),
+            delivery_attempts: 1,
+            trace: self.trace.clone(),
+        }
+    }
+}
+
 /// The lease an activity item is created with ([`NewActivity::lease`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActivityLease {

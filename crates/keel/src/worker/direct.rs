@@ -16,8 +16,8 @@
 
 use keel_core::history::Timestamp;
 use keel_store::{
-    ActivityCompletion, ActivityItem, ActivityLease, ActivityLock, Committed, DirectClaim, EpisodeCommit,
-    InstanceRecord, OrchestrationItem, OrchestrationLock, StoredMessage,
+    ActivityCompletion, ActivityItem, Committed, DirectClaim, EpisodeCommit, InstanceRecord, OrchestrationItem,
+    OrchestrationLock, StoredMessage,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -72,18 +72,7 @@ pub(super) fn lease_local(
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else { break };
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        activity.lease = Some(ActivityLease { token: token.clone(), until });
-        let item = ActivityItem {
-            lock: ActivityLock { id: 0, token },
-            instance_id: activity.instance_id.clone(),
-            execution_id: activity.execution_id.clone(),
-            task_id: activity.task_id,
-            name: activity.name.clone(),
-            input: activity.input.clone(),
-            delivery_attempts: 1,
-            trace: activity.trace.clone(),
-        };
+        let item = activity.lease_to_committer(uuid::Uuid::new_v4().simple().to_string(), until);
         leased.push(LocalActivity { item, slot });
     }
     leased
