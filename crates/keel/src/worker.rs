@@ -919,9 +919,11 @@ async fn run_orchestrations(
                                 traced.emit();
                             }
                             for local in direct::leased_items(leased, committed) {
-                                // Closed only once the activity dispatcher stopped: the
-                                // item's lease then runs out and it runs elsewhere.
-                                let _ = direct.local.send(local);
+                                // Closed only once the activity dispatcher stopped (a
+                                // shutdown): the item goes back for any worker to take.
+                                if let Err(unsent) = direct.local.send(local) {
+                                    give_back_activity(store, &unsent.0.item.lock, now).await;
+                                }
                             }
                             for (completion, _slot) in results {
                                 in_flight.remove(completion.lock.id);
@@ -1344,11 +1346,24 @@ async fn run_activities(
             run(&mut running, item, slot, false);
         }
     }
+    // Items the direct path leased to this worker that it will not run now (a
+    // shutdown) go back for any worker to take, instead of waiting out their leases.
+    local.close();
+    while let Ok(direct::LocalActivity { item, .. }) = local.try_recv() {
+        give_back_activity(store.as_ref(), &item.lock, shared.clock.now()).await;
+    }
     // Running activities go on until the handle's deadline; the committer records them.
     while running.join_next().await.is_some() {}
     drop(done);
     drop(direct);
     let _ = committer.await;
+}
+
+/// Gives an activity item this worker leased back at once, for any worker to take.
+async fn give_back_activity(store: &dyn Store, lock: &ActivityLock, now: keel_core::Timestamp) {
+    if let Err(error) = store.abandon_activity_item(lock, now).await {
+        tracing::warn!(%error, "giving back an activity item failed");
+    }
 }
 
 async fn commit_activity_results(store: &dyn Store, batch: Vec<ActivityCompletion>) {
