@@ -135,7 +135,8 @@ impl From<serde_json::Error> for OrchestrationError {
 #[derive(Debug)]
 pub(crate) enum TaskOutcome {
     Completed(Option<String>),
-    Failed(FailureDetails),
+    /// Boxed: every open task of a fan-out has a slot for its outcome.
+    Failed(Box<FailureDetails>),
 }
 
 #[derive(Debug, Default)]
@@ -915,7 +916,7 @@ impl Future for LockFuture {
                 Ok(CriticalSection { context: this.inner.context.clone(), id, lock_set, released: false })
             }
             (TaskOutcome::Completed(_), None) => unreachable!("a refused lock request never completes"),
-            (TaskOutcome::Failed(details), _) => Err(TaskError { task: this.inner.task.clone(), details }),
+            (TaskOutcome::Failed(details), _) => Err(TaskError { task: this.inner.task.clone(), details: *details }),
         })
     }
 }
@@ -1021,7 +1022,7 @@ impl<T> TaskFuture<T> {
     fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<TaskOutcome> {
         let Some(id) = self.id else {
             let details = self.early_failure.take().expect("a task future was polled after it completed");
-            return Poll::Ready(TaskOutcome::Failed(*details));
+            return Poll::Ready(TaskOutcome::Failed(details));
         };
         let mut state = lock(&self.context.state);
         let slot = state.open_tasks.get_mut(&id).expect("a task future was polled after it completed");
@@ -1047,7 +1048,7 @@ impl<T: DeserializeOwned> Future for TaskFuture<T> {
         let this = self.get_mut();
         this.poll_outcome(cx).map(|outcome| match outcome {
             TaskOutcome::Completed(output) => deserialize_output(&this.task, output),
-            TaskOutcome::Failed(details) => Err(TaskError { task: this.task.clone(), details }),
+            TaskOutcome::Failed(details) => Err(TaskError { task: this.task.clone(), details: *details }),
         })
     }
 }
@@ -1105,7 +1106,7 @@ impl<T: DeserializeOwned> Future for EventFuture<T> {
             }
             Some(TaskOutcome::Failed(details)) => {
                 state.event_slots.remove(&this.waiter);
-                Poll::Ready(Err(TaskError { task: format!("event '{}'", this.name), details }))
+                Poll::Ready(Err(TaskError { task: format!("event '{}'", this.name), details: *details }))
             }
             None => {
                 slot.waker = Some(cx.waker().clone());

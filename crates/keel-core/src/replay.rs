@@ -317,7 +317,7 @@ impl Execution {
             EventKind::EntityOperationFailed { request_id, failure } => {
                 let id = lock(&self.state).entity_calls.remove(request_id);
                 if let Some(id) = id {
-                    self.resolve(id, TaskOutcome::Failed(failure.clone()));
+                    self.resolve(id, TaskOutcome::Failed(Box::new(failure.clone())));
                 }
             }
             EventKind::EntityLockGranted { critical_section_id, lock_set } => {
@@ -339,7 +339,7 @@ impl Execution {
             }
             EventKind::TaskFailed { task_scheduled_id, failure }
             | EventKind::SubOrchestrationInstanceFailed { task_scheduled_id, failure } => {
-                self.resolve(*task_scheduled_id, TaskOutcome::Failed(failure.clone()));
+                self.resolve(*task_scheduled_id, TaskOutcome::Failed(Box::new(failure.clone())));
             }
             EventKind::TimerFired { timer_id, fire_at } => {
                 let created_at = self.timers_created_at.remove(timer_id);
