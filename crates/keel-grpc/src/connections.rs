@@ -79,21 +79,10 @@ pub(crate) async fn serve(
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, most likely: wait for some to close.
-                    tracing::warn!(%error, "accepting a gRPC connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
+        let Some((stream, peer, permit)) =
+            keel::serve::next_connection(&listener, &permits, &mut shutdown, "gRPC").await
+        else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let info = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: Some(peer) };

@@ -308,21 +308,10 @@ async fn serve_connections(
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, most likely: wait for some to close.
-                    tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
+        let Some((stream, peer, permit)) =
+            keel::serve::next_connection(&listener, &permits, &mut shutdown, "HTTP").await
+        else {
+            break;
         };
         let Ok(local) = stream.local_addr() else { continue };
         let connection = Connection { local, tls: tls.is_some() };

@@ -48,6 +48,7 @@ pub mod entity_episode;
 pub mod episode;
 pub mod metrics;
 pub mod registry;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
