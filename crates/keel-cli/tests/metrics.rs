@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{http, Server};
+use common::{http, start_with_key, Server};
 use serde_json::{json, Value};
 
 const KEY: &str = "m3trics";
@@ -52,15 +52,6 @@ async fn scrape(server: &Server) -> HashMap<String, f64> {
     parse(&response.text().await.unwrap())
 }
 
-async fn start(server: &Server, name: &str, id: &str, input: Option<Value>) {
-    let mut request = http().post(server.api(&format!("/orchestrators/{name}/{id}"))).header("x-functions-key", KEY);
-    if let Some(input) = input {
-        request = request.json(&input);
-    }
-    let response = request.send().await.unwrap();
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-}
-
 fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {
     after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
 }
@@ -86,12 +77,12 @@ async fn metrics_count_a_known_workload_behind_the_api_key() {
     assert!(!before.keys().any(|series| series.contains("Canceled")), "a status Keel never sets is left out");
 
     for n in 1..=3 {
-        start(&server, "HelloCities", &format!("hello-{n}"), None).await;
+        start_with_key(&server, KEY, "HelloCities", &format!("hello-{n}"), None).await;
     }
     let declined =
         json!({"orderId": "o-9", "customer": "declined@example.com", "items": [{"sku": "A1", "quantity": 1}]});
-    start(&server, "PlaceOrder", "declined", Some(declined)).await;
-    start(&server, "ApprovalWorkflow", "to-terminate", Some(json!({"request": "yacht"}))).await;
+    start_with_key(&server, KEY, "PlaceOrder", "declined", Some(declined)).await;
+    start_with_key(&server, KEY, "ApprovalWorkflow", "to-terminate", Some(json!({"request": "yacht"}))).await;
 
     // Status reads need the key too (the shared helpers send none).
     for id in ["hello-1", "hello-2", "hello-3", "declined"] {

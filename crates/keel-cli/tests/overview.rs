@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{http, Server, WAIT};
+use common::{http, start_with_key, Server, WAIT};
 use keel_grpc::proto::orchestrator_action::OrchestratorActionType;
 use keel_grpc::proto::task_hub_sidecar_service_client::TaskHubSidecarServiceClient;
 use keel_grpc::proto::work_item::Request;
@@ -72,15 +72,6 @@ fn throughput_sum(overview: &Value, field: &str) -> u64 {
     overview["throughput"]["points"].as_array().unwrap().iter().map(|point| point[field].as_u64().unwrap()).sum()
 }
 
-async fn start(server: &Server, name: &str, id: &str, input: Option<Value>) {
-    let mut request = http().post(server.api(&format!("/orchestrators/{name}/{id}"))).header("x-functions-key", KEY);
-    if let Some(input) = input {
-        request = request.json(&input);
-    }
-    let response = request.send().await.unwrap();
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-}
-
 async fn signal(server: &Server, path: &str) {
     let response = http()
         .post(server.api(path))
@@ -121,12 +112,12 @@ async fn the_overview_counts_a_known_workload_and_its_throughput_catches_up() {
     // 3 completed, 1 failed, 1 waiting for an approval (with its 1-hour timer), an
     // entity with state and one whose only signal is due in an hour.
     for n in 1..=3 {
-        start(&server, "HelloCities", &format!("hello-{n}"), None).await;
+        start_with_key(&server, KEY, "HelloCities", &format!("hello-{n}"), None).await;
     }
     let declined =
         json!({"orderId": "o-9", "customer": "declined@example.com", "items": [{"sku": "A1", "quantity": 1}]});
-    start(&server, "PlaceOrder", "declined", Some(declined)).await;
-    start(&server, "ApprovalWorkflow", "waiting", Some(json!({"request": "yacht"}))).await;
+    start_with_key(&server, KEY, "PlaceOrder", "declined", Some(declined)).await;
+    start_with_key(&server, KEY, "ApprovalWorkflow", "waiting", Some(json!({"request": "yacht"}))).await;
     signal(&server, "/entities/Counter/now?op=add").await;
     let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     signal(&server, &format!("/entities/Counter/later?op=add&scheduledTime={later}")).await;

@@ -180,6 +180,17 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(WAIT).build().expect("a client")
 }
 
+/// Starts orchestration `name` as instance `id` over the HTTP API with the API key
+/// `key` (and `input` as its body); expects 202.
+pub async fn start_with_key(server: &Server, key: &str, name: &str, id: &str, input: Option<Value>) {
+    let mut request = http().post(server.api(&format!("/orchestrators/{name}/{id}"))).header("x-functions-key", key);
+    if let Some(input) = input {
+        request = request.json(&input);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+}
+
 /// Polls an instance's status until it is finished; returns the status object.
 pub async fn wait_until_finished(server: &Server, instance_id: &str) -> Value {
     wait_for_status(server, instance_id, &["Completed", "Failed", "Terminated", "Canceled"]).await
