@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keel::{Orchestration, StartOptions, Worker};
+use keel::{Orchestration, Worker};
 use keel_grpc::proto::history_event::EventType;
 use keel_grpc::proto::orchestrator_action::OrchestratorActionType;
 use keel_grpc::proto::task_hub_sidecar_service_client::TaskHubSidecarServiceClient;
@@ -299,18 +299,7 @@ pub(crate) async fn run_throughput(store: &str, spec: &HubSpec) -> anyhow::Resul
     let hub = GrpcHub::start(spec).await?;
     let cpu_before = cpu_ms(libc::RUSAGE_SELF);
     let started = Instant::now();
-    let mut starts = Vec::with_capacity(INSTANCES);
-    for n in 0..INSTANCES {
-        let client = hub.client.clone();
-        starts.push(tokio::spawn(async move {
-            let options = StartOptions { instance_id: Some(format!("g-{n}")), ..StartOptions::default() };
-            client.start_with_options(CHAIN, &LENGTH, options).await.map(|instance| instance.id().to_string())
-        }));
-    }
-    let mut ids = Vec::with_capacity(INSTANCES);
-    for start in starts {
-        ids.push(start.await??);
-    }
+    let ids = crate::start_many(&hub.client, CHAIN, LENGTH, INSTANCES, "g").await?;
     let mut latencies = Vec::with_capacity(INSTANCES);
     let mut wrong = None;
     for id in &ids {

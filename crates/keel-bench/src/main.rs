@@ -364,23 +364,41 @@ async fn run_fanout(args: &Args) -> anyhow::Result<serde_json::Value> {
         "worker_peak_rss_mib": worker_rss}))
 }
 
+/// Starts `count` instances of `orchestration` with `input` all at once (a task each),
+/// with the ids `{prefix}-00000` on; returns their ids in that order.
+async fn start_many<I, O>(
+    client: &Client,
+    orchestration: Orchestration<I, O>,
+    input: I,
+    count: usize,
+    prefix: &str,
+) -> anyhow::Result<Vec<String>>
+where
+    I: serde::Serialize + Clone + Send + Sync + 'static,
+    O: 'static,
+{
+    let mut starts = Vec::with_capacity(count);
+    for n in 0..count {
+        let (client, input) = (client.clone(), input.clone());
+        let instance_id = format!("{prefix}-{n:05}");
+        starts.push(tokio::spawn(async move {
+            let options = StartOptions { instance_id: Some(instance_id.clone()), ..StartOptions::default() };
+            client.start_with_options(orchestration, &input, options).await.map(|_| instance_id)
+        }));
+    }
+    let mut ids = Vec::with_capacity(count);
+    for start in starts {
+        ids.push(start.await??);
+    }
+    Ok(ids)
+}
+
 async fn run_throughput(args: &Args) -> anyhow::Result<serde_json::Value> {
     const INSTANCES: usize = 1000;
     const LENGTH: u32 = 5;
     let bench = Bench::for_scenario(args).await?;
     let started = Instant::now();
-    let mut starts = Vec::with_capacity(INSTANCES);
-    for n in 0..INSTANCES {
-        let client = bench.client.clone();
-        starts.push(tokio::spawn(async move {
-            let options = StartOptions { instance_id: Some(format!("t-{n}")), ..StartOptions::default() };
-            client.start_with_options(CHAIN, &LENGTH, options).await.map(|instance| instance.id().to_string())
-        }));
-    }
-    let mut ids = Vec::with_capacity(INSTANCES);
-    for start in starts {
-        ids.push(start.await??);
-    }
+    let ids = start_many(&bench.client, CHAIN, LENGTH, INSTANCES, "t").await?;
     let mut latencies = Vec::with_capacity(INSTANCES);
     for id in &ids {
         let done = bench.client.wait_for_completion(id, WAIT).await?;

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use keel::{Client, RuntimeStatus, StartOptions};
+use keel::{Client, RuntimeStatus};
 use keel_store::{InstanceQuery, InstanceRecord};
 use serde_json::json;
 
@@ -86,17 +86,7 @@ pub(crate) async fn run_recovery(store_label: &str, hub: &HubSpec) -> anyhow::Re
     let deadline = Instant::now() + DEADLINE;
 
     // All instances first, so that the worker process finds them all waiting.
-    let mut starts = Vec::with_capacity(INSTANCES);
-    for n in 0..INSTANCES {
-        let client = client.clone();
-        starts.push(tokio::spawn(async move {
-            let options = StartOptions { instance_id: Some(format!("r-{n:05}")), ..StartOptions::default() };
-            client.start_with_options(CHAIN, &LENGTH, options).await.map(|_| ())
-        }));
-    }
-    for start in starts {
-        start.await??;
-    }
+    crate::start_many(&client, CHAIN, LENGTH, INSTANCES, "r").await?;
 
     let first_spawn = Instant::now();
     let mut first = spawn_worker(&fresh.url)?;

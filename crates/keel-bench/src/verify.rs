@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel::verify::{Verdict, VerifyFilter};
-use keel::{Event, Orchestration, OrchestrationContext, OrchestrationError, RuntimeStatus, StartOptions, Worker};
+use keel::{Event, Orchestration, OrchestrationContext, OrchestrationError, RuntimeStatus, Worker};
 use keel_store::{InstanceQuery, Store};
 use serde_json::json;
 
@@ -72,17 +72,7 @@ pub(crate) async fn run_verify(bench_store: &str, hub: &HubSpec) -> anyhow::Resu
     let setup_started = Instant::now();
     let worker = steps_worker(hub.store.clone()).start();
     let client = worker.client();
-    let mut starts = Vec::with_capacity(INSTANCES);
-    for n in 0..INSTANCES {
-        let client = client.clone();
-        starts.push(tokio::spawn(async move {
-            let options = StartOptions { instance_id: Some(format!("v-{n:05}")), ..StartOptions::default() };
-            client.start_with_options(STEPS, &STEPS_DONE, options).await.map(|_| ())
-        }));
-    }
-    for start in starts {
-        start.await??;
-    }
+    crate::start_many(&client, STEPS, STEPS_DONE, INSTANCES, "v").await?;
     let deadline = Instant::now() + SETUP_DEADLINE;
     loop {
         let count = waiting(&hub.store).await?;
