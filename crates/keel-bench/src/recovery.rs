@@ -59,16 +59,8 @@ fn chrono_now() -> keel::Timestamp {
 
 /// Every instance record in the hub.
 async fn all_records(client: &Client) -> anyhow::Result<Vec<InstanceRecord>> {
-    let mut records = Vec::with_capacity(INSTANCES);
-    let mut query = InstanceQuery { page_size: 2_000, ..InstanceQuery::default() };
-    loop {
-        let page = client.query(&query).await?;
-        records.extend(page.instances);
-        match page.continuation {
-            Some(next) => query.continuation = Some(next),
-            None => return Ok(records),
-        }
-    }
+    let query = InstanceQuery { page_size: 2_000, ..InstanceQuery::default() };
+    Ok(keel_store::query_all_instances(client.store().as_ref(), query).await?)
 }
 
 /// Milliseconds from `from` to `to` (wall clock, both on this machine).

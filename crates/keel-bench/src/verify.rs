@@ -52,17 +52,9 @@ fn steps_worker(store: Arc<dyn Store>) -> Worker {
 
 /// How many running instances have reached their waiting point.
 async fn waiting(store: &Arc<dyn Store>) -> anyhow::Result<usize> {
-    let mut query =
-        InstanceQuery { statuses: vec![RuntimeStatus::Running], page_size: 1000, ..InstanceQuery::default() };
-    let mut count = 0;
-    loop {
-        let page = store.query_instances(&query).await?;
-        count += page.instances.iter().filter(|instance| instance.history_len == EVENTS_PER_HISTORY).count();
-        match page.continuation {
-            Some(token) => query.continuation = Some(token),
-            None => return Ok(count),
-        }
-    }
+    let query = InstanceQuery { statuses: vec![RuntimeStatus::Running], page_size: 1000, ..InstanceQuery::default() };
+    let running = keel_store::query_all_instances(store.as_ref(), query).await?;
+    Ok(running.iter().filter(|instance| instance.history_len == EVENTS_PER_HISTORY).count())
 }
 
 pub(crate) async fn run_verify(bench_store: &str, hub: &HubSpec) -> anyhow::Result<serde_json::Value> {

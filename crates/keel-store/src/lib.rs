@@ -561,6 +561,20 @@ pub struct HubStats {
     pub backlog: Backlog,
 }
 
+/// Every orchestration instance `query` matches, reading page after page from its
+/// `continuation` on.
+pub async fn query_all_instances(store: &dyn Store, mut query: InstanceQuery) -> Result<Vec<InstanceRecord>> {
+    let mut all = Vec::new();
+    loop {
+        let page = store.query_instances(&query).await?;
+        all.extend(page.instances);
+        match page.continuation {
+            Some(token) => query.continuation = Some(token),
+            None => return Ok(all),
+        }
+    }
+}
+
 /// The name of the entity an instance id names, if it is an entity id.
 pub fn entity_name(instance_id: &str) -> Option<String> {
     keel_core::entity::EntityId::parse(instance_id).ok().map(|id| id.name)

@@ -178,16 +178,7 @@ pub(super) async fn check(inputs: Inputs<'_>) -> Checked {
 }
 
 async fn all_instances(store: &dyn Store) -> keel_store::Result<Vec<InstanceRecord>> {
-    let mut query = InstanceQuery { page_size: 1000, ..InstanceQuery::default() };
-    let mut all = Vec::new();
-    loop {
-        let page = store.query_instances(&query).await?;
-        all.extend(page.instances);
-        match page.continuation {
-            Some(token) => query.continuation = Some(token),
-            None => return Ok(all),
-        }
-    }
+    keel_store::query_all_instances(store, InstanceQuery { page_size: 1000, ..InstanceQuery::default() }).await
 }
 
 fn output_of(record: &InstanceRecord) -> Option<Value> {
