@@ -788,8 +788,13 @@ async fn run_orchestrations(
         let mut commits = Vec::with_capacity(items.len());
         let mut planned = Vec::with_capacity(items.len());
         let mut rejected = false;
-        let fetched: std::collections::HashSet<String> =
-            items.iter().map(|item| item.instance.instance_id.clone()).collect();
+        // The instances fetched now, which this batch's direct results must not claim;
+        // only needed when there are such results.
+        let fetched: std::collections::HashSet<String> = if finished.is_empty() {
+            std::collections::HashSet::new()
+        } else {
+            items.iter().map(|item| item.instance.instance_id.clone()).collect()
+        };
         for item in items {
             if item.delivery_attempts > 1 {
                 shared.metrics.lease_taken_over(MetricKind::Orchestration);
